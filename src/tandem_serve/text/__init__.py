@@ -1,0 +1,1 @@
+"""Text-embedding stages: tokenize, token embedding, encoder."""

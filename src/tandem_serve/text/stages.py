@@ -1,0 +1,111 @@
+"""The three text stages as the serving adapters call them: build once, then call per batch.
+
+Each stage takes a list with one entry per request and returns one result per request, so that
+adapters only translate framework tensors. Requests are merged into one padded batch for compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tandem_serve.batching import concat_padded, split_rows
+from tandem_serve.errors import InvalidInputError
+from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
+from tandem_serve.text.bert import (
+    check_attention_mask,
+    check_token_ids,
+    load_sentence_encoder,
+    load_token_embedding,
+    parse_dtype,
+)
+from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, decode_utf8
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizeStage:
+    """UTF-8 texts -> padded INPUT_IDS / ATTENTION_MASK per request."""
+
+    def __init__(self, config: TokenizerConfig):
+        self.files = SentenceModelFiles.load(config.model_dir or None)
+        self.tokenizer = TextTokenizer(
+            self.files.tokenizer_json, self.files.max_seq_length, config.pad_multiple, self.files.bert.pad_token_id
+        )
+        logger.info("tokenizer: %s, max_seq_length %d", self.files.root, self.files.max_seq_length)
+
+    @staticmethod
+    def decode(raw: np.ndarray) -> list[str]:
+        """A request's TEXT tensor (bytes objects) -> strings; invalid UTF-8 raises InvalidInputError."""
+        return decode_utf8(np.asarray(raw, dtype=object).reshape(-1).tolist())
+
+    def __call__(self, requests: Sequence[list[str]]) -> list[TokenizedBatch]:
+        return self.tokenizer.tokenize_groups(requests)
+
+
+class TokenEmbeddingStage:
+    """INPUT_IDS -> HIDDEN (word + position + type embeddings and LayerNorm) on the CPU."""
+
+    def __init__(self, config: TokenEmbeddingConfig):
+        self.files = SentenceModelFiles.load(config.model_dir or None)
+        torch.set_num_threads(config.cpu_threads)
+        self.module = load_token_embedding(self.files)
+        self.output_dtype = parse_dtype(config.output_dtype)
+        logger.info("token_embedding: %s, HIDDEN as %s", self.files.root, config.output_dtype)
+
+    def check(self, input_ids: torch.Tensor) -> torch.Tensor:
+        check_token_ids(input_ids, None, self.files.bert, self.files.max_seq_length)
+        return input_ids
+
+    @torch.inference_mode()
+    def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        merged = concat_padded([ids.cpu() for ids in requests], self.files.bert.pad_token_id)
+        hidden = self.module(merged).to(self.output_dtype)
+        return [h[:, : ids.shape[1]] for h, ids in zip(split_rows(hidden, [len(r) for r in requests]), requests)]
+
+
+class EncoderStage:
+    """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> unit-norm sentence embeddings, fp32."""
+
+    def __init__(self, config: EncoderConfig, device: str | torch.device = "cpu"):
+        self.files = SentenceModelFiles.load(config.model_dir or None)
+        self.device = torch.device(device)
+        self.fused = config.fuse_token_embedding
+        dtype = parse_dtype(config.precision)
+        if self.device.type == "cpu":
+            if dtype != torch.float32:
+                logger.warning("encoder: precision %s requested on the CPU; using fp32", config.precision)
+                dtype = torch.float32
+            if config.cpu_threads:
+                torch.set_num_threads(config.cpu_threads)
+        self.module = load_sentence_encoder(self.files, self.device, dtype, fused=self.fused)
+        logger.info("encoder: %s on %s, %s, token embedding %s", self.files.root, self.device, dtype,
+                    "fused" if self.fused else "separate")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.files.bert.hidden_size
+
+    def check(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate one request's inputs; raise InvalidInputError naming the problem."""
+        if self.fused:
+            check_token_ids(inputs, attention_mask, self.files.bert, self.files.max_seq_length)
+        else:
+            if inputs.dim() != 3 or inputs.shape[2] != self.hidden_size or inputs.shape[1] == 0:
+                raise InvalidInputError(f"HIDDEN must be [batch, length>0, {self.hidden_size}], got {list(inputs.shape)}")
+            check_attention_mask(attention_mask, inputs.shape[:2])
+            if not bool(torch.isfinite(inputs).all()):
+                raise InvalidInputError("HIDDEN contains NaN or Inf")
+        return inputs, attention_mask
+
+    @torch.inference_mode()
+    def __call__(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        pad = self.files.bert.pad_token_id if self.fused else 0
+        inputs = concat_padded([r[0] for r in requests], pad).to(self.device, non_blocking=True)
+        mask = concat_padded([r[1] for r in requests], 0).to(self.device, non_blocking=True)
+        embeddings = self.module(inputs, mask)
+        return split_rows(embeddings, [len(r[0]) for r in requests])

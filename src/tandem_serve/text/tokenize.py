@@ -1,0 +1,86 @@
+"""Tokenization stage: UTF-8 texts to padded INPUT_IDS / ATTENTION_MASK (HuggingFace `tokenizers`).
+
+Padding policy: each request is padded to its own longest text, rounded up to a multiple of
+`pad_multiple` (8 by default, capped at `max_seq_length`). Short requests stay short instead of
+being padded to 256; rounding keeps the number of distinct shapes small and tensor-core friendly
+and wastes fewer than `pad_multiple` tokens per row. Downstream stages declare
+`allow_ragged_batch`, so requests of different padded lengths still share a dynamic batch; the
+stage that merges them pads to the batch's longest request (see `tandem_serve.batching`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from tandem_serve.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """Padded token ids and attention mask, both int64 [batch, length]."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def decode_utf8(items: Sequence[bytes | str]) -> list[str]:
+    """Decode raw request bytes strictly; name the first invalid item."""
+    texts = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            texts.append(item)
+            continue
+        try:
+            texts.append(bytes(item).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"TEXT[{index}] is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
+    return texts
+
+
+def padded_length(longest: int, pad_multiple: int, max_length: int) -> int:
+    """Round `longest` up to a multiple of `pad_multiple`, never beyond `max_length`."""
+    rounded = -(-longest // pad_multiple) * pad_multiple
+    return max(1, min(rounded, max_length))
+
+
+class TextTokenizer:
+    """Tokenizes with truncation at the model's max_seq_length and the padding policy above."""
+
+    def __init__(self, tokenizer_json: str | Path, max_length: int, pad_multiple: int = 8, pad_id: int = 0):
+        if pad_multiple < 1:
+            raise ValueError("pad_multiple must be >= 1")
+        self.max_length = max_length
+        self.pad_multiple = pad_multiple
+        self.pad_id = pad_id
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        # tokenizer.json files often carry their own fixed padding/truncation: replace both.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+
+    def __call__(self, texts: Sequence[str]) -> TokenizedBatch:
+        """Tokenize `texts` (already decoded) into one padded batch."""
+        return self.tokenize_groups([texts])[0]
+
+    def tokenize_groups(self, groups: Sequence[Sequence[str]]) -> list[TokenizedBatch]:
+        """Tokenize several requests in one parallel call, padding each request on its own."""
+        flat = [text for group in groups for text in group]
+        encodings = self._tokenizer.encode_batch(flat, add_special_tokens=True)
+        batches, start = [], 0
+        for group in groups:
+            batches.append(self._pad([e.ids for e in encodings[start : start + len(group)]]))
+            start += len(group)
+        return batches
+
+    def _pad(self, rows: list[list[int]]) -> TokenizedBatch:
+        length = padded_length(max((len(r) for r in rows), default=1), self.pad_multiple, self.max_length)
+        ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = row
+            mask[index, : len(row)] = 1
+        return TokenizedBatch(ids, mask)

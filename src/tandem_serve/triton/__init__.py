@@ -1,0 +1,1 @@
+"""Triton Inference Server integration: the embedded launcher and the Python-backend adapters."""

@@ -1,0 +1,115 @@
+"""Helpers for Python-backend adapters: parameters, tensors in and out, per-request errors, logging.
+
+Imported only inside Triton's Python-backend stub, where `triton_python_backend_utils` exists.
+Outputs always go through DLPack (`Tensor.from_dlpack`): with numpy 2 in the stub's environment,
+`pb_utils.Tensor(name, ndarray)` has produced 0-byte outputs, DLPack works with numpy 1 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from tandem_serve.errors import InvalidInputError
+from tandem_serve.per_request import Failure, process_requests
+
+
+class _TritonLogHandler(logging.Handler):
+    """Forwards `logging` records to Triton's log (pb_utils.Logger)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        elif record.levelno >= logging.INFO:
+            pb_utils.Logger.log_info(message)
+        else:
+            pb_utils.Logger.log_verbose(message)
+
+
+def bridge_logging() -> None:
+    """Route the `tandem_serve` loggers to Triton's log, once per stub process."""
+    root = logging.getLogger("tandem_serve")
+    if not any(isinstance(h, _TritonLogHandler) for h in root.handlers):
+        root.addHandler(_TritonLogHandler())
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def model_config(args: dict[str, str]) -> dict[str, Any]:
+    """The model's config as a dict (Triton passes it as JSON in `initialize`)."""
+    return json.loads(args["model_config"])
+
+
+def parameters(config: dict[str, Any]) -> dict[str, str]:
+    """The config's `parameters` as a plain name -> string mapping."""
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def instance_device(args: dict[str, str]) -> str:
+    """'cuda:N' for a KIND_GPU instance, else 'cpu'."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return "cpu"
+
+
+def tensor_dims(config: dict[str, Any], section: str, name: str) -> list[int]:
+    """The declared dims of input/output `name` in the model config."""
+    for tensor in config.get(section, []):
+        if tensor["name"] == name:
+            return [int(d) for d in tensor["dims"]]
+    raise KeyError(f"{section} {name!r} not declared in the model config")
+
+
+def input_tensor(request: Any, name: str) -> torch.Tensor:
+    """A numeric input as a torch tensor on the device Triton left it on (no copy)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidInputError(f"missing input {name}")
+    return from_dlpack(tensor.to_dlpack())
+
+
+def input_bytes(request: Any, name: str) -> np.ndarray:
+    """A TYPE_STRING input as a numpy object array of bytes."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidInputError(f"missing input {name}")
+    return tensor.as_numpy()
+
+
+def output_tensor(name: str, tensor: torch.Tensor | np.ndarray) -> Any:
+    """A pb_utils output tensor sharing memory with `tensor` through DLPack."""
+    if isinstance(tensor, np.ndarray):
+        tensor = torch.from_numpy(tensor)
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+
+
+def error_response(failure: Failure) -> Any:
+    """An InferenceResponse carrying `failure` (INVALID_ARG for bad input, else INTERNAL)."""
+    code = pb_utils.TritonError.INVALID_ARG if failure.invalid else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(failure.message, code))
+
+
+def respond(
+    requests: Sequence[Any],
+    decode: Callable[[Any], Any],
+    compute: Callable[[list[Any]], Sequence[Any]],
+    encode: Callable[[Any], list[Any]],
+    stage: str,
+) -> list[Any]:
+    """One response per request: decode each, compute the valid ones as a batch, encode outputs."""
+    responses = []
+    for result in process_requests(requests, decode, compute, stage):
+        if isinstance(result, Failure):
+            responses.append(error_response(result))
+        else:
+            responses.append(pb_utils.InferenceResponse(output_tensors=encode(result)))
+    return responses

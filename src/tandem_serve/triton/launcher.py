@@ -1,0 +1,269 @@
+"""Start the `tritonserver` binary of the nvidia-pytriton wheel on our model repositories.
+
+The server gets a per-run workspace holding the Python backend with the stub built for the
+running interpreter, and an environment (PYTHONPATH, LD_LIBRARY_PATH) in which the stubs import
+this interpreter's packages. It binds 127.0.0.1 by default, keeps model control off and puts the
+model-repository, logging and trace APIs behind a per-run key (shared memory too when bound to a
+non-loopback address). Use `EmbeddedTriton` as a context manager.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem_serve.paths import default_repositories
+
+logger = logging.getLogger(__name__)
+
+ADMIN_HEADER = "tandem-admin-key"
+RESTRICTED_APIS = ("model-repository", "logging", "trace")
+
+
+class TritonStartError(RuntimeError):
+    """The server did not become ready; the message holds the tail of its log."""
+
+
+@dataclass
+class TritonOptions:
+    """How to start the embedded server."""
+
+    model_repositories: list[Path] = field(default_factory=list)  # empty: the project's two
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0: a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout_s: float = 300.0
+    stop_timeout_s: float = 30.0
+    log_verbose: int = 0
+    workspace: Path | None = None  # kept after stop when given; else a temporary directory
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Paths inside the installed nvidia-pytriton wheel."""
+
+    root: Path
+
+    @classmethod
+    def find(cls) -> "TritonDistribution":
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonStartError("the package nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)")
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        if not (root / "bin" / "tritonserver").is_file():
+            raise TritonStartError(f"no tritonserver binary under {root}")
+        return cls(root)
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> Path:
+        return self.root.parent.parent / "nvidia_pytriton.libs"
+
+    def stub_for(self, version: tuple[int, int]) -> Path:
+        stub = self.root / "python_backend_stubs" / f"{version[0]}.{version[1]}" / "triton_python_backend_stub"
+        if not stub.is_file():
+            available = sorted(p.name for p in (self.root / "python_backend_stubs").iterdir())
+            raise TritonStartError(f"no Python-backend stub for Python {version[0]}.{version[1]}; the wheel has {available}")
+        return stub
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def stub_environment(dist: TritonDistribution) -> dict[str, str]:
+    """The server's environment: stubs see this interpreter's packages and libpython.
+
+    The stub's embedded interpreter ignores PYTHONPATH: `tandem_serve/__init__` adds the
+    directories of TANDEM_PYTHONPATH as site directories instead (see `_prepare_workspace`).
+    """
+    env = dict(os.environ)
+    site_dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
+    env["TANDEM_PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(site_dirs) if p and Path(p).is_dir())
+    lib_path = [str(dist.libs), sysconfig.get_config_var("LIBDIR") or ""]
+    if env.get("LD_LIBRARY_PATH"):
+        lib_path.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in lib_path if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class EmbeddedTriton:
+    """A running tritonserver; `with EmbeddedTriton(options) as server: server.grpc_url ...`."""
+
+    def __init__(self, options: TritonOptions | None = None):
+        self.options = options or TritonOptions()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.admin_key = secrets.token_urlsafe(24)
+        self._own_workspace = self.options.workspace is None
+        self.workspace = Path(self.options.workspace or tempfile.mkdtemp(prefix="tandem-triton-"))
+        self.log_path = self.workspace / "server.log"
+        self.host = self.options.host
+        self.http_port = self.options.http_port or free_port(self._client_host)
+        self.grpc_port = self.options.grpc_port or free_port(self._client_host)
+        self.metrics_port = self.options.metrics_port or free_port(self._client_host)
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    def command(self, dist: TritonDistribution) -> list[str]:
+        """The tritonserver command line."""
+        repositories = self.options.model_repositories or default_repositories()
+        restricted = list(RESTRICTED_APIS) + ([] if is_loopback(self.host) else ["shared-memory"])
+        restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
+        return [
+            str(dist.binary),
+            *[f"--model-repository={Path(r).resolve()}" for r in repositories],
+            f"--backend-directory={self.workspace / 'backends'}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--exit-timeout-secs=10",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-restricted-api={restriction}",
+            f"--grpc-restricted-protocol={restriction}",
+            f"--log-verbose={self.options.log_verbose}",
+            *self.options.extra_args,
+        ]
+
+    def _prepare_workspace(self, dist: TritonDistribution) -> None:
+        backend = self.workspace / "backends" / "python"
+        backend.mkdir(parents=True, exist_ok=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            target = backend / name
+            if not target.exists():
+                target.symlink_to(dist.root / "backends" / "python" / name)
+        shutil.copy2(dist.stub_for(sys.version_info[:2]), backend / "triton_python_backend_stub")
+        # The backend directory is on the stub's sys.path: the package link makes
+        # `import tandem_serve` work, and its __init__ then adds TANDEM_PYTHONPATH.
+        package_link = backend / "tandem_serve"
+        if not package_link.exists():
+            package_link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+        key_file = self.workspace / "admin-key"
+        key_file.write_text(self.admin_key)
+        key_file.chmod(0o600)
+
+    def start(self) -> "EmbeddedTriton":
+        """Start the server and wait until it is ready; raise TritonStartError with the log tail."""
+        dist = TritonDistribution.find()
+        self._prepare_workspace(dist)
+        command = self.command(dist)
+        logger.info("starting tritonserver (log: %s)", self.log_path)
+        logger.debug("command: %s", " ".join(command))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=stub_environment(dist), start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("tritonserver ready: HTTP %s, gRPC %s, metrics %s:%d",
+                    self.http_url, self.grpc_url, self._client_host, self.metrics_port)
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise TritonStartError(f"tritonserver exited with code {code} during start-up\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise TritonStartError(f"tritonserver not ready after {self.options.startup_timeout_s:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no log at {self.log_path})"
+        return f"--- last {lines} lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGINT, then SIGKILL after stop_timeout_s; remove a temporary workspace after a clean run."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=self.options.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop within %.0f s; killing it", self.options.stop_timeout_s)
+                process.kill()
+                process.wait()
+        if process is not None and process.returncode not in (0, None) and self._own_workspace:
+            logger.warning("tritonserver exited with %s; log kept at %s", process.returncode, self.log_path)
+            return
+        if self._own_workspace:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedTriton":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,90 @@
+"""Triton Python-backend models of the text pipeline; each `model.py` re-exports one of these.
+
+Thin adapters: they parse the config once, build a library stage, and translate tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tandem_serve.errors import ConfigError
+from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, parse_stage_config
+from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
+from tandem_serve.triton import backend
+
+logger = logging.getLogger(__name__)
+
+
+def _expect_dims(config: dict[str, Any], section: str, name: str, expected: list[int]) -> None:
+    """Fail initialize when the config's dims disagree with the model files."""
+    declared = backend.tensor_dims(config, section, name)
+    if declared != expected:
+        raise ConfigError(
+            f"{config['name']}: {section} {name} dims {declared} do not match the model ({expected}); "
+            "edit config.pbtxt (and the ensembles) for this model directory"
+        )
+
+
+class TokenizerModel:
+    """TEXT (bytes) -> INPUT_IDS, ATTENTION_MASK."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        self.stage = TokenizeStage(parse_stage_config(TokenizerConfig, backend.parameters(config)))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage.decode(backend.input_bytes(r, "TEXT")),
+            compute=self.stage,
+            encode=lambda b: [backend.output_tensor("INPUT_IDS", b.input_ids),
+                              backend.output_tensor("ATTENTION_MASK", b.attention_mask)],
+            stage="tokenizer",
+        )
+
+
+class TokenEmbeddingModel:
+    """INPUT_IDS -> HIDDEN."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        self.stage = TokenEmbeddingStage(parse_stage_config(TokenEmbeddingConfig, backend.parameters(config)))
+        _expect_dims(config, "output", "HIDDEN", [-1, self.stage.files.bert.hidden_size])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage.check(backend.input_tensor(r, "INPUT_IDS")),
+            compute=self.stage,
+            encode=lambda hidden: [backend.output_tensor("HIDDEN", hidden)],
+            stage="token_embedding",
+        )
+
+
+class EncoderModel:
+    """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> EMBEDDING."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        settings = parse_stage_config(EncoderConfig, backend.parameters(config))
+        self.stage = EncoderStage(settings, backend.instance_device(args))
+        self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
+        hidden = self.stage.hidden_size
+        if not settings.fuse_token_embedding:
+            _expect_dims(config, "input", "HIDDEN", [-1, hidden])
+        _expect_dims(config, "output", "EMBEDDING", [hidden])
+        logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.device)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage.check(backend.input_tensor(r, self.input_name),
+                                              backend.input_tensor(r, "ATTENTION_MASK")),
+            compute=self.stage,
+            encode=lambda embedding: [backend.output_tensor("EMBEDDING", embedding)],
+            stage="encoder",
+        )
