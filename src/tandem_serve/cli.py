@@ -1,0 +1,121 @@
+"""The `tandem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from tandem_serve.client import TextEmbeddingClient
+
+logger = logging.getLogger("tandem_serve.cli")
+
+
+def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[int, int, int]) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
+    parser.add_argument("--http-port", type=int, default=default_ports[0], help="0 picks a free port")
+    parser.add_argument("--grpc-port", type=int, default=default_ports[1], help="0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, default=default_ports[2], help="0 picks a free port")
+    parser.add_argument("--model-repository", action="append", type=Path, default=[],
+                        help="a model repository (repeatable; default: the project's model_repository/ and ensembles/)")
+    parser.add_argument("--workspace", type=Path, help="directory for the backend copy and server.log (kept)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+
+
+def _triton_options(args: argparse.Namespace) -> "TritonOptions":
+    from tandem_serve.triton.launcher import TritonOptions
+
+    return TritonOptions(
+        model_repositories=args.model_repository, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
+        log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout,
+    )
+
+
+def cmd_serve_triton(args: argparse.Namespace) -> int:
+    """Run the embedded Triton until Ctrl-C / SIGTERM."""
+    from tandem_serve.triton.launcher import EmbeddedTriton
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = EmbeddedTriton(_triton_options(args))
+    with server:
+        print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics port {server.metrics_port}")
+        print(f"Server log: {server.log_path}; admin key for restricted APIs: {server.workspace / 'admin-key'}")
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(1.0):
+            if not server.is_alive():
+                logger.error("tritonserver exited unexpectedly\n%s", server.log_tail())
+                return 1
+        logger.info("stopping tritonserver")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tandem_serve.demo import run_demo
+
+    run_demo(_triton_options(args))
+    return 0
+
+
+def cmd_infer_text(args: argparse.Namespace) -> int:
+    with TextEmbeddingClient(args.url, args.protocol, args.model) as client:
+        embeddings = client.embed(args.text)
+    for text, vector in zip(args.text, embeddings):
+        if args.json:
+            print(json.dumps({"text": text, "embedding": [round(float(v), 7) for v in vector]}, ensure_ascii=False))
+        else:
+            head = " ".join(f"{v:+.4f}" for v in vector[:6])
+            print(f"{text[:40]!r}: dim {len(vector)}, norm {float((vector ** 2).sum()) ** 0.5:.4f}, [{head} ...]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start a server on the project's models")
+    servers = serve.add_subparsers(dest="server", required=True)
+    triton = servers.add_parser("triton", help="the embedded Triton Inference Server (nvidia-pytriton's binary)")
+    _add_server_options(triton, (8000, 8001, 8002))
+    triton.set_defaults(func=cmd_serve_triton)
+
+    demo = commands.add_parser("demo", help="start Triton, embed sentences over gRPC and HTTP, print similarities and stage times")
+    _add_server_options(demo, (0, 0, 0))
+    demo.set_defaults(func=cmd_demo)
+
+    infer = commands.add_parser("infer", help="send requests to a running server")
+    kinds = infer.add_subparsers(dest="kind", required=True)
+    text = kinds.add_parser("text", help="embed texts")
+    text.add_argument("text", nargs="+", help="one or more texts")
+    text.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    text.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused")
+    text.add_argument("--json", action="store_true", help="print full vectors as JSON lines")
+    text.set_defaults(func=cmd_infer_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        if args.verbose:
+            raise
+        logger.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Clients for the served pipelines over Triton's gRPC or HTTP protocol (tritonclient)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+
+
+def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60.0) -> Any:
+    """A tritonclient InferenceServerClient for `protocol` ('grpc' or 'http')."""
+    url = url or DEFAULT_URLS[protocol]
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(url)
+    if protocol == "http":
+        import tritonclient.http as httpclient
+
+        return httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+
+
+def _module(protocol: str) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module
+
+
+def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") -> Any:
+    """An InferInput of shape [n, 1] holding UTF-8 bytes."""
+    data = np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
+    infer_input = _module(protocol).InferInput(name, list(data.shape), "BYTES")
+    infer_input.set_data_from_numpy(data)
+    return infer_input
+
+
+class TextEmbeddingClient:
+    """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0):
+        self.protocol = protocol
+        self.model = model
+        self.timeout_s = timeout_s
+        self.client = triton_client(url, protocol, timeout_s)
+        self.max_batch_size = self._max_batch_size()
+
+    def _max_batch_size(self) -> int:
+        config = self.client.get_model_config(self.model)
+        if self.protocol == "grpc":
+            return int(config.config.max_batch_size) or 1
+        return int(config.get("max_batch_size", 0)) or 1
+
+    def embed(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        """Unit-norm embeddings, float32 [len(texts), hidden]."""
+        chunks = []
+        for start in range(0, len(texts), self.max_batch_size):
+            chunk = texts[start : start + self.max_batch_size]
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            result = self.client.infer(self.model, [text_input(chunk, self.protocol)], **kwargs)
+            chunks.append(result.as_numpy("embedding"))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "TextEmbeddingClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
