@@ -40,7 +40,10 @@ def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") 
 
 
 class TextEmbeddingClient:
-    """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches."""
+    """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches.
+
+    Use one instance per thread: tritonclient's HTTP client is not thread-safe.
+    """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0):
         self.protocol = protocol

