@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -11,7 +13,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tandem_serve.paths import default_repositories
-from tandem_serve.triton.launcher import EmbeddedTriton, TritonDistribution, TritonOptions, TritonStartError
+from tandem_serve.triton.launcher import (
+    EmbeddedTriton,
+    TritonDistribution,
+    TritonOptions,
+    TritonStartError,
+    process_group_members,
+)
 
 
 def test_command_binds_loopback_and_restricts_admin_apis(tmp_path):
@@ -63,3 +71,26 @@ def test_stub_missing_for_python_version_is_clear():
     with pytest.raises(TritonStartError, match="no Python-backend stub for Python 2.7"):
         dist.stub_for((2, 7))
     assert dist.stub_for(sys.version_info[:2]).is_file()
+
+
+def _stub_regions() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")}
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["graceful", "server-killed"])
+def test_stop_leaves_no_stub_processes_or_shm(tmp_path, crash):
+    """Graceful stop, and a server killed with SIGKILL: no stub survives, no region leaks."""
+    before = _stub_regions()
+    repo = _tokenizer_only_repository(tmp_path, "")
+    server = EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", startup_timeout_s=120))
+    server.start()
+    group = server.process.pid
+    stubs = process_group_members(group)
+    assert len(stubs) >= 2, "expected tritonserver and its tokenizer stub"
+    assert _stub_regions() - before, "the stub's shm region should exist while serving"
+    if crash:
+        os.kill(group, signal.SIGKILL)
+        server.process.wait()
+    server.stop()
+    assert process_group_members(group) == []
+    assert _stub_regions() - before == set()

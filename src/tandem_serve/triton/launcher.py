@@ -127,6 +127,52 @@ def _die_with_parent() -> None:
         pass
 
 
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of live processes in process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stub_shm_regions(pids: list[int]) -> list[str]:
+    """The /dev/shm region names that Python-backend stubs among `pids` were started with."""
+    regions = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
+            regions.append(argv[2].decode())
+    return regions
+
+
+def reap_process_group(pgid: int) -> None:
+    """Kill what is left of the server's process group (orphaned stubs) and unlink their shm."""
+    members = process_group_members(pgid)
+    if not members:
+        return
+    regions = stub_shm_regions(members)
+    logger.warning("killing %d leftover process(es) of tritonserver's group %d", len(members), pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 5
+    while process_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for region in regions:
+        Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
+
+
 class EmbeddedTriton:
     """A running tritonserver; `with EmbeddedTriton(options) as server: server.grpc_url ...`."""
 
@@ -246,9 +292,11 @@ class EmbeddedTriton:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        """SIGINT, then SIGKILL after stop_timeout_s; remove a temporary workspace after a clean run."""
+        """SIGINT, then SIGKILL after stop_timeout_s; reap leftover stubs; drop a temporary workspace."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
+        if process is None:
+            return
+        if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=self.options.stop_timeout_s)
@@ -256,10 +304,10 @@ class EmbeddedTriton:
                 logger.warning("tritonserver did not stop within %.0f s; killing it", self.options.stop_timeout_s)
                 process.kill()
                 process.wait()
-        if process is not None and process.returncode not in (0, None) and self._own_workspace:
+        reap_process_group(process.pid)  # start_new_session: the group id is the server's pid
+        if process.returncode != 0 and self._own_workspace:
             logger.warning("tritonserver exited with %s; log kept at %s", process.returncode, self.log_path)
-            return
-        if self._own_workspace:
+        elif self._own_workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
 
     def __enter__(self) -> "EmbeddedTriton":
