@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,15 @@ def reference(model_files):
         return model.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
     return embed
+
+
+@pytest.fixture(scope="session")
+def triton(request, tmp_path_factory):
+    """One real embedded Triton for the session; its log tail is printed when a test failed."""
+    server = EmbeddedTriton(TritonOptions(workspace=tmp_path_factory.mktemp("triton"), startup_timeout_s=300))
+    server.start()
+    failed_before = request.session.testsfailed
+    yield server
+    if request.session.testsfailed > failed_before:
+        sys.stderr.write("\n" + server.log_tail(200) + "\n")
+    server.stop()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Fill .carry/ (git-ignored) with what tests/gpu/run_h100.sh needs on the GPU machine (Python 3.12).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rm -rf .carry && mkdir -p .carry/model1 .carry/model2
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform any -d .carry/wheels \
+    nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson
+model=$(.venv/bin/python -c "from tandem_serve.model_files import default_model_dir; print(default_model_dir())")
+split -n 2 -d "$model/model.safetensors" .carry/model1/model.safetensors.part
+mv .carry/model1/model.safetensors.part01 .carry/model2/
+(cd "$model" && tar cf - --exclude model.safetensors .) | (cd .carry/model2 && tar xf -)
+sha256sum "$model/model.safetensors" | cut -d' ' -f1 > .carry/model2/model.safetensors.sha256
+du -sh .carry/*

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU tier on the lent H100, in three device calls because of the 64 MiB carry limit
+# (nvidia-pytriton's wheel is 55 MB, all-MiniLM-L6-v2's weights 87 MB). Prepare here:
+#   tests/gpu/prepare_carry.sh            # wheels and the split model under .carry/
+# then, back to back while the machine stays warm:
+#   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
+#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1"]
+#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]
+set -euo pipefail
+stage=${1:?stage: wheels, model1 or test}
+base=/root/tandem
+out=${OUT:-/tmp/out}
+mkdir -p "$base/model" "$out"
+case "$stage" in
+wheels)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels/*.whl
+    nvidia-smi -L
+    python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name(0))"
+    ;;
+model1)
+    cp .carry/model1/* "$base/model/"
+    ;;
+test)
+    cp -r .carry/model2/* "$base/model/"
+    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
+    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
+    export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
+    python3 -m pytest tests/unit tests/integration tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
+    ;;
+*)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac

@@ -1,0 +1,62 @@
+"""GPU tier (run on the H100 with tests/gpu/run_h100.sh): the encoder as a KIND_GPU instance.
+
+Records its figures in $TANDEM_RESULTS (a JSON file) when that variable is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
+from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
+from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TEXTS = EDGE_TEXTS + mixed_texts(64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def results():
+    figures: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    yield figures
+    if os.environ.get("TANDEM_RESULTS"):
+        with open(os.environ["TANDEM_RESULTS"], "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+def test_encoders_are_gpu_instances(triton):
+    log = triton.log_path.read_text()
+    for name in ("encoder", "encoder_fused"):
+        assert f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_0 (GPU device 0)" in log
+        assert f"{name} instance {name}_0_0 ready on cuda:0" in log
+    for name in ("tokenizer", "token_embedding"):
+        assert f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_0 (CPU device 0)" in log
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model", ["text_embedding", "text_embedding_fused"])
+def test_served_on_gpu_matches_reference(triton, reference, results, model, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with TextEmbeddingClient(url, protocol, model) as client:
+        served = client.embed(TEXTS)
+    results[f"min_cosine_{model}_{protocol}"] = assert_cosines(served, reference(TEXTS))
+
+
+@pytest.mark.parametrize("precision,bound", [("fp32", 0.9999), ("fp16", 0.999), ("bf16", 0.99)])
+def test_encoder_precisions_on_gpu(reference, results, precision, bound):
+    """Library stages on cuda:0: how far half precision moves the embeddings (recorded)."""
+    tokenize = TokenizeStage(TokenizerConfig())
+    embed = TokenEmbeddingStage(TokenEmbeddingConfig())
+    encoder = EncoderStage(EncoderConfig(precision=precision), "cuda:0")
+    batch = tokenize([TEXTS])[0]
+    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+    served = encoder([(embed([ids])[0], mask)])[0].cpu().numpy()
+    results[f"min_cosine_library_{precision}"] = assert_cosines(served, reference(TEXTS), bound)
+    assert np.isfinite(served).all()
