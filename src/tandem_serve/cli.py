@@ -24,6 +24,9 @@ def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[in
                         help="a model repository (repeatable; default: the project's model_repository/ and ensembles/)")
     parser.add_argument("--workspace", type=Path, help="directory for the backend copy and server.log (kept)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--stub-pythonpath", action="append", type=Path, default=None,
+                        help="directory put first on the Python-backend stubs' path only (repeatable), "
+                             "e.g. one holding numpy<2; default $TANDEM_STUB_PYTHONPATH")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
 
 
@@ -34,6 +37,7 @@ def _triton_options(args: argparse.Namespace) -> "TritonOptions":
         model_repositories=args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
         log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout,
+        **({"stub_python_path": args.stub_pythonpath} if args.stub_pythonpath else {}),
     )
 
 

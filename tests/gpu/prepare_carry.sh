@@ -7,6 +7,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform any -d .carry/wheels \
     nvidia-pytriton==0.7.0 tritonclient==2.73.0 python-rapidjson
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .carry/wheels2 \
+    gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 brotli==1.2.1
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 -d .carry/numpy1 numpy==1.26.4
 model=$(.venv/bin/python -c "from tandem_serve.model_files import default_model_dir; print(default_model_dir())")
 split -n 2 -d "$model/model.safetensors" .carry/model1/model.safetensors.part
 mv .carry/model1/model.safetensors.part01 .carry/model2/

@@ -4,8 +4,10 @@
 #   tests/gpu/prepare_carry.sh            # wheels and the split model under .carry/
 # then, back to back while the machine stays warm:
 #   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
-#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1"]
-#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]
+#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/numpy1"]
+#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/wheels2"]
+# The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
+# stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
 stage=${1:?stage: wheels, model1 or test}
 base=/root/tandem
@@ -19,12 +21,15 @@ wheels)
     ;;
 model1)
     cp .carry/model1/* "$base/model/"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/numpy1" .carry/numpy1/*.whl
     ;;
 test)
+    if [ -d .carry/wheels2 ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl; fi
     cp -r .carry/model2/* "$base/model/"
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
     echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
     python3 -m pytest tests/unit tests/integration tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
     python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -94,3 +95,12 @@ def test_stop_leaves_no_stub_processes_or_shm(tmp_path, crash):
     server.stop()
     assert process_group_members(group) == []
     assert _stub_regions() - before == set()
+
+
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="only where numpy 2 is installed (the GPU machine)")
+def test_numpy2_in_stubs_fails_load_with_the_fix_named(tmp_path):
+    """This Triton's stubs corrupt TYPE_STRING inputs under numpy 2: the tokenizer refuses to load."""
+    repo = _tokenizer_only_repository(tmp_path, "")
+    options = TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", startup_timeout_s=120, stub_python_path=[])
+    with pytest.raises(TritonStartError, match=r"cannot read TYPE_STRING tensors with numpy 2"):
+        EmbeddedTriton(options).start()

@@ -44,6 +44,27 @@ def bridge_logging() -> None:
         root.propagate = False
 
 
+def check_bytes_tensors_readable() -> None:
+    """Fail initialize, with the fix named, where this stub cannot read TYPE_STRING tensors.
+
+    Stubs built against numpy 1.x (Triton 24.10, the nvidia-pytriton wheel) hand `as_numpy()` a
+    corrupted copy of BYTES tensors when numpy 2 is installed, then crash inside C++. A 256-byte
+    element serialises with a leading zero byte, so the corrupted copy decodes without raising.
+    """
+    probe = np.array([b"t" * 256], dtype=object)  # serialised as 00 01 00 00 + 256 bytes
+    try:
+        readable = pb_utils.Tensor("PROBE", probe).as_numpy().reshape(-1).tolist() == probe.tolist()
+    except Exception:  # noqa: BLE001 - any failure means the same thing here
+        readable = False
+    if not readable:
+        raise RuntimeError(
+            f"this Triton Python-backend stub cannot read TYPE_STRING tensors with numpy {np.__version__} "
+            "(it was built against numpy 1.x): give the stubs numpy<2 (the project's environment pins it; "
+            "`tandem serve triton --stub-pythonpath DIR` puts a directory holding numpy<2 first for the "
+            "stubs only), or use a Triton release whose Python backend supports numpy 2"
+        )
+
+
 def model_config(args: dict[str, str]) -> dict[str, Any]:
     """The model's config as a dict (Triton passes it as JSON in `initialize`)."""
     return json.loads(args["model_config"])

@@ -33,11 +33,16 @@ from tandem_serve.paths import default_repositories
 logger = logging.getLogger(__name__)
 
 ADMIN_HEADER = "tandem-admin-key"
+STUB_PATH_ENV = "TANDEM_STUB_PYTHONPATH"
 RESTRICTED_APIS = ("model-repository", "logging", "trace")
 
 
 class TritonStartError(RuntimeError):
     """The server did not become ready; the message holds the tail of its log."""
+
+
+def _paths_from_env(name: str) -> list[Path]:
+    return [Path(p) for p in os.environ.get(name, "").split(os.pathsep) if p]
 
 
 @dataclass
@@ -53,6 +58,9 @@ class TritonOptions:
     stop_timeout_s: float = 30.0
     log_verbose: int = 0
     workspace: Path | None = None  # kept after stop when given; else a temporary directory
+    # Directories put first on the stubs' sys.path only (e.g. one holding numpy<2 when the
+    # launching environment has numpy 2, which this stub build cannot use for TYPE_STRING).
+    stub_python_path: list[Path] = field(default_factory=lambda: _paths_from_env(STUB_PATH_ENV))
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -102,14 +110,14 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def stub_environment(dist: TritonDistribution) -> dict[str, str]:
+def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) -> dict[str, str]:
     """The server's environment: stubs see this interpreter's packages and libpython.
 
     The stub's embedded interpreter ignores PYTHONPATH: `tandem_serve/__init__` adds the
     directories of TANDEM_PYTHONPATH as site directories instead (see `_prepare_workspace`).
     """
     env = dict(os.environ)
-    site_dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
+    site_dirs = [*map(str, first or []), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
     env["TANDEM_PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(site_dirs) if p and Path(p).is_dir())
     lib_path = [str(dist.libs), sysconfig.get_config_var("LIBDIR") or ""]
     if env.get("LD_LIBRARY_PATH"):
@@ -252,7 +260,7 @@ class EmbeddedTriton:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=stub_environment(dist), start_new_session=True, preexec_fn=_die_with_parent,
+                env=stub_environment(dist, self.options.stub_python_path), start_new_session=True, preexec_fn=_die_with_parent,
             )
         try:
             self._wait_ready()

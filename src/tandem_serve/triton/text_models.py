@@ -31,6 +31,7 @@ class TokenizerModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         backend.bridge_logging()
+        backend.check_bytes_tensors_readable()
         config = backend.model_config(args)
         self.stage = TokenizeStage(parse_stage_config(TokenizerConfig, backend.parameters(config)))
 
