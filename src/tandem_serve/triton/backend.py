@@ -47,13 +47,14 @@ def bridge_logging() -> None:
 def check_bytes_tensors_readable() -> None:
     """Fail initialize, with the fix named, where this stub cannot read TYPE_STRING tensors.
 
-    Stubs built against numpy 1.x (Triton 24.10, the nvidia-pytriton wheel) hand `as_numpy()` a
-    corrupted copy of BYTES tensors when numpy 2 is installed, then crash inside C++. A 256-byte
-    element serialises with a leading zero byte, so the corrupted copy decodes without raising.
+    Stubs built against numpy 1.x (Triton 24.10, the nvidia-pytriton wheel) misread numpy 2's
+    dtype layout: `as_numpy()` of a tensor in backend memory returns its first element repeated
+    (seen on the H100), and for TYPE_STRING inputs the stub then crashes. Numeric inputs are read
+    through DLPack and are unaffected; strings have no other accessor, so check once here.
     """
-    probe = np.array([b"t" * 256], dtype=object)  # serialised as 00 01 00 00 + 256 bytes
+    expected = torch.arange(1, 17, dtype=torch.uint8)
     try:
-        readable = pb_utils.Tensor("PROBE", probe).as_numpy().reshape(-1).tolist() == probe.tolist()
+        readable = pb_utils.Tensor.from_dlpack("PROBE", to_dlpack(expected)).as_numpy().tolist() == expected.tolist()
     except Exception:  # noqa: BLE001 - any failure means the same thing here
         readable = False
     if not readable:
