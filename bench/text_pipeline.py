@@ -76,6 +76,16 @@ def run_scenario(url: str, model: str, batch: int, concurrency: int, requests: i
     }
 
 
+def machine() -> dict:
+    """What the figures were measured on."""
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="gRPC address of a running server (default: start the embedded one)")
@@ -104,7 +114,7 @@ def main() -> int:
         ratios[f"fused_over_cpu_embedding_throughput_b{batch}_c{concurrency}"] = pair[1]["texts_per_s"] / pair[0]["texts_per_s"]
     lines += [f"{k}: {v:.2f}" for k, v in ratios.items()]
     sys.stdout.write("\n".join(lines) + "\n")
-    args.out.write_text(json.dumps({"machine": platform.node(), "length_mix_words": LENGTH_MIX,
+    args.out.write_text(json.dumps({"machine": machine(), "length_mix_words": LENGTH_MIX,
                                     "rows": rows, "ratios": ratios}, indent=2))
     return 0
 
