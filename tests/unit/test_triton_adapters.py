@@ -1,0 +1,78 @@
+"""The Python-backend adapters, driven in-process with a fake pb_utils and the real configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tandem_serve.errors import ConfigError, ModelFilesError
+from tandem_serve.paths import default_repositories
+from tests.helpers import assert_cosines
+from tests.unit import fake_pb_utils
+from tests.unit.fake_pb_utils import Request, initialize_args
+
+fake_pb_utils.install()
+from tandem_serve.triton.text_models import EncoderModel, TokenEmbeddingModel, TokenizerModel  # noqa: E402
+
+REPO = default_repositories()[0]
+
+
+def _init(model_cls, name: str, mutate=None, **overrides: str):
+    model = model_cls()
+    model.initialize(initialize_args(REPO / name / "config.pbtxt", mutate=mutate, **overrides))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _init(TokenizerModel, "tokenizer"), _init(TokenEmbeddingModel, "token_embedding"), _init(EncoderModel, "encoder")
+
+
+def test_pipeline_through_adapters_matches_reference(models, reference):
+    tokenizer, embedding, encoder = models
+    texts = [["a short one", "a considerably longer sentence about dynamic batching"], ["solo"]]
+    requests = [Request(TEXT=np.array([[t.encode()] for t in group], dtype=object)) for group in texts]
+    tokens = tokenizer.execute(requests)
+    assert all(r.error is None for r in tokens)
+    hidden = embedding.execute([Request(INPUT_IDS=r.output("INPUT_IDS")) for r in tokens])
+    assert hidden[0].output("HIDDEN").dtype == torch.float16
+    assert hidden[0].output("HIDDEN").shape[1] == tokens[0].output("INPUT_IDS").shape[1]
+    out = encoder.execute([Request(HIDDEN=h.output("HIDDEN"), ATTENTION_MASK=t.output("ATTENTION_MASK"))
+                           for h, t in zip(hidden, tokens)])
+    served = torch.cat([r.output("EMBEDDING") for r in out]).numpy()
+    assert_cosines(served, reference([t for group in texts for t in group]))
+
+
+def test_invalid_request_fails_alone_with_invalid_arg(models):
+    tokenizer = models[0]
+    responses = tokenizer.execute([
+        Request(TEXT=np.array([[b"good"]], dtype=object)),
+        Request(TEXT=np.array([[b"\xc3\x28"]], dtype=object)),
+    ])
+    assert responses[0].error is None and responses[0].output("INPUT_IDS").shape[0] == 1
+    assert responses[1].error.code() == "INVALID_ARG"
+    assert "TEXT[0] is not valid UTF-8" in responses[1].error.message()
+
+
+def test_internal_error_is_reported_per_request_without_details(models, monkeypatch):
+    encoder = models[2]
+    monkeypatch.setattr(encoder.stage, "module", lambda *a: (_ for _ in ()).throw(RuntimeError("cuda exploded")))
+    request = Request(HIDDEN=torch.zeros(1, 8, 384, dtype=torch.float16), ATTENTION_MASK=torch.ones(1, 8, dtype=torch.int64))
+    (response,) = encoder.execute([request])
+    assert response.error.code() == "INTERNAL" and "cuda exploded" not in response.error.message()
+
+
+def test_bad_parameters_fail_initialize_naming_them():
+    with pytest.raises(ConfigError, match="'precision' must be"):
+        _init(EncoderModel, "encoder", precision="fp8")
+    with pytest.raises(ModelFilesError, match="/nowhere does not exist"):
+        _init(TokenizerModel, "tokenizer", model_dir="/nowhere")
+
+
+def test_config_dims_that_disagree_with_the_model_fail_initialize():
+    def widen_output(config):
+        config.output[0].dims[:] = [768]
+
+    with pytest.raises(ConfigError, match=r"output EMBEDDING dims \[768\] do not match the model \(\[384\]\)"):
+        _init(EncoderModel, "encoder_fused", mutate=widen_output)
