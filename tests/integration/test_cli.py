@@ -1,0 +1,76 @@
+"""The `tandem` command line as a user runs it: serve, infer, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.helpers import assert_cosines
+
+TANDEM = [sys.executable, "-m", "tandem_serve.cli"]
+
+
+def _wait_for_line(process: subprocess.Popen, pattern: str, timeout_s: float) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)}")
+
+
+def test_infer_text_json_matches_reference(triton, reference):
+    texts = ["Command lines are user interfaces too.", "日本語のテキスト"]
+    result = subprocess.run([*TANDEM, "infer", "text", *texts, "--url", triton.grpc_url, "--json"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert_cosines(np.array([r["embedding"] for r in rows], np.float32), reference(texts))
+
+
+def test_infer_against_nothing_fails_with_one_line(tmp_path):
+    result = subprocess.run([*TANDEM, "infer", "text", "x", "--url", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ERROR" in result.stderr
+
+
+def test_serve_stops_cleanly_on_ctrl_c(tmp_path):
+    regions_before = set(os.listdir("/dev/shm"))
+    process = subprocess.Popen(
+        [*TANDEM, "serve", "triton", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+         "--workspace", str(tmp_path / "ws")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        match = _wait_for_line(process, r"Triton ready: HTTP (\S+)\s+gRPC (\S+)", 300)
+        _wait_for_line(process, r"Press Ctrl-C", 10)
+        assert match.group(1).startswith("127.0.0.1:")
+        served = subprocess.run([*TANDEM, "infer", "text", "hello", "--url", match.group(2)],
+                                capture_output=True, text=True, timeout=120)
+        assert served.returncode == 0 and "dim 384" in served.stdout
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = (tmp_path / "ws" / "server.log").read_text()
+    assert "Signal (2) received" in log
+    leftover = {n for n in set(os.listdir("/dev/shm")) - regions_before if n.startswith("triton_python_backend")}
+    assert leftover == set()
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path / "ws")], capture_output=True).stdout
