@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from tandem_serve.client import text_input  # noqa: E402
-from tandem_serve.triton.launcher import EmbeddedTriton  # noqa: E402
+from tandem_serve.client import text_input
+from tandem_serve.triton.launcher import EmbeddedTriton
 
 logger = logging.getLogger("bench.text_pipeline")
 MODELS = ("text_embedding", "text_embedding_fused")

@@ -32,14 +32,14 @@ def parse_statistics(raw: dict[str, Any]) -> list[StageStats]:
     stages = []
     for model in raw.get("model_stats", []):
         inference = model.get("inference_stats", {})
-        requests, queue = _mean_ms(inference.get("queue", {}))
+        _, queue = _mean_ms(inference.get("queue", {}))
         compute = sum(_mean_ms(inference.get(k, {}))[1] for k in ("compute_input", "compute_infer", "compute_output"))
         stages.append(StageStats(
             model=model["name"],
             requests=int(inference.get("success", {}).get("count", 0)),
             executions=int(model.get("execution_count", 0)),
             inferences=int(model.get("inference_count", 0)),
-            queue_ms=queue if requests else 0.0,
+            queue_ms=queue,
             compute_ms=compute,
         ))
     return stages
