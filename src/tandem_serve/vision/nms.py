@@ -1,0 +1,93 @@
+"""Detector post-processing: confidence filtering (GPU-side) and class-aware NMS (CPU-side).
+
+NMS semantics: candidates are visited by descending score (ties: lower index first); a candidate
+is suppressed when its IoU with an already kept box of the same class is strictly greater than
+`iou_threshold`. Rows with NaN or Inf are dropped before NMS (and counted), never kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem_serve.vision.letterbox import Letterbox
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Final detections: boxes [n, 4] x1 y1 x2 y2 (original pixels), scores [n], classes [n]."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+
+
+def candidates(predictions: torch.Tensor, conf_threshold: float) -> torch.Tensor:
+    """[N, 5 + classes] decoded predictions -> [k, 6] rows (x1, y1, x2, y2, score, class), score > threshold.
+
+    Score = objectness x best class probability (one label per box). Runs on the predictions'
+    device, so only candidates leave the GPU.
+    """
+    class_prob, cls = predictions[:, 5:].max(dim=1)
+    score = predictions[:, 4] * class_prob
+    keep = score > conf_threshold
+    p, score, cls = predictions[keep], score[keep], cls[keep]
+    half = p[:, 2:4] / 2
+    return torch.cat((p[:, :2] - half, p[:, :2] + half, score[:, None], cls[:, None].to(p.dtype)), dim=1)
+
+
+def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x1 y1 x2 y2 box with each row of `boxes` (float64)."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, max_det: int) -> np.ndarray:
+    """Indices kept by class-aware greedy NMS, by descending score, at most `max_det`."""
+    boxes = np.asarray(boxes, np.float64)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    classes = np.asarray(classes)
+    kept: list[int] = []
+    while order.size and len(kept) < max_det:
+        best, rest = order[0], order[1:]
+        kept.append(int(best))
+        same = classes[rest] == classes[best]
+        overlap = np.zeros(rest.size, bool)
+        overlap[same] = iou_one_to_many(boxes[best], boxes[rest[same]]) > iou_threshold
+        order = rest[~overlap]
+    return np.array(kept, np.int64)
+
+
+def postprocess(
+    rows: np.ndarray, letterbox: Letterbox, conf_threshold: float, iou_threshold: float, max_det: int
+) -> Detections:
+    """[k, 6] candidate rows (network-input pixels) -> final detections in original pixels."""
+    rows = np.asarray(rows, np.float32).reshape(-1, 6)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        logger.warning("dropping %d candidate row(s) with NaN/Inf", int((~finite).sum()))
+        rows = rows[finite]
+    rows = rows[rows[:, 4] > conf_threshold]
+    if rows.size == 0:
+        return Detections.empty()
+    keep = nms(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), iou_threshold, max_det)
+    kept = rows[keep]
+    boxes = letterbox.to_original(kept[:, :4])
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Detections(boxes[nonempty], kept[nonempty, 4].astype(np.float32), kept[nonempty, 5].astype(np.int32))
