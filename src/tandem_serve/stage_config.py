@@ -83,3 +83,50 @@ class EncoderConfig:
             raise ConfigError("parameter 'precision' must be fp32, fp16 or bf16")
         if self.cpu_threads < 0:
             raise ConfigError("parameter 'cpu_threads' must be >= 0")
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """Settings of the `image_preprocess` stage."""
+
+    image_size: int = 640
+    max_pixels: int = 50_000_000  # larger images are rejected per request (INVALID_ARG)
+
+    def validate(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError("parameter 'image_size' must be a positive multiple of 32")
+        if self.max_pixels < 4:
+            raise ConfigError("parameter 'max_pixels' must be >= 4")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Settings of the `detector` stage."""
+
+    weights: str = ""  # empty: the shipped shapes detector; else .safetensors, a state-dict .pt or TorchScript
+    size: str = ""  # n/s/m/l/x for a state dict without metadata
+    num_classes: int = 0  # for a state dict without metadata
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
+    prefilter_conf: float = 0.01  # candidates below this score never leave the GPU
+    max_candidates: int = 2000  # per image, highest scores first
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError("parameter 'precision' must be fp32, fp16 or bf16")
+        if not 0 <= self.prefilter_conf < 1:
+            raise ConfigError("parameter 'prefilter_conf' must lie in [0, 1)")
+        if self.max_candidates < 1:
+            raise ConfigError("parameter 'max_candidates' must be >= 1")
+
+
+@dataclass(frozen=True)
+class NmsConfig:
+    """Settings of the `nms` stage (per-request inputs may override the thresholds)."""
+
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.45
+    max_det: int = 300
+
+    def validate(self) -> None:
+        if not 0 <= self.conf_threshold < 1 or not 0 < self.iou_threshold <= 1 or self.max_det < 1:
+            raise ConfigError("nms parameters: conf_threshold in [0, 1), iou_threshold in (0, 1], max_det >= 1")

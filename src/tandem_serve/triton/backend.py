@@ -99,6 +99,12 @@ def input_tensor(request: Any, name: str) -> torch.Tensor:
     return from_dlpack(tensor.to_dlpack())
 
 
+def optional_input_tensor(request: Any, name: str) -> torch.Tensor | None:
+    """An optional numeric input as a CPU torch tensor, or None when the request omits it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else from_dlpack(tensor.to_dlpack()).cpu()
+
+
 def input_bytes(request: Any, name: str) -> np.ndarray:
     """A TYPE_STRING input as a numpy object array of bytes."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -111,6 +117,8 @@ def output_tensor(name: str, tensor: torch.Tensor | np.ndarray) -> Any:
     """A pb_utils output tensor sharing memory with `tensor` through DLPack."""
     if isinstance(tensor, np.ndarray):
         tensor = torch.from_numpy(tensor)
+    if tensor.numel() == 0:  # the stub refuses empty DLPack tensors; 0 bytes are right under any numpy
+        return pb_utils.Tensor(name, tensor.cpu().numpy())
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
 
 

@@ -1,0 +1,81 @@
+"""Triton Python-backend models of the detection pipeline; each `model.py` re-exports one of these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig, parse_stage_config
+from tandem_serve.triton import backend
+from tandem_serve.vision.detector import DetectStage
+from tandem_serve.vision.stages import NmsStage, PreprocessStage
+
+
+class ImagePreprocessModel:
+    """IMAGE (encoded bytes) -> PIXELS, LETTERBOX."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        self.stage = PreprocessStage(parse_stage_config(ImagePreprocessConfig, backend.parameters(config)))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage(backend.input_tensor(r, "IMAGE").numpy()),
+            compute=lambda items: items,
+            encode=lambda out: [backend.output_tensor("PIXELS", out[0]), backend.output_tensor("LETTERBOX", out[1])],
+            stage="image_preprocess",
+        )
+
+
+class DetectorModel:
+    """PIXELS -> CANDIDATES (filtered on the detector's device)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        self.stage = DetectStage(parse_stage_config(DetectorConfig, backend.parameters(config)), backend.instance_device(args))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage.check(backend.input_tensor(r, "PIXELS")),
+            compute=self.stage,
+            encode=lambda rows: [backend.output_tensor("CANDIDATES", rows)],
+            stage="detector",
+        )
+
+
+def _optional_scalar(request: Any, name: str) -> float | None:
+    tensor = backend.optional_input_tensor(request, name)
+    return None if tensor is None else float(tensor.reshape(-1)[0])
+
+
+class NmsModel:
+    """CANDIDATES, LETTERBOX (+ optional CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET) -> BOXES, SCORES, CLASSES."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        backend.bridge_logging()
+        config = backend.model_config(args)
+        self.stage = NmsStage(parse_stage_config(NmsConfig, backend.parameters(config)))
+
+    def _decode(self, request: Any):
+        max_det = _optional_scalar(request, "MAX_DET")
+        return self.stage.request(
+            backend.input_tensor(request, "CANDIDATES").numpy(), backend.input_tensor(request, "LETTERBOX").numpy(),
+            _optional_scalar(request, "CONF_THRESHOLD"), _optional_scalar(request, "IOU_THRESHOLD"),
+            None if max_det is None else int(max_det),
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=self._decode,
+            compute=self.stage,
+            encode=lambda d: [backend.output_tensor("BOXES", np.ascontiguousarray(d.boxes[None])),
+                              backend.output_tensor("SCORES", np.ascontiguousarray(d.scores[None])),
+                              backend.output_tensor("CLASSES", np.ascontiguousarray(d.classes[None]))],
+            stage="nms",
+        )

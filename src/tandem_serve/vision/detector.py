@@ -1,0 +1,100 @@
+"""Load a detector (shipped safetensors, a user's state dict or TorchScript) and run it batched."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
+from tandem_serve.paths import project_root
+from tandem_serve.stage_config import DetectorConfig
+from tandem_serve.text.bert import parse_dtype
+from tandem_serve.vision.nms import candidates
+from tandem_serve.vision.yolo import YoloSpec, YoloV5
+
+logger = logging.getLogger(__name__)
+SHIPPED_WEIGHTS = "models/detector/shapes-yolov5n.safetensors"
+
+
+def default_weights() -> Path:
+    """The shipped shapes detector."""
+    root = project_root()
+    if root is None or not (root / SHIPPED_WEIGHTS).is_file():
+        raise ModelFilesError(f"cannot find {SHIPPED_WEIGHTS}; set the detector's 'weights' parameter")
+    return root / SHIPPED_WEIGHTS
+
+
+def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Module:
+    """The network in eval mode on `device`; its output is [B, N, 5 + classes] decoded predictions."""
+    path = Path(config.weights).expanduser() if config.weights else default_weights()
+    if not path.is_file():
+        raise ModelFilesError(f"detector weights {path} do not exist")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        size = config.size or metadata.get("size", "")
+        num_classes = config.num_classes or int(metadata.get("num_classes", 0))
+        state = load_file(str(path))
+    else:
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except RuntimeError:
+            pass  # not TorchScript: a pickled state dict
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        size, num_classes = config.size, config.num_classes
+    if not size or not num_classes:
+        raise ConfigError(f"{path}: set the detector parameters 'size' and 'num_classes' (no metadata in the file)")
+    model = YoloV5(YoloSpec.of_size(size, num_classes))
+    try:
+        model.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ModelFilesError(f"{path} does not fit a YOLOv5{size} with {num_classes} classes: {str(exc)[:300]}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+class DetectStage:
+    """uint8 letterboxed images -> per image [k, 6] candidates (x1, y1, x2, y2, score, class), filtered on the device."""
+
+    def __init__(self, config: DetectorConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.model = load_detector(config, self.device)
+        self.dtype = parse_dtype(config.precision) if self.device.type == "cuda" else torch.float32
+        logger.info("detector on %s (%s), prefilter %.3f", self.device, self.dtype, config.prefilter_conf)
+
+    @staticmethod
+    def check(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % 32:
+            raise InvalidInputError(f"PIXELS must be uint8 [batch, 3, S, S] with S a multiple of 32, got {list(pixels.shape)}")
+        if pixels.dtype != torch.uint8:
+            raise InvalidInputError(f"PIXELS must be uint8, got {pixels.dtype}")
+        return pixels
+
+    @torch.inference_mode()
+    def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [len(r) for r in requests]
+        images = torch.cat([r.to(self.device, non_blocking=True) for r in requests])
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            predictions = self.model(images).float()
+        rows = []
+        for image_predictions in predictions:
+            found = candidates(image_predictions, self.config.prefilter_conf)
+            if len(found) > self.config.max_candidates:
+                found = found[found[:, 4].topk(self.config.max_candidates).indices]
+            rows.append(found)
+        out, start = [], 0
+        for size in sizes:
+            group = rows[start : start + size]
+            start += size
+            width = max(1, max((len(g) for g in group), default=0))  # one padding row at least
+            padded = torch.full((size, width, 6), -1.0, device=self.device)  # score -1: never kept
+            for i, g in enumerate(group):
+                padded[i, : len(g)] = g
+            out.append(padded.cpu())
+        return out
