@@ -64,7 +64,7 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tandem_serve.demo import run_demo
 
-    run_demo(_triton_options(args))
+    run_demo(_triton_options(args), annotated=args.out)
     return 0
 
 
@@ -80,6 +80,21 @@ def cmd_infer_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer_image(args: argparse.Namespace) -> int:
+    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.vision.draw import class_name, draw_detections
+
+    data = args.file.read_bytes()
+    with ObjectDetectionClient(args.url, args.protocol, args.model) as client:
+        found = client.detect(data, args.conf, args.iou, args.max_det)
+    print(f"{args.file}: {len(found.boxes)} detection(s)")
+    for box, score, cls in zip(found.boxes, found.scores, found.classes):
+        print(f"  {class_name(int(cls)):<10} {score:.3f}  [{box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f}]")
+    if args.out:
+        print(f"annotated image: {draw_detections(data, found, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -91,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(triton, (8000, 8001, 8002))
     triton.set_defaults(func=cmd_serve_triton)
 
-    demo = commands.add_parser("demo", help="start Triton, embed sentences over gRPC and HTTP, print similarities and stage times")
+    demo = commands.add_parser("demo", help="start Triton, embed sentences, detect shapes in a generated image, report")
     _add_server_options(demo, (0, 0, 0))
+    demo.add_argument("--out", type=Path, default=Path("demo-detections.png"), help="annotated demo image (PNG)")
     demo.set_defaults(func=cmd_demo)
 
     infer = commands.add_parser("infer", help="send requests to a running server")
@@ -104,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused")
     text.add_argument("--json", action="store_true", help="print full vectors as JSON lines")
     text.set_defaults(func=cmd_infer_text)
+    image = kinds.add_parser("image", help="detect objects in an image file (JPEG, PNG, ...)")
+    image.add_argument("file", type=Path)
+    image.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    image.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    image.add_argument("--model", default="object_detection")
+    image.add_argument("--out", type=Path, help="write the image with boxes drawn (PNG)")
+    image.add_argument("--conf", type=float, help="confidence threshold for this request (server default 0.25)")
+    image.add_argument("--iou", type=float, help="NMS IoU threshold for this request (server default 0.45)")
+    image.add_argument("--max-det", type=int, help="most detections for this request (server default 300)")
+    image.set_defaults(func=cmd_infer_image)
     return parser
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tandem_serve.vision.nms import Detections
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
@@ -72,6 +75,45 @@ class TextEmbeddingClient:
         self.client.close()
 
     def __enter__(self) -> "TextEmbeddingClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ObjectDetectionClient:
+    """Detects objects in encoded images through the `object_detection` ensemble.
+
+    Use one instance per thread: tritonclient's HTTP client is not thread-safe.
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "object_detection", timeout_s: float = 60.0):
+        self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        self.client = triton_client(url, protocol, timeout_s)
+
+    def detect(self, data: bytes, conf_threshold: float | None = None, iou_threshold: float | None = None,
+               max_det: int | None = None) -> "Detections":
+        """Boxes (original pixels), scores and classes for one encoded image."""
+        from tandem_serve.vision.nms import Detections
+
+        module = _module(self.protocol)
+        image = np.frombuffer(data, np.uint8)[None]
+        inputs = [module.InferInput("image", list(image.shape), "UINT8")]
+        inputs[0].set_data_from_numpy(image)
+        for name, value, dtype in (("conf_threshold", conf_threshold, np.float32),
+                                   ("iou_threshold", iou_threshold, np.float32), ("max_det", max_det, np.int32)):
+            if value is not None:
+                tensor = module.InferInput(name, [1, 1], "FP32" if dtype == np.float32 else "INT32")
+                tensor.set_data_from_numpy(np.array([[value]], dtype))
+                inputs.append(tensor)
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        result = self.client.infer(self.model, inputs, **kwargs)
+        return Detections(result.as_numpy("boxes")[0], result.as_numpy("scores")[0], result.as_numpy("classes")[0])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ObjectDetectionClient":
         return self
 
     def __exit__(self, *exc_info: object) -> None:

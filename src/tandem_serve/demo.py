@@ -8,7 +8,9 @@ from typing import Callable
 
 import numpy as np
 
-from tandem_serve.client import TextEmbeddingClient, triton_client
+from pathlib import Path
+
+from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient, triton_client
 from tandem_serve.stats import format_statistics, read_statistics
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 
@@ -23,6 +25,7 @@ SENTENCES = (
     "A cat sleeps on the warm windowsill. 🐈",
 )
 TEXT_STAGES = ("tokenizer", "token_embedding", "encoder", "text_embedding")
+IMAGE_STAGES = ("image_preprocess", "detector", "nms", "object_detection")
 
 
 def _fit(text: str, width: int) -> str:
@@ -46,8 +49,9 @@ def format_similarity(texts: tuple[str, ...], embeddings: np.ndarray) -> str:
     return "\n".join(rows)
 
 
-def run_demo(options: TritonOptions | None = None, write: Callable[[str], None] = print) -> None:
-    """Run the text demo end to end; `write` receives the report blocks."""
+def run_demo(options: TritonOptions | None = None, write: Callable[[str], None] = print,
+             annotated: Path = Path("demo-detections.png")) -> None:
+    """Run both demos end to end; `write` receives the report blocks."""
     with EmbeddedTriton(options) as server:
         with TextEmbeddingClient(server.grpc_url, "grpc") as grpc_client:
             by_grpc = grpc_client.embed(SENTENCES)
@@ -57,8 +61,31 @@ def run_demo(options: TritonOptions | None = None, write: Callable[[str], None] 
         write(f"Embedded {len(SENTENCES)} sentences through 'text_embedding' over gRPC and HTTP "
               f"(dimension {by_grpc.shape[1]}; min cosine gRPC vs HTTP {agreement:.6f}).\n")
         write("Cosine similarity:\n" + format_similarity(SENTENCES, by_grpc) + "\n")
+        write(_detection_demo(server, annotated) + "\n")
         client = triton_client(server.http_url, "http")
-        stages = [s for s in read_statistics(client, "http") if s.model in TEXT_STAGES]
+        stats = read_statistics(client, "http")
         client.close()
-        stages.sort(key=lambda s: TEXT_STAGES.index(s.model))
-        write("Per-stage statistics from Triton (means per request):\n" + format_statistics(stages))
+        order = TEXT_STAGES + IMAGE_STAGES
+        stages = sorted((s for s in stats if s.model in order), key=lambda s: order.index(s.model))
+        write("Per-stage statistics from Triton (means per request; ensembles end to end):\n" + format_statistics(stages))
+
+
+def _detection_demo(server: EmbeddedTriton, annotated: Path) -> str:
+    """Detect shapes in one generated scene; draw the boxes; report against the ground truth."""
+    from tandem_serve.vision.draw import class_name, draw_detections
+    from tandem_serve.vision.metrics import MatchCounts
+    from tandem_serve.vision.shapes import encode_scene, generate_scene
+
+    rng = np.random.default_rng(2026)
+    scene = generate_scene(rng)
+    data = encode_scene(scene, rng)
+    with ObjectDetectionClient(server.grpc_url, "grpc") as client:
+        found = client.detect(data)
+    counts = MatchCounts()
+    counts.add(found.boxes, found.scores, found.classes, scene.boxes, scene.classes)
+    lines = [f"Detected {len(found.boxes)} shape(s) in a generated {scene.image.width}x{scene.image.height} image "
+             f"holding {len(scene.boxes)} ({counts.tp} matched at IoU >= 0.5 with the right class):"]
+    for box, score, cls in zip(found.boxes, found.scores, found.classes):
+        lines.append(f"  {class_name(int(cls)):<10} {score:.3f}  [{box[0]:.0f}, {box[1]:.0f}, {box[2]:.0f}, {box[3]:.0f}]")
+    lines.append(f"Annotated image: {draw_detections(data, found, annotated)}")
+    return "\n".join(lines)
