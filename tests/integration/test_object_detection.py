@@ -127,3 +127,16 @@ def test_bad_images_fail_alone_among_concurrent_good_ones(triton):
                        scenes[i].boxes, scenes[i].classes)
             assert counts.tp >= 1
     assert client.is_server_ready()
+
+
+def test_non_finite_candidates_reaching_nms_are_dropped(triton):
+    """NaN/Inf rows are documented to be dropped; the finite rows still come back, mapped and clipped."""
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    rows = np.array([[[10, 10, 50, 50, 0.9, 1], [np.nan, 0, 5, 5, 0.99, 0], [0, 0, 5, 5, np.inf, 2]]], np.float32)
+    candidates = grpcclient.InferInput("CANDIDATES", list(rows.shape), "FP32")
+    candidates.set_data_from_numpy(rows)
+    letterbox = grpcclient.InferInput("LETTERBOX", [1, 5], "FP32")
+    letterbox.set_data_from_numpy(np.array([[0.5, 0, 0, 200, 200]], np.float32))
+    result = client.infer("nms", [candidates, letterbox])
+    np.testing.assert_allclose(result.as_numpy("BOXES")[0], [[20, 20, 100, 100]])
+    assert result.as_numpy("CLASSES")[0].tolist() == [1]

@@ -55,7 +55,7 @@ class TritonOptions:
     grpc_port: int = 0
     metrics_port: int = 0
     startup_timeout_s: float = 300.0
-    stop_timeout_s: float = 30.0
+    stop_timeout_s: float = 45.0
     log_verbose: int = 0
     workspace: Path | None = None  # kept after stop when given; else a temporary directory
     # Directories put first on the stubs' sys.path only (e.g. one holding numpy<2 when the
@@ -220,7 +220,7 @@ class EmbeddedTriton:
             "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
-            "--exit-timeout-secs=10",
+            "--exit-timeout-secs=30",  # GPU models can take >10 s to unload (seen on the H100)
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
