@@ -220,7 +220,7 @@ class EmbeddedTriton:
             "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
-            "--exit-timeout-secs=30",  # GPU models can take >10 s to unload (seen on the H100)
+            "--exit-timeout-secs=30",  # 10 s was not always enough to unload on the H100
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
