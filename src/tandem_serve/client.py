@@ -42,7 +42,22 @@ def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") 
     return infer_input
 
 
-class TextEmbeddingClient:
+class _PipelineClient:
+    """Owns a tritonclient client; closes it on exit."""
+
+    client: Any
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class TextEmbeddingClient(_PipelineClient):
     """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches.
 
     Use one instance per thread: tritonclient's HTTP client is not thread-safe.
@@ -71,17 +86,8 @@ class TextEmbeddingClient:
             chunks.append(result.as_numpy("embedding"))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
-    def close(self) -> None:
-        self.client.close()
 
-    def __enter__(self) -> "TextEmbeddingClient":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class ObjectDetectionClient:
+class ObjectDetectionClient(_PipelineClient):
     """Detects objects in encoded images through the `object_detection` ensemble.
 
     Use one instance per thread: tritonclient's HTTP client is not thread-safe.
@@ -109,12 +115,3 @@ class ObjectDetectionClient:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         result = self.client.infer(self.model, inputs, **kwargs)
         return Detections(result.as_numpy("boxes")[0], result.as_numpy("scores")[0], result.as_numpy("classes")[0])
-
-    def close(self) -> None:
-        self.client.close()
-
-    def __enter__(self) -> "ObjectDetectionClient":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from tandem_serve.errors import InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
+from tandem_serve.stage_config import parse_stage_config
+
+_Settings = TypeVar("_Settings")
 
 
 class _TritonLogHandler(logging.Handler):
@@ -69,6 +72,13 @@ def check_bytes_tensors_readable() -> None:
 def model_config(args: dict[str, str]) -> dict[str, Any]:
     """The model's config as a dict (Triton passes it as JSON in `initialize`)."""
     return json.loads(args["model_config"])
+
+
+def stage_settings(args: dict[str, str], settings_cls: type[_Settings]) -> tuple[dict[str, Any], _Settings]:
+    """For `initialize`: bridge logging, then the model config and its parameters parsed into `settings_cls`."""
+    bridge_logging()
+    config = model_config(args)
+    return config, parse_stage_config(settings_cls, parameters(config))
 
 
 def parameters(config: dict[str, Any]) -> dict[str, str]:

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, parse_stage_config
+from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
 from tandem_serve.triton import backend
 
@@ -30,10 +30,9 @@ class TokenizerModel:
     """TEXT (bytes) -> INPUT_IDS, ATTENTION_MASK."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
+        _, settings = backend.stage_settings(args, TokenizerConfig)
         backend.check_bytes_tensors_readable()
-        config = backend.model_config(args)
-        self.stage = TokenizeStage(parse_stage_config(TokenizerConfig, backend.parameters(config)))
+        self.stage = TokenizeStage(settings)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -50,9 +49,8 @@ class TokenEmbeddingModel:
     """INPUT_IDS -> HIDDEN."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
-        config = backend.model_config(args)
-        self.stage = TokenEmbeddingStage(parse_stage_config(TokenEmbeddingConfig, backend.parameters(config)))
+        config, settings = backend.stage_settings(args, TokenEmbeddingConfig)
+        self.stage = TokenEmbeddingStage(settings)
         _expect_dims(config, "output", "HIDDEN", [-1, self.stage.files.bert.hidden_size])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -69,9 +67,7 @@ class EncoderModel:
     """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> EMBEDDING."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
-        config = backend.model_config(args)
-        settings = parse_stage_config(EncoderConfig, backend.parameters(config))
+        config, settings = backend.stage_settings(args, EncoderConfig)
         self.stage = EncoderStage(settings, backend.instance_device(args))
         self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
         hidden = self.stage.hidden_size

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig, parse_stage_config
+from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.triton import backend
 from tandem_serve.vision.detector import DetectStage
 from tandem_serve.vision.stages import NmsStage, PreprocessStage
@@ -16,9 +16,7 @@ class ImagePreprocessModel:
     """IMAGE (encoded bytes) -> PIXELS, LETTERBOX."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
-        config = backend.model_config(args)
-        self.stage = PreprocessStage(parse_stage_config(ImagePreprocessConfig, backend.parameters(config)))
+        self.stage = PreprocessStage(backend.stage_settings(args, ImagePreprocessConfig)[1])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -34,9 +32,7 @@ class DetectorModel:
     """PIXELS -> CANDIDATES (filtered on the detector's device)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
-        config = backend.model_config(args)
-        self.stage = DetectStage(parse_stage_config(DetectorConfig, backend.parameters(config)), backend.instance_device(args))
+        self.stage = DetectStage(backend.stage_settings(args, DetectorConfig)[1], backend.instance_device(args))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -57,9 +53,7 @@ class NmsModel:
     """CANDIDATES, LETTERBOX (+ optional CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET) -> BOXES, SCORES, CLASSES."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        backend.bridge_logging()
-        config = backend.model_config(args)
-        self.stage = NmsStage(parse_stage_config(NmsConfig, backend.parameters(config)))
+        self.stage = NmsStage(backend.stage_settings(args, NmsConfig)[1])
 
     def _decode(self, request: Any):
         max_det = _optional_scalar(request, "MAX_DET")
