@@ -12,26 +12,24 @@ if TYPE_CHECKING:
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
-def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60.0) -> Any:
-    """A tritonclient InferenceServerClient for `protocol` ('grpc' or 'http')."""
-    url = url or DEFAULT_URLS[protocol]
-    if protocol == "grpc":
-        import tritonclient.grpc as grpcclient
-
-        return grpcclient.InferenceServerClient(url)
-    if protocol == "http":
-        import tritonclient.http as httpclient
-
-        return httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-    raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-
-
 def _module(protocol: str) -> Any:
+    """tritonclient.grpc or tritonclient.http."""
     if protocol == "grpc":
         import tritonclient.grpc as module
-    else:
+    elif protocol == "http":
         import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
     return module
+
+
+def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60.0) -> Any:
+    """A tritonclient InferenceServerClient for `protocol` ('grpc' or 'http')."""
+    module = _module(protocol)
+    url = url or DEFAULT_URLS[protocol]
+    if protocol == "grpc":
+        return module.InferenceServerClient(url)
+    return module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
 
 
 def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") -> Any:

@@ -1,12 +1,6 @@
-"""GPU tier (run on the H100 with tests/gpu/run_h100.sh): the encoder as a KIND_GPU instance.
-
-Records its figures in $TANDEM_RESULTS (a JSON file) when that variable is set.
-"""
+"""GPU tier (run on the H100 with tests/gpu/run_h100.sh): the encoder as a KIND_GPU instance."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import numpy as np
 import pytest
@@ -20,15 +14,6 @@ from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TEXTS = EDGE_TEXTS + mixed_texts(64, seed=5)
-
-
-@pytest.fixture(scope="module")
-def results():
-    figures: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    yield figures
-    if os.environ.get("TANDEM_RESULTS"):
-        with open(os.environ["TANDEM_RESULTS"], "w") as handle:
-            json.dump(figures, handle, indent=2)
 
 
 def test_encoders_are_gpu_instances(triton):

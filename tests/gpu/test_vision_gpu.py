@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -28,7 +25,7 @@ def test_detector_is_a_gpu_instance(triton):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_detector_accuracy_per_precision(precision):
+def test_detector_accuracy_per_precision(results, precision):
     stage = DetectStage(DetectorConfig(precision=precision), "cuda:0")
     rng = np.random.default_rng(4321)
     counts = MatchCounts()
@@ -38,8 +35,6 @@ def test_detector_accuracy_per_precision(precision):
         rows = stage([torch.from_numpy(pixels)[None]])[0][0].numpy()
         found = postprocess(rows, box, 0.25, 0.45, 300)
         counts.add(found.boxes, found.scores, found.classes, scene.boxes, scene.classes)
-    if os.environ.get("TANDEM_RESULTS"):
-        path = os.environ["TANDEM_RESULTS"].replace(".json", f"_detector_{precision}.json")
-        with open(path, "w") as handle:
-            json.dump({"precision": counts.precision, "recall": counts.recall, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}, handle)
+    results[f"detector_{precision}"] = {"precision": counts.precision, "recall": counts.recall,
+                                        "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
     assert counts.precision >= 0.9 and counts.recall >= 0.9, counts

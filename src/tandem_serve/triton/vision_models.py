@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.triton import backend
 from tandem_serve.vision.detector import DetectStage
@@ -68,8 +66,8 @@ class NmsModel:
             requests,
             decode=self._decode,
             compute=self.stage,
-            encode=lambda d: [backend.output_tensor("BOXES", np.ascontiguousarray(d.boxes[None])),
-                              backend.output_tensor("SCORES", np.ascontiguousarray(d.scores[None])),
-                              backend.output_tensor("CLASSES", np.ascontiguousarray(d.classes[None]))],
+            encode=lambda d: [backend.output_tensor("BOXES", d.boxes[None]),
+                              backend.output_tensor("SCORES", d.scores[None]),
+                              backend.output_tensor("CLASSES", d.classes[None])],
             stage="nms",
         )
