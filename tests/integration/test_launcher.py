@@ -19,8 +19,8 @@ from tandem_serve.triton.launcher import (
     TritonDistribution,
     TritonOptions,
     TritonStartError,
-    process_group_members,
 )
+from tandem_serve.processes import process_group_members
 
 
 def test_command_binds_loopback_and_restricts_admin_apis(tmp_path):

@@ -9,15 +9,11 @@ non-loopback address). Use `EmbeddedTriton` as a context manager.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import ipaddress
 import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem_serve.paths import default_repositories
+from tandem_serve.processes import (
+    client_host,
+    die_with_parent,
+    free_port,
+    is_loopback,
+    kill_process_group,
+    log_tail,
+    process_group_members,
+    stop_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +102,6 @@ class TritonDistribution:
         return stub
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) -> dict[str, str]:
     """The server's environment: stubs see this interpreter's packages and libpython.
 
@@ -127,29 +119,6 @@ def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) 
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Pids of live processes in process group `pgid` (Linux /proc)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def stub_shm_regions(pids: list[int]) -> list[str]:
     """The /dev/shm region names that Python-backend stubs among `pids` were started with."""
     regions = []
@@ -165,18 +134,8 @@ def stub_shm_regions(pids: list[int]) -> list[str]:
 
 def reap_process_group(pgid: int) -> None:
     """Kill what is left of the server's process group (orphaned stubs) and unlink their shm."""
-    members = process_group_members(pgid)
-    if not members:
-        return
-    regions = stub_shm_regions(members)
-    logger.warning("killing %d leftover process(es) of tritonserver's group %d", len(members), pgid)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 5
-    while process_group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    regions = stub_shm_regions(process_group_members(pgid))
+    kill_process_group(pgid, "tritonserver")
     for region in regions:
         Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
 
@@ -198,7 +157,7 @@ class EmbeddedTriton:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return client_host(self.host)
 
     @property
     def http_url(self) -> str:
@@ -260,7 +219,7 @@ class EmbeddedTriton:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=stub_environment(dist, self.options.stub_python_path), start_new_session=True, preexec_fn=_die_with_parent,
+                env=stub_environment(dist, self.options.stub_python_path), start_new_session=True, preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready()
@@ -290,11 +249,7 @@ class EmbeddedTriton:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return f"(no log at {self.log_path})"
-        return f"--- last {lines} lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+        return log_tail(self.log_path, lines)
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -304,14 +259,7 @@ class EmbeddedTriton:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=self.options.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("tritonserver did not stop within %.0f s; killing it", self.options.stop_timeout_s)
-                process.kill()
-                process.wait()
+        stop_process(process, "tritonserver", self.options.stop_timeout_s)
         reap_process_group(process.pid)  # start_new_session: the group id is the server's pid
         if process.returncode != 0 and self._own_workspace:
             logger.warning("tritonserver exited with %s; log kept at %s", process.returncode, self.log_path)

@@ -1,0 +1,93 @@
+"""Process and port helpers shared by the embedded-server launchers (Linux)."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def client_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of live processes in process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_process_group(pgid: int, what: str, wait_s: float = 5.0) -> None:
+    """SIGKILL every process left in group `pgid` and wait until they are gone."""
+    if not process_group_members(pgid):
+        return
+    logger.warning("killing %d leftover process(es) of %s's group %d", len(process_group_members(pgid)), what, pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while process_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen, what: str, timeout_s: float, signum: int = signal.SIGINT) -> None:
+    """Send `signum`, wait up to `timeout_s`, then SIGKILL; the group (start_new_session) is reaped by the caller."""
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s; killing it", what, timeout_s)
+            process.kill()
+            process.wait()
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
