@@ -13,7 +13,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _convert(name: str, raw: str, kind: type) -> object:
+def _convert(name: str, raw: object, kind: type) -> object:
+    raw = raw if isinstance(raw, str) else str(raw)  # YAML gives typed values, Triton strings
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in _TRUE | _FALSE:
@@ -25,8 +26,8 @@ def _convert(name: str, raw: str, kind: type) -> object:
         raise ConfigError(f"parameter {name!r} must be {kind.__name__}, got {raw!r}") from None
 
 
-def parse_stage_config(cls: type[_T], parameters: Mapping[str, str]) -> _T:
-    """Build `cls` from string parameters; unknown keys and bad values raise ConfigError naming them."""
+def parse_stage_config(cls: type[_T], parameters: Mapping[str, object]) -> _T:
+    """Build `cls` from string (or YAML scalar) parameters; unknown keys and bad values raise ConfigError."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {}
     for name, raw in parameters.items():

@@ -99,9 +99,9 @@ def test_empty_input_and_bad_thresholds_are_rejected(triton):
     assert info.value.status() == INVALID["grpc"]
     _, encoded = _scenes(1, seed=5)
     with _client(triton, "grpc") as detector:
-        with pytest.raises(InferenceServerException, match="IOU_THRESHOLD must lie in"):
+        with pytest.raises(InferenceServerException, match="iou_threshold must lie in"):
             detector.detect(encoded[0], iou_threshold=0.0)
-        with pytest.raises(InferenceServerException, match="MAX_DET must be >= 1"):
+        with pytest.raises(InferenceServerException, match="max_det must be >= 1"):
             detector.detect(encoded[0], max_det=0)
     assert client.is_server_ready()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -77,9 +76,9 @@ class DetectStage:
         return pixels
 
     @torch.inference_mode()
-    def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        sizes = [len(r) for r in requests]
-        images = torch.cat([r.to(self.device, non_blocking=True) for r in requests])
+    def filtered(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """uint8 [B, 3, S, S] on the device -> candidates [B, K, 6] padded with score -1 rows (K >= 1), still on
+        the device, and the number of real rows per image."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             predictions = self.model(images).float()
         rows = []
@@ -88,13 +87,19 @@ class DetectStage:
             if len(found) > self.config.max_candidates:
                 found = found[found[:, 4].topk(self.config.max_candidates).indices]
             rows.append(found)
+        counts = [len(r) for r in rows]
+        padded = torch.full((len(rows), max(1, max(counts, default=0)), 6), -1.0, device=images.device)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)] = r
+        return padded, counts
+
+    def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per request [b, 3, S, S] -> [b, k, 6] on the CPU, k the request's most candidates (>= 1)."""
+        sizes = [len(r) for r in requests]
+        padded, counts = self.filtered(torch.cat([r.to(self.device, non_blocking=True) for r in requests]))
         out, start = [], 0
         for size in sizes:
-            group = rows[start : start + size]
+            width = max(1, max(counts[start : start + size], default=0))
+            out.append(padded[start : start + size, :width].cpu())
             start += size
-            width = max(1, max((len(g) for g in group), default=0))  # one padding row at least
-            padded = torch.full((size, width, 6), -1.0, device=self.device)  # score -1: never kept
-            for i, g in enumerate(group):
-                padded[i, : len(g)] = g
-            out.append(padded.cpu())
         return out

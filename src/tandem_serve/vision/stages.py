@@ -44,6 +44,20 @@ class NmsStage:
     def __init__(self, config: NmsConfig):
         self.config = config
 
+    def thresholds(self, conf: float | None = None, iou: float | None = None,
+                   max_det: int | None = None) -> tuple[float, float, int]:
+        """One request's effective thresholds (defaults from the config); out of range raises InvalidInputError."""
+        conf = self.config.conf_threshold if conf is None else conf
+        iou = self.config.iou_threshold if iou is None else iou
+        max_det = self.config.max_det if max_det is None else max_det
+        if not 0 <= conf < 1:
+            raise InvalidInputError(f"conf_threshold must lie in [0, 1), got {conf}")
+        if not 0 < iou <= 1:
+            raise InvalidInputError(f"iou_threshold must lie in (0, 1], got {iou}")
+        if max_det < 1:
+            raise InvalidInputError(f"max_det must be >= 1, got {max_det}")
+        return conf, iou, max_det
+
     def request(self, candidates: np.ndarray, letterbox: np.ndarray, conf: float | None = None,
                 iou: float | None = None, max_det: int | None = None) -> NmsRequest:
         """Validate one request; overrides outside their ranges raise InvalidInputError."""
@@ -51,15 +65,7 @@ class NmsStage:
             raise InvalidInputError(f"CANDIDATES must be [1, k, 6], got {list(candidates.shape)}")
         if letterbox.shape != (1, 5) or not np.isfinite(letterbox).all() or letterbox[0, 0] <= 0:
             raise InvalidInputError("LETTERBOX must be [1, 5] finite values with a positive scale")
-        conf = self.config.conf_threshold if conf is None else conf
-        iou = self.config.iou_threshold if iou is None else iou
-        max_det = self.config.max_det if max_det is None else max_det
-        if not 0 <= conf < 1:
-            raise InvalidInputError(f"CONF_THRESHOLD must lie in [0, 1), got {conf}")
-        if not 0 < iou <= 1:
-            raise InvalidInputError(f"IOU_THRESHOLD must lie in (0, 1], got {iou}")
-        if max_det < 1:
-            raise InvalidInputError(f"MAX_DET must be >= 1, got {max_det}")
+        conf, iou, max_det = self.thresholds(conf, iou, max_det)
         return NmsRequest(candidates[0], Letterbox.from_array(letterbox[0]), conf, iou, max_det)
 
     @staticmethod

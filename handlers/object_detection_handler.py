@@ -1,0 +1,23 @@
+"""TorchServe handler: images -> boxes, CPU decode/letterbox and NMS pipelined with the GPU detector.
+
+A thin adapter: everything it does is `tandem_serve.torchserve.services.ObjectDetectionService`.
+"""
+
+from pathlib import Path
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from tandem_serve.torchserve.replies import answer, request_headers
+from tandem_serve.torchserve.services import ObjectDetectionService
+
+
+class ObjectDetectionHandler(BaseHandler):
+    """Settings come from the archive's model-config.yaml `handler:` section."""
+
+    def initialize(self, context):
+        properties = context.system_properties
+        self.service = ObjectDetectionService(Path(properties["model_dir"]), context.model_yaml_config, properties.get("gpu_id"))
+        self.initialized = True
+
+    def handle(self, data, context):
+        return answer(context, self.service.handle(data, request_headers(context, len(data))))

@@ -1,0 +1,1 @@
+"""TorchServe integration: request parsing, per-request replies, the pipelined services, launcher, archives."""

@@ -1,0 +1,205 @@
+"""The two pipelines as TorchServe sees them: a batch of request dicts in, one Reply per request out.
+
+Built from the archive's model-config.yaml `handler:` section, whose sub-sections use the same
+schemas as the Triton models' parameters (see `tandem_serve.stage_config`) plus `pipeline:`
+(`PipelineSettings`). Relative paths are resolved against the extracted archive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from tandem_serve.errors import ConfigError, InvalidInputError
+from tandem_serve.per_request import Failure
+from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings
+from tandem_serve.stage_config import (
+    DetectorConfig,
+    EncoderConfig,
+    ImagePreprocessConfig,
+    NmsConfig,
+    TokenEmbeddingConfig,
+    TokenizerConfig,
+    parse_stage_config,
+)
+from tandem_serve.torchserve.replies import NPY, Reply, accepts
+from tandem_serve.torchserve.request_parsing import parse_image, parse_texts
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_Item = TypeVar("_Item")
+
+
+@dataclass(frozen=True)
+class TextHandlerConfig:
+    """Top-level keys of the text handler's section."""
+
+    model_dir: str = ""  # sentence-transformers BERT directory, relative to the archive; empty: the default model
+    device: str = "auto"  # auto: the GPU TorchServe assigned, if any; cpu: always the CPU
+    max_texts: int = 64  # per request
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu"):
+            raise ConfigError("handler 'device' must be auto or cpu")
+        if self.max_texts < 1:
+            raise ConfigError("handler 'max_texts' must be >= 1")
+
+
+@dataclass(frozen=True)
+class DetectionHandlerConfig:
+    """Top-level keys of the detection handler's section."""
+
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu"):
+            raise ConfigError("handler 'device' must be auto or cpu")
+
+
+def _parse(cls: type[_T], values: Any, where: str) -> _T:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    try:
+        return parse_stage_config(cls, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def handler_sections(model_yaml_config: Mapping[str, Any] | None, known: Sequence[str]) -> tuple[dict, dict]:
+    """Split the `handler:` section into top-level scalars and known sub-sections."""
+    section = (model_yaml_config or {}).get("handler") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("model-config.yaml: 'handler' must be a mapping")
+    scalars = {k: v for k, v in section.items() if not isinstance(v, Mapping)}
+    subsections = {k: v for k, v in section.items() if isinstance(v, Mapping)}
+    unknown = sorted(set(subsections) - set(known))
+    if unknown:
+        raise ConfigError(f"model-config.yaml: unknown handler section(s) {unknown}; known: {list(known)}")
+    return scalars, subsections
+
+
+def resolve(path: str, base: Path) -> str:
+    """A path from the config, relative ones taken from the archive's directory; empty stays empty."""
+    if not path:
+        return path
+    candidate = Path(path).expanduser()
+    return str(candidate if candidate.is_absolute() else base / candidate)
+
+
+def select_device(setting: str, gpu_id: Any) -> torch.device:
+    """The GPU TorchServe assigned (gpu_id) when there is one and `setting` allows it, else the CPU."""
+    if setting == "cpu" or gpu_id is None or gpu_id == "" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(gpu_id)}")
+
+
+class PipelineService(Generic[_Item]):
+    """Parses each request, runs the valid ones through the pipeline, encodes one Reply per request."""
+
+    pipeline: MicroBatchPipeline
+
+    def parse(self, request: Mapping[str, Any]) -> _Item:
+        raise NotImplementedError
+
+    def encode(self, result: Any, headers: Mapping[str, str]) -> Reply:
+        raise NotImplementedError
+
+    def handle(self, requests: Sequence[Mapping[str, Any]], headers: Sequence[Mapping[str, str]] | None = None) -> list[Reply]:
+        """One Reply per request, in order; a bad request gets a 400 and never fails its batch-mates."""
+        headers = headers or [{}] * len(requests)
+        replies: list[Reply | None] = [None] * len(requests)
+        items, positions = [], []
+        for index, request in enumerate(requests):
+            try:
+                items.append(self.parse(request or {}))
+                positions.append(index)
+            except InvalidInputError as exc:
+                replies[index] = Reply.error(str(exc))
+        for index, result in zip(positions, self.pipeline.run(items) if items else []):
+            if isinstance(result, Failure):
+                replies[index] = Reply.error(result.message, 400 if result.invalid else 500)
+            else:
+                try:
+                    replies[index] = self.encode(result, headers[index])
+                except Exception as exc:  # noqa: BLE001 - one request's encoding failed
+                    logger.exception("encoding a reply failed")
+                    replies[index] = Reply.error(f"internal error ({type(exc).__name__})", 500)
+        return replies  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+class TextEmbeddingService(PipelineService[list]):
+    """Texts -> unit-norm embeddings: JSON {"embeddings": [[...], ...]} or .npy float32 [n, hidden]."""
+
+    SECTIONS = ("pipeline", "tokenizer", "encoder", "token_embedding")
+
+    def __init__(self, model_dir: Path, model_yaml_config: Mapping[str, Any] | None, gpu_id: Any = None):
+        from tandem_serve.text.embedding_pipeline import TextEmbeddingStages, TextStageConfigs
+
+        scalars, sections = handler_sections(model_yaml_config, self.SECTIONS)
+        self.config = _parse(TextHandlerConfig, scalars, "handler")
+        weights = resolve(self.config.model_dir, model_dir)
+        configs = TextStageConfigs(
+            tokenizer=_with_model_dir(_parse(TokenizerConfig, sections.get("tokenizer"), "handler.tokenizer"), weights, model_dir),
+            encoder=_with_model_dir(_parse(EncoderConfig, sections.get("encoder"), "handler.encoder"), weights, model_dir),
+            token_embedding=_with_model_dir(
+                _parse(TokenEmbeddingConfig, sections.get("token_embedding"), "handler.token_embedding"), weights, model_dir),
+        )
+        self.device = select_device(self.config.device, gpu_id)
+        self.stages = TextEmbeddingStages(configs, self.device)
+        settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
+        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="text_embedding")
+        logger.info("text embedding handler on %s, %s", self.device, settings)
+
+    def parse(self, request: Mapping[str, Any]) -> list[str]:
+        return parse_texts(request, self.config.max_texts)
+
+    def encode(self, result: np.ndarray, headers: Mapping[str, str]) -> Reply:
+        if accepts(headers, NPY):
+            return Reply.npy(result.astype(np.float32, copy=False))
+        return Reply.json({"embeddings": result.tolist()})
+
+
+class ObjectDetectionService(PipelineService[Any]):
+    """Encoded images -> JSON {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...]} (original pixels)."""
+
+    SECTIONS = ("pipeline", "preprocess", "detector", "nms")
+
+    def __init__(self, model_dir: Path, model_yaml_config: Mapping[str, Any] | None, gpu_id: Any = None):
+        from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
+
+        scalars, sections = handler_sections(model_yaml_config, self.SECTIONS)
+        self.config = _parse(DetectionHandlerConfig, scalars, "handler")
+        detector = _parse(DetectorConfig, sections.get("detector"), "handler.detector")
+        configs = VisionStageConfigs(
+            preprocess=_parse(ImagePreprocessConfig, sections.get("preprocess"), "handler.preprocess"),
+            detector=dataclasses.replace(detector, weights=resolve(detector.weights, model_dir)),
+            nms=_parse(NmsConfig, sections.get("nms"), "handler.nms"),
+        )
+        self.device = select_device(self.config.device, gpu_id)
+        self.stages = DetectionStages(configs, self.device)
+        settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
+        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="object_detection")
+        logger.info("object detection handler on %s, %s", self.device, settings)
+
+    def parse(self, request: Mapping[str, Any]):
+        return self.stages.request(*parse_image(request))
+
+    def encode(self, result: Any, headers: Mapping[str, str]) -> Reply:
+        return Reply.json({"boxes": result.boxes.tolist(), "scores": result.scores.tolist(), "classes": result.classes.tolist()})
+
+
+def _with_model_dir(config: _T, weights: str, base: Path) -> _T:
+    """A stage config whose model_dir is its own (resolved) or else the handler's."""
+    own = getattr(config, "model_dir")
+    return dataclasses.replace(config, model_dir=resolve(own, base) if own else weights)
