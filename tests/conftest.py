@@ -43,3 +43,25 @@ def triton(request, tmp_path_factory):
     if request.session.testsfailed > failed_before:
         sys.stderr.write("\n" + server.log_tail(200) + "\n")
     server.stop()
+
+
+# Small batch window for the tests: concurrent requests land in one handler batch.
+TORCHSERVE_TEST_CONFIG = {"batchSize": 8, "maxBatchDelay": 300, "handler": {"pipeline": {"micro_batch_size": 3}}}
+
+
+@pytest.fixture(scope="session")
+def torchserve(request, tmp_path_factory):
+    """One real TorchServe (Java frontend + Python workers) on freshly built archives, for the session."""
+    from tandem_serve.torchserve.archive import ARCHIVES, build_archive
+    from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions
+
+    store = tmp_path_factory.mktemp("model_store")
+    for name in ARCHIVES:
+        build_archive(name, store, overrides=TORCHSERVE_TEST_CONFIG)
+    server = EmbeddedTorchServe(TorchServeOptions(model_store=store, workspace=tmp_path_factory.mktemp("torchserve")))
+    server.start()
+    failed_before = request.session.testsfailed
+    yield server
+    if request.session.testsfailed > failed_before:
+        sys.stderr.write("\n" + server.log_tail(200) + "\n")
+    server.stop()

@@ -61,6 +61,47 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from tandem_serve.torchserve.archive import build_archive
+
+    for name in args.models:
+        print(f"archive: {build_archive(name, args.store, args.model_dir, args.weights, args.format)}", flush=True)
+    return 0
+
+
+def cmd_serve_torchserve(args: argparse.Namespace) -> int:
+    """Run TorchServe on the archives until Ctrl-C / SIGTERM, building missing archives first."""
+    from tandem_serve.torchserve.archive import ARCHIVES, build_archive
+    from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions, check_requirements
+
+    check_requirements()
+    args.store.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVES:
+        if not (args.store / f"{name}.mar").exists() and not (args.store / name).is_dir():
+            print(f"building the missing archive {name} into {args.store}", flush=True)
+            build_archive(name, args.store)
+    args.workspace.mkdir(parents=True, exist_ok=True)
+    options = TorchServeOptions(
+        model_store=args.store, host=args.host, inference_port=args.inference_port, management_port=args.management_port,
+        metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
+        grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
+        token_expiration_min=args.token_expiration_min,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with EmbeddedTorchServe(options) as server:
+        print(f"TorchServe ready: inference {server.inference_url}  management {server.management_url}")
+        print(f"Tokens (Authorization: Bearer <inference key>): {server.key_file}; logs: {server.workspace / 'logs'}")
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(1.0):
+            if not server.is_alive():
+                logger.error("TorchServe exited unexpectedly\n%s", server.log_tail())
+                return 1
+        logger.info("stopping TorchServe")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tandem_serve.demo import run_demo
 
@@ -69,8 +110,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_infer_text(args: argparse.Namespace) -> int:
-    with TextEmbeddingClient(args.url, args.protocol, args.model) as client:
-        embeddings = client.embed(args.text)
+    if args.server == "torchserve":
+        from tandem_serve.torchserve.client import TorchServeClient
+
+        embeddings = TorchServeClient(args.url, args.key_file).embed(args.text, model=args.model)
+    else:
+        with TextEmbeddingClient(args.url, args.protocol, args.model) as client:
+            embeddings = client.embed(args.text)
     for text, vector in zip(args.text, embeddings):
         if args.json:
             print(json.dumps({"text": text, "embedding": [round(float(v), 7) for v in vector]}, ensure_ascii=False))
@@ -81,12 +127,18 @@ def cmd_infer_text(args: argparse.Namespace) -> int:
 
 
 def cmd_infer_image(args: argparse.Namespace) -> int:
-    from tandem_serve.client import ObjectDetectionClient
     from tandem_serve.vision.draw import class_name, draw_detections
 
     data = args.file.read_bytes()
-    with ObjectDetectionClient(args.url, args.protocol, args.model) as client:
-        found = client.detect(data, args.conf, args.iou, args.max_det)
+    if args.server == "torchserve":
+        from tandem_serve.torchserve.client import TorchServeClient
+
+        found = TorchServeClient(args.url, args.key_file).detect(data, args.conf, args.iou, args.max_det, model=args.model)
+    else:
+        from tandem_serve.client import ObjectDetectionClient
+
+        with ObjectDetectionClient(args.url, args.protocol, args.model) as client:
+            found = client.detect(data, args.conf, args.iou, args.max_det)
     print(f"{args.file}: {len(found.boxes)} detection(s)")
     for box, score, cls in zip(found.boxes, found.scores, found.classes):
         print(f"  {class_name(int(cls)):<10} {score:.3f}  [{box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f}]")
@@ -95,16 +147,50 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
+
+    parser.add_argument("--server", choices=("triton", "torchserve"), default="triton")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="Triton's protocol")
+    parser.add_argument("--url", help="server address (Triton: localhost:8001 gRPC / localhost:8000 HTTP; "
+                                      "TorchServe: http://127.0.0.1:8080)")
+    parser.add_argument("--key-file", type=Path, default=DEFAULT_WORKSPACE / "key_file.json",
+                        help="TorchServe's key_file.json (default: the `tandem serve torchserve` workspace's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton.")
+    from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
+
+    parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton and TorchServe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="start a server on the project's models")
+    serve = commands.add_parser("serve", help="start Triton or TorchServe on the project's models")
     servers = serve.add_subparsers(dest="server", required=True)
     triton = servers.add_parser("triton", help="the embedded Triton Inference Server (nvidia-pytriton's binary)")
     _add_server_options(triton, (8000, 8001, 8002))
     triton.set_defaults(func=cmd_serve_triton)
+
+    torchserve = servers.add_parser("torchserve", help="TorchServe on the tandem archives (needs Java 11+)")
+    torchserve.add_argument("--store", type=Path, default=Path("model_store"), help="model store (missing archives are built)")
+    torchserve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
+                            help="config.properties, key_file.json, logs (default %(default)s)")
+    torchserve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    for name, port in (("inference", 8080), ("management", 8081), ("metrics", 8082), ("grpc-inference", 7070),
+                       ("grpc-management", 7071)):
+        torchserve.add_argument(f"--{name}-port", type=int, default=port, help="0 picks a free port")
+    torchserve.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the generated tokens")
+    torchserve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for ready workers")
+    torchserve.set_defaults(func=cmd_serve_torchserve)
+
+    archive = commands.add_parser("archive", help="build the TorchServe archives (.mar) with torch-model-archiver")
+    archive.add_argument("--store", type=Path, default=Path("model_store"), help="where to write them (default %(default)s)")
+    archive.add_argument("--models", nargs="+", default=["text_embedding", "object_detection"],
+                         choices=("text_embedding", "object_detection"))
+    archive.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
+    archive.add_argument("--weights", type=Path, help="detector weights (default the shipped shapes detector)")
+    archive.add_argument("--format", choices=("mar", "dir"), default="mar", help="dir: an unzipped archive directory")
+    archive.set_defaults(func=cmd_archive)
 
     demo = commands.add_parser("demo", help="start Triton, embed sentences, detect shapes in a generated image, report")
     _add_server_options(demo, (0, 0, 0))
@@ -115,15 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = infer.add_subparsers(dest="kind", required=True)
     text = kinds.add_parser("text", help="embed texts")
     text.add_argument("text", nargs="+", help="one or more texts")
-    text.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    text.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
-    text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused")
+    _add_client_options(text)
+    text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused (Triton)")
     text.add_argument("--json", action="store_true", help="print full vectors as JSON lines")
     text.set_defaults(func=cmd_infer_text)
     image = kinds.add_parser("image", help="detect objects in an image file (JPEG, PNG, ...)")
     image.add_argument("file", type=Path)
-    image.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    image.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    _add_client_options(image)
     image.add_argument("--model", default="object_detection")
     image.add_argument("--out", type=Path, help="write the image with boxes drawn (PNG)")
     image.add_argument("--conf", type=float, help="confidence threshold for this request (server default 0.25)")

@@ -74,3 +74,37 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path):
     leftover = {n for n in set(os.listdir("/dev/shm")) - regions_before if n.startswith("triton_python_backend")}
     assert leftover == set()
     assert not subprocess.run(["pgrep", "-f", str(tmp_path / "ws")], capture_output=True).stdout
+
+
+def test_serve_torchserve_and_infer(tmp_path):
+    """`tandem serve torchserve` builds the missing archives, serves them; `tandem infer --server torchserve` answers."""
+    from tandem_serve.vision.shapes import encode_scene, generate_scene
+
+    rng = np.random.default_rng(3)
+    image = tmp_path / "scene.jpg"
+    image.write_bytes(encode_scene(generate_scene(rng), rng))
+    workspace = tmp_path / "ws"
+    process = subprocess.Popen(
+        [*TANDEM, "serve", "torchserve", "--store", str(tmp_path / "store"), "--workspace", str(workspace),
+         *[arg for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management")
+           for arg in (f"--{name}-port", "0")]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        match = _wait_for_line(process, r"TorchServe ready: inference (http://[0-9.:]+)\s", 400)
+        _wait_for_line(process, r"Press Ctrl-C", 10)
+        assert match.group(1).startswith("http://127.0.0.1:")
+        client = ["--server", "torchserve", "--url", match.group(1), "--key-file", str(workspace / "key_file.json")]
+        text = subprocess.run([*TANDEM, "infer", "text", "hello", *client], capture_output=True, text=True, timeout=120)
+        assert text.returncode == 0 and "dim 384, norm 1.0000" in text.stdout, text.stderr
+        found = subprocess.run([*TANDEM, "infer", "image", str(image), *client, "--out", str(tmp_path / "boxes.png")],
+                               capture_output=True, text=True, timeout=120)
+        assert found.returncode == 0 and re.search(r"[1-9]\d* detection\(s\)", found.stdout), found.stdout + found.stderr
+        assert (tmp_path / "boxes.png").stat().st_size > 0
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["object_detection.mar", "text_embedding.mar"]
+    assert not subprocess.run(["pgrep", "-f", str(workspace)], capture_output=True).stdout

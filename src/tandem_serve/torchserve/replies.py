@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from http import HTTPStatus
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ class Reply:
     body: bytes
     status: int = 200
     content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def with_header(self, name: str, value: str) -> "Reply":
+        return dataclasses.replace(self, headers=(*self.headers, (name, value)))
 
     @classmethod
     def json(cls, value: Any) -> "Reply":
@@ -59,6 +64,8 @@ def answer(context: Any, replies: Sequence[Reply]) -> list[bytes]:
     """Set each request's status and content type on the TorchServe Context; return the bodies."""
     for index, reply in enumerate(replies):
         context.set_response_content_type(index, reply.content_type)
+        for name, value in reply.headers:
+            context.set_response_header(index, name, value)
         if reply.status != 200:
             context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
     return [reply.body for reply in replies]

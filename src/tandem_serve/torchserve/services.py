@@ -33,6 +33,7 @@ from tandem_serve.torchserve.request_parsing import parse_image, parse_texts
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+BATCH_HEADER = "X-Tandem-Batch-Size"
 _Item = TypeVar("_Item")
 
 
@@ -132,7 +133,8 @@ class PipelineService(Generic[_Item]):
                 except Exception as exc:  # noqa: BLE001 - one request's encoding failed
                     logger.exception("encoding a reply failed")
                     replies[index] = Reply.error(f"internal error ({type(exc).__name__})", 500)
-        return replies  # type: ignore[return-value]
+        batch = str(len(requests))  # how many requests TorchServe's batcher handed over together
+        return [reply.with_header(BATCH_HEADER, batch) for reply in replies]  # type: ignore[union-attr]
 
     def close(self) -> None:
         self.pipeline.close()

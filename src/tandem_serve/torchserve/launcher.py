@@ -1,0 +1,229 @@
+"""Start a real TorchServe (the `torchserve` wheel's Java frontend) on a model store, safely configured.
+
+Every address (REST inference/management/metrics and gRPC) binds 127.0.0.1 unless told
+otherwise, token authorization stays on (clients read the generated key file), the model
+management API stays off (models load from the store at start only) and `allowed_urls` admits
+nothing but the store. Each run gets a workspace: config.properties, the key file, logs, and
+TorchServe's temporary files (its pid file, worker sockets, extracted archives).
+Use `EmbeddedTorchServe` as a context manager.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem_serve.processes import client_host, die_with_parent, free_port, kill_process_group, log_tail, process_group_members
+
+logger = logging.getLogger(__name__)
+KEY_FILE = "key_file.json"
+
+
+class TorchServeStartError(RuntimeError):
+    """TorchServe is missing a requirement or did not become ready; the message says which."""
+
+
+@dataclass
+class TorchServeOptions:
+    """How to start TorchServe."""
+
+    model_store: Path
+    models: list[str] = field(default_factory=lambda: ["all"])  # archive names in the store, or "all"
+    host: str = "127.0.0.1"
+    inference_port: int = 0  # 0: a free port
+    management_port: int = 0
+    metrics_port: int = 0
+    grpc_inference_port: int = 0
+    grpc_management_port: int = 0
+    workspace: Path | None = None  # kept after stop when given; else a temporary directory
+    startup_timeout_s: float = 300.0
+    stop_timeout_s: float = 30.0
+    token_expiration_min: int = 60  # TorchServe's default; the key file is rewritten on renewal
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+
+def check_requirements() -> str:
+    """The java executable to use; raise TorchServeStartError naming what is missing."""
+    missing = [name for name, module in (("torchserve", "ts"), ("pyyaml", "yaml"), ("torch-model-archiver", "model_archiver"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise TorchServeStartError(f"missing Python package(s) {missing}: pip install 'tandem-serve[torchserve]' "
+                                   "(TorchServe workers die without pyyaml)")
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise TorchServeStartError("Java not found: TorchServe's frontend needs a JDK 11+ "
+                                   "(e.g. apt install openjdk-17-jre-headless) on PATH or in JAVA_HOME")
+    version = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', version)
+    if match and int(match.group(1)) < 11:
+        raise TorchServeStartError(f"TorchServe needs Java 11+, found: {version.splitlines()[0]}")
+    return java
+
+
+class EmbeddedTorchServe:
+    """A running TorchServe; `with EmbeddedTorchServe(options) as server: server.inference_url ...`."""
+
+    def __init__(self, options: TorchServeOptions):
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self._own_workspace = options.workspace is None
+        self.workspace = Path(options.workspace or tempfile.mkdtemp(prefix="tandem-torchserve-")).resolve()
+        self.log_path = self.workspace / "torchserve.log"
+        self.host = options.host
+        reach = client_host(self.host)
+        self.ports = {name: getattr(options, f"{name}_port") or free_port(reach)
+                      for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.ports['management']}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workspace / KEY_FILE
+
+    def key(self, kind: str = "inference") -> str:
+        """The current token of `kind` (inference or management) from the generated key file."""
+        return read_key(self.key_file, kind)
+
+    def properties(self) -> dict[str, str]:
+        """config.properties as written for this run."""
+        store = Path(self.options.model_store).resolve()
+        return {
+            "inference_address": f"http://{self.host}:{self.ports['inference']}",
+            "management_address": f"http://{self.host}:{self.ports['management']}",
+            "metrics_address": f"http://{self.host}:{self.ports['metrics']}",
+            "grpc_inference_address": self.host,
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_address": self.host,
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "model_store": str(store),
+            "enable_model_api": "false",
+            "disable_token_authorization": "false",
+            "token_expiration_min": str(self.options.token_expiration_min),
+            "allowed_urls": "file://" + re.escape(str(store)) + "/.*",
+            "enable_envvars_config": "false",
+            "install_py_dep_per_model": "false",
+            "disable_system_metrics": "true",
+            "initial_worker_port": str(20000 + os.getpid() % 20000),  # worker sockets differ between runs
+            **self.options.extra_properties,
+        }
+
+    def command(self) -> list[str]:
+        config = self.workspace / "config.properties"
+        return [sys.executable, "-c", "import sys; from ts.model_server import start; sys.exit(start())",
+                "--start", "--foreground", "--ncs", "--ts-config", str(config),
+                "--model-store", str(Path(self.options.model_store).resolve()), "--models", *self.options.models]
+
+    def start(self) -> "EmbeddedTorchServe":
+        """Start TorchServe and wait until every model has a ready worker; raise TorchServeStartError with the log."""
+        java = check_requirements()
+        if not Path(self.options.model_store).is_dir():
+            raise TorchServeStartError(f"model store {self.options.model_store} does not exist (build it with `tandem archive`)")
+        temp = self.workspace / "tmp"
+        temp.mkdir(parents=True, exist_ok=True)
+        (self.workspace / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        env = dict(os.environ, TEMP=str(temp), TMPDIR=str(temp), LOG_LOCATION=str(self.workspace / "logs"),
+                   METRICS_LOCATION=str(self.workspace / "logs"), JAVA_HOME=str(Path(java).resolve().parents[1]))
+        env.pop("TS_CONFIG_FILE", None)
+        logger.info("starting TorchServe (log: %s)", self.log_path)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=self.workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("TorchServe ready: inference %s, management %s; tokens in %s",
+                    self.inference_url, self.management_url, self.key_file)
+        return self
+
+    def _get(self, url: str, kind: str) -> object:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.key(kind)}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def _ready_models(self) -> bool:
+        models = self._get(f"{self.management_url}/models", "management")["models"]  # type: ignore[index]
+        if not models:
+            return False
+        for model in models:
+            described = self._get(f"{self.management_url}/models/{model['modelName']}", "management")
+            workers = described[0].get("workers", [])  # type: ignore[index]
+            if not workers or any(w.get("status") != "READY" for w in workers):
+                return False
+        return True
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise TorchServeStartError(f"TorchServe exited with code {code} during start-up\n{self.log_tail()}")
+            try:
+                if self.key_file.is_file() and self._ready_models():
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError):
+                pass
+            time.sleep(0.5)
+        raise TorchServeStartError(f"TorchServe not ready after {self.options.startup_timeout_s:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The frontend's log and the model workers' log, last lines of each."""
+        return "\n".join(log_tail(p, lines) for p in (self.log_path, self.workspace / "logs" / "model_log.log"))
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group (Java stops its workers), SIGKILL after stop_timeout_s; drop a temporary workspace."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + self.options.stop_timeout_s
+        while process_group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kill_process_group(process.pid, "torchserve")
+        process.wait()
+        if self._own_workspace:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedTorchServe":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def read_key(key_file: Path, kind: str = "inference") -> str:
+    """A token from TorchServe's key_file.json; a clear error when the file is missing or malformed."""
+    try:
+        return json.loads(Path(key_file).read_text())[kind]["key"]
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read TorchServe's key file {key_file}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{key_file} holds no {kind} key") from None
