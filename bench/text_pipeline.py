@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import queue
 import statistics
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from _common import machine
 from tandem_serve.client import text_input
 from tandem_serve.triton.launcher import EmbeddedTriton
 
@@ -72,16 +72,6 @@ def run_scenario(url: str, model: str, batch: int, concurrency: int, requests: i
         "texts_per_s": requests * batch / elapsed, "p50_ms": statistics.median(latencies),
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     }
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
 def main() -> int:

@@ -6,6 +6,7 @@
 #   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
 #   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/numpy1"]
 #   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/wheels2"]
+# (TANDEM_TEXT_BENCH=0 skips the Triton placement bench.)
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -32,7 +33,10 @@ test)
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
     python3 -m pytest tests/unit tests/integration tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
-    python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
+    python3 bench/torchserve_pipeline.py --out "$out/bench_torchserve_pipeline.json" 2>&1 | tee "$out/bench_torchserve.log"
+    if [ "${TANDEM_TEXT_BENCH:-1}" = 1 ]; then
+        python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
+    fi
     ;;
 *)
     echo "unknown stage $stage" >&2; exit 2 ;;

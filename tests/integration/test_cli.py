@@ -79,7 +79,9 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path):
 def test_serve_torchserve_and_infer(tmp_path):
     """`tandem serve torchserve` builds the missing archives, serves them; `tandem infer --server torchserve` answers."""
     from tandem_serve.vision.shapes import encode_scene, generate_scene
+    from tests.conftest import require_torchserve
 
+    require_torchserve()
     rng = np.random.default_rng(3)
     image = tmp_path / "scene.jpg"
     image.write_bytes(encode_scene(generate_scene(rng), rng))

@@ -1,0 +1,143 @@
+"""Pipelined vs sequential TorchServe handlers, in-process (no Java needed): same batch, same device.
+
+Runs the handlers' service (`tandem_serve.torchserve.services`, what the handler's `handle`
+calls) on one batch as TorchServe's batcher would hand it over, for three schedules:
+  pipelined   micro-batches; CPU work on a thread pool overlaps the device (the shipped default)
+  sequential  the same micro-batches one after the other on one thread, pageable copies
+  whole-batch one batch: pre -> infer -> post in sequence (what a plain BaseHandler does)
+Workloads: text embedding (all-MiniLM-L6-v2, one text per request, stated length mix) and
+object detection (the shipped YOLOv5n, and a YOLOv5s with random weights for a heavier GPU
+stage) on JPEGs of mixed original sizes. Prints a table and the ratios; writes JSON.
+
+    python bench/torchserve_pipeline.py --out results.json [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from _common import machine
+from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.torchserve.services import ObjectDetectionService, PipelineService, TextEmbeddingService
+from tandem_serve.vision.shapes import generate_scene
+
+logger = logging.getLogger("bench.torchserve_pipeline")
+LENGTH_MIX = {4: 0.3, 16: 0.4, 48: 0.2, 160: 0.1}  # words per text: weight
+IMAGE_SIZES = ((640, 480), (1280, 720), (1920, 1080), (800, 600))
+SCHEDULES = {"pipelined": True, "sequential": False, "whole-batch": False}
+
+
+def texts(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = "the model serves tokens on a fast accelerator while the host prepares the next batch".split()
+    lengths = rng.choice(list(LENGTH_MIX), size=count, p=list(LENGTH_MIX.values()))
+    return [{"body": {"text": " ".join(rng.choice(words, size=int(n)))}} for n in lengths]
+
+
+def images(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    requests = []
+    for i in range(count):
+        scene = generate_scene(rng).image.resize(IMAGE_SIZES[i % len(IMAGE_SIZES)], Image.BILINEAR)
+        buffer = io.BytesIO()
+        scene.save(buffer, format="JPEG", quality=90)
+        requests.append({"body": buffer.getvalue()})
+    return requests
+
+
+def time_batches(service: PipelineService, batch: list[dict], repeats: int) -> float:
+    """Median seconds per batch after two warm-up batches; every reply must be a 200."""
+    for _ in range(2):
+        service.handle(batch)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        replies = service.handle(batch)
+        seconds.append(time.perf_counter() - start)
+        if any(r.status != 200 for r in replies):
+            raise RuntimeError(f"a request failed: {next(r.body for r in replies if r.status != 200)[:200]!r}")
+    return statistics.median(seconds)
+
+
+def run_workload(name: str, make_service, batch: list[dict], micro_batch: int, cpu_threads: int, repeats: int) -> list[dict]:
+    rows = []
+    for schedule, pipelined in SCHEDULES.items():
+        pipeline = {"micro_batch_size": len(batch) if schedule == "whole-batch" else micro_batch,
+                    "cpu_threads": cpu_threads, "pipelined": pipelined}
+        service = make_service(pipeline)
+        try:
+            logger.info("%s: %s (micro-batch %d, %d CPU threads) on %s ...", name, schedule,
+                        pipeline["micro_batch_size"], cpu_threads, service.device)
+            seconds = time_batches(service, batch, repeats)
+        finally:
+            service.close()
+        rows.append({"workload": name, "schedule": schedule, "device": str(service.device), "batch": len(batch),
+                     "micro_batch": pipeline["micro_batch_size"], "cpu_threads": cpu_threads,
+                     "batch_ms": seconds * 1e3, "items_per_s": len(batch) / seconds})
+    return rows
+
+
+def random_yolov5s(directory: Path) -> Path:
+    """A YOLOv5s with random weights (speed only), saved like the shipped detector."""
+    from safetensors.torch import save_file
+
+    from tandem_serve.vision.yolo import YoloSpec, YoloV5
+
+    torch.manual_seed(0)
+    model = YoloV5(YoloSpec.of_size("s", 80))
+    path = directory / "yolov5s-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"size": "s", "num_classes": "80"})
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_torchserve_pipeline.json"))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--text-batch", type=int, default=64)
+    parser.add_argument("--image-batch", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    gpu_id = 0 if torch.cuda.is_available() else None
+    model_root = SentenceModelFiles.load().root
+    rows = []
+    text_batch = texts(args.text_batch)
+    rows += run_workload("text MiniLM-L6", lambda p: TextEmbeddingService(
+        model_root, {"handler": {"model_dir": str(model_root), "encoder": {"precision": "fp16"}, "pipeline": p}}, gpu_id),
+        text_batch, micro_batch=16, cpu_threads=2, repeats=args.repeats)
+    image_batch = images(args.image_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, weights in (("detect YOLOv5n", ""), ("detect YOLOv5s", str(random_yolov5s(Path(tmp))))):
+            detector = {"precision": "fp16", **({"weights": weights} if weights else {})}
+            rows += run_workload(label, lambda p, d=detector: ObjectDetectionService(
+                Path(tmp), {"handler": {"detector": d, "pipeline": p}}, gpu_id),
+                image_batch, micro_batch=4, cpu_threads=8, repeats=max(3, args.repeats // 2))
+    header = f"{'workload':<16}{'schedule':<13}{'device':<8}{'batch':>6}{'micro':>6}{'threads':>8}{'batch ms':>10}{'items/s':>10}"
+    lines = [header] + [f"{r['workload']:<16}{r['schedule']:<13}{r['device']:<8}{r['batch']:>6}{r['micro_batch']:>6}"
+                        f"{r['cpu_threads']:>8}{r['batch_ms']:>10.1f}{r['items_per_s']:>10.1f}" for r in rows]
+    ratios = {}
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        by = {r["schedule"]: r["items_per_s"] for r in rows if r["workload"] == workload}
+        ratios[f"{workload}: pipelined / sequential"] = by["pipelined"] / by["sequential"]
+        ratios[f"{workload}: pipelined / whole-batch"] = by["pipelined"] / by["whole-batch"]
+    lines += [f"{k}: {v:.2f}x" for k, v in ratios.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    args.out.write_text(json.dumps({"machine": machine(), "length_mix_words": LENGTH_MIX, "image_sizes": IMAGE_SIZES,
+                                    "rows": rows, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""GPU tier for the TorchServe handlers' services (in-process: the GPU machine has no Java).
+
+The pipelined schedule on the GPU (pinned coalesced copies, copy/compute streams, events) must
+give the same answers as the reference and as the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings
+from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
+from tandem_serve.transfer import copy_to_host, stage_to_device
+from tandem_serve.vision.shapes import encode_scene, generate_scene
+from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_staging_round_trip_keeps_dtypes_shapes_and_bytes():
+    device = torch.device("cuda:0")
+    tensors = [torch.arange(37, dtype=torch.int64).reshape(37, 1), torch.rand(3, 5, 7).half(),
+               torch.zeros(0, 4), torch.tensor([True, False, True]), torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)]
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        on_device = stage_to_device(tensors, device)
+        back = copy_to_host(on_device)
+    stream.synchronize()
+    for original, device_view, host in zip(tensors, on_device, back):
+        assert device_view.is_cuda and device_view.dtype == original.dtype and device_view.shape == original.shape
+        assert host.is_pinned() or host.numel() == 0
+        assert torch.equal(host, original)
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_text_service_on_gpu_matches_reference(model_files, reference, results, pipelined, fused):
+    config = {"handler": {"model_dir": str(model_files.root), "encoder": {"precision": "fp16", "fuse_token_embedding": fused},
+                          "pipeline": {"micro_batch_size": 4, "pipelined": pipelined}}}
+    service = TextEmbeddingService(model_files.root, config, gpu_id=0)
+    try:
+        assert service.device.type == "cuda"
+        groups = [EDGE_TEXTS[:3], EDGE_TEXTS[3:], mixed_texts(9, seed=8), ["short"]]
+        replies = service.handle([{"body": {"text": g}} for g in groups] + [{"body": {"text": 5}}])
+    finally:
+        service.close()
+    assert [r.status for r in replies] == [200] * len(groups) + [400]
+    worst = min(assert_cosines(np.asarray(json.loads(r.body)["embeddings"], np.float32), reference(g), bound=0.9995)
+                for r, g in zip(replies, groups))
+    results[f"torchserve_text_fp16_{'pipelined' if pipelined else 'sequential'}_{'fused' if fused else 'cpu_embedding'}_min_cosine"] = worst
+
+
+def test_detection_service_on_gpu_matches_cpu(tmp_path, results):
+    rng = np.random.default_rng(2024)
+    requests = [{"body": encode_scene(generate_scene(rng), rng)} for _ in range(10)]
+    requests.insert(3, {"body": b"not an image"})
+    answers = {}
+    for device in ("cpu", "auto"):
+        config = {"handler": {"device": device, "detector": {"precision": "fp32"}, "pipeline": {"micro_batch_size": 3}}}
+        service = ObjectDetectionService(tmp_path, config, gpu_id=0)
+        try:
+            answers[service.device.type] = service.handle(requests)
+        finally:
+            service.close()
+    boxes = 0
+    for cpu, gpu in zip(answers["cpu"], answers["cuda"]):
+        assert cpu.status == gpu.status
+        if cpu.status == 200:
+            a, b = json.loads(cpu.body), json.loads(gpu.body)
+            assert a["classes"] == b["classes"]
+            np.testing.assert_allclose(np.array(a["boxes"]).reshape(-1, 4), np.array(b["boxes"]).reshape(-1, 4), atol=0.05)
+            boxes += len(a["boxes"])
+    assert boxes > 0 and answers["cuda"][3].status == 400
+    results["torchserve_detection_gpu_vs_cpu_boxes_compared"] = boxes
+
+
+def test_pipeline_outputs_leave_the_gpu_once_per_micro_batch():
+    """The device stage's outputs reach `finish` as pinned host tensors (one D2H per micro-batch)."""
+    from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
+
+    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), DetectorConfig(), NmsConfig()), torch.device("cuda:0"))
+    seen = []
+    original = stages.finish
+
+    def finish(outputs, prepared):
+        seen.append([(t.device.type, t.is_pinned()) for t in outputs])
+        return original(outputs, prepared)
+
+    stages.finish = finish
+    rng = np.random.default_rng(1)
+    with MicroBatchPipeline(stages, "cuda:0", PipelineSettings(micro_batch_size=2)) as pipe:
+        pipe.run([stages.request(encode_scene(generate_scene(rng), rng)) for _ in range(5)])
+    assert seen == [[("cpu", True)]] * 3
