@@ -37,7 +37,11 @@ def reference(model_files):
 @pytest.fixture(scope="session")
 def triton(request, tmp_path_factory):
     """One real embedded Triton for the session; its log tail is printed when a test failed."""
-    server = EmbeddedTriton(TritonOptions(workspace=tmp_path_factory.mktemp("triton"), startup_timeout_s=300))
+    yield from _serve(request, EmbeddedTriton(TritonOptions(workspace=tmp_path_factory.mktemp("triton"), startup_timeout_s=300)))
+
+
+def _serve(request, server):
+    """Start `server` for the session; print its log tail at the end if a test failed meanwhile."""
     server.start()
     failed_before = request.session.testsfailed
     yield server
@@ -69,10 +73,5 @@ def torchserve(request, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     for name in ARCHIVES:
         build_archive(name, store, overrides=TORCHSERVE_TEST_CONFIG)
-    server = EmbeddedTorchServe(TorchServeOptions(model_store=store, workspace=tmp_path_factory.mktemp("torchserve")))
-    server.start()
-    failed_before = request.session.testsfailed
-    yield server
-    if request.session.testsfailed > failed_before:
-        sys.stderr.write("\n" + server.log_tail(200) + "\n")
-    server.stop()
+    yield from _serve(request, EmbeddedTorchServe(TorchServeOptions(model_store=store,
+                                                                     workspace=tmp_path_factory.mktemp("torchserve"))))

@@ -9,8 +9,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem_serve.client import TextEmbeddingClient
+
+if TYPE_CHECKING:
+    from tandem_serve.triton.launcher import TritonOptions
 
 logger = logging.getLogger("tandem_serve.cli")
 

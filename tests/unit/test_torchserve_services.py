@@ -137,3 +137,11 @@ def test_detection_weights_resolved_inside_the_archive(tmp_path):
         ObjectDetectionService(tmp_path, {"handler": {"detector": {"weights": "nope.safetensors"}}})
     with pytest.raises(ConfigError, match="device"):
         ObjectDetectionService(tmp_path, {"handler": {"device": "tpu"}})
+
+
+def test_missing_java_is_named(monkeypatch, tmp_path):
+    from tandem_serve.torchserve.launcher import TorchServeStartError, check_requirements
+
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    with pytest.raises(TorchServeStartError, match="Java not found"):
+        check_requirements()

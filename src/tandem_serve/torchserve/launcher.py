@@ -19,14 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem_serve.processes import client_host, die_with_parent, free_port, kill_process_group, log_tail, process_group_members
+from tandem_serve.processes import client_host, free_port, kill_process_group, log_tail, process_group_members
+from tandem_serve.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
 KEY_FILE = "key_file.json"
@@ -74,14 +74,15 @@ def check_requirements() -> str:
     return java
 
 
-class EmbeddedTorchServe:
+class EmbeddedTorchServe(ServerProcess):
     """A running TorchServe; `with EmbeddedTorchServe(options) as server: server.inference_url ...`."""
+
+    name = "TorchServe"
+    start_error = TorchServeStartError
 
     def __init__(self, options: TorchServeOptions):
         self.options = options
-        self.process: subprocess.Popen[bytes] | None = None
-        self._own_workspace = options.workspace is None
-        self.workspace = Path(options.workspace or tempfile.mkdtemp(prefix="tandem-torchserve-")).resolve()
+        super().__init__(options.workspace, "tandem-torchserve-")
         self.log_path = self.workspace / "torchserve.log"
         self.host = options.host
         reach = client_host(self.host)
@@ -144,10 +145,7 @@ class EmbeddedTorchServe:
         env = dict(os.environ, TEMP=str(temp), TMPDIR=str(temp), LOG_LOCATION=str(self.workspace / "logs"),
                    METRICS_LOCATION=str(self.workspace / "logs"), JAVA_HOME=str(Path(java).resolve().parents[1]))
         env.pop("TS_CONFIG_FILE", None)
-        logger.info("starting TorchServe (log: %s)", self.log_path)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=self.workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        self._spawn(self.command(), env, self.log_path, cwd=self.workspace)
         try:
             self._wait_ready()
         except BaseException:
@@ -174,26 +172,12 @@ class EmbeddedTorchServe:
         return True
 
     def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.options.startup_timeout_s
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise TorchServeStartError(f"TorchServe exited with code {code} during start-up\n{self.log_tail()}")
-            try:
-                if self.key_file.is_file() and self._ready_models():
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError):
-                pass
-            time.sleep(0.5)
-        raise TorchServeStartError(f"TorchServe not ready after {self.options.startup_timeout_s:.0f} s\n{self.log_tail()}")
+        self._wait_until(lambda: self.key_file.is_file() and self._ready_models(), self.options.startup_timeout_s,
+                         (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError))
 
     def log_tail(self, lines: int = 60) -> str:
         """The frontend's log and the model workers' log, last lines of each."""
         return "\n".join(log_tail(p, lines) for p in (self.log_path, self.workspace / "logs" / "model_log.log"))
-
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         """SIGTERM to the whole group (Java stops its workers), SIGKILL after stop_timeout_s; drop a temporary workspace."""
@@ -209,14 +193,7 @@ class EmbeddedTorchServe:
             time.sleep(0.1)
         kill_process_group(process.pid, "torchserve")
         process.wait()
-        if self._own_workspace:
-            shutil.rmtree(self.workspace, ignore_errors=True)
-
-    def __enter__(self) -> "EmbeddedTorchServe":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self._drop_workspace()
 
 
 def read_key(key_file: Path, kind: str = "inference") -> str:

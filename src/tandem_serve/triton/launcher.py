@@ -14,11 +14,8 @@ import logging
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -27,7 +24,6 @@ from pathlib import Path
 from tandem_serve.paths import default_repositories
 from tandem_serve.processes import (
     client_host,
-    die_with_parent,
     free_port,
     is_loopback,
     kill_process_group,
@@ -35,6 +31,7 @@ from tandem_serve.processes import (
     process_group_members,
     stop_process,
 )
+from tandem_serve.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +137,16 @@ def reap_process_group(pgid: int) -> None:
         Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
 
 
-class EmbeddedTriton:
+class EmbeddedTriton(ServerProcess):
     """A running tritonserver; `with EmbeddedTriton(options) as server: server.grpc_url ...`."""
+
+    name = "tritonserver"
+    start_error = TritonStartError
 
     def __init__(self, options: TritonOptions | None = None):
         self.options = options or TritonOptions()
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(self.options.workspace, "tandem-triton-")
         self.admin_key = secrets.token_urlsafe(24)
-        self._own_workspace = self.options.workspace is None
-        self.workspace = Path(self.options.workspace or tempfile.mkdtemp(prefix="tandem-triton-"))
         self.log_path = self.workspace / "server.log"
         self.host = self.options.host
         self.http_port = self.options.http_port or free_port(self._client_host)
@@ -214,13 +212,7 @@ class EmbeddedTriton:
         dist = TritonDistribution.find()
         self._prepare_workspace(dist)
         command = self.command(dist)
-        logger.info("starting tritonserver (log: %s)", self.log_path)
-        logger.debug("command: %s", " ".join(command))
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=stub_environment(dist, self.options.stub_python_path), start_new_session=True, preexec_fn=die_with_parent,
-            )
+        self._spawn(command, stub_environment(dist, self.options.stub_python_path), self.log_path)
         try:
             self._wait_ready()
         except BaseException:
@@ -231,28 +223,17 @@ class EmbeddedTriton:
         return self
 
     def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.options.startup_timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise TritonStartError(f"tritonserver exited with code {code} during start-up\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        raise TritonStartError(f"tritonserver not ready after {self.options.startup_timeout_s:.0f} s\n{self.log_tail()}")
+
+        def ready() -> bool:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+
+        self._wait_until(ready, self.options.startup_timeout_s, (urllib.error.URLError, ConnectionError, TimeoutError))
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
         return log_tail(self.log_path, lines)
-
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         """SIGINT, then SIGKILL after stop_timeout_s; reap leftover stubs; drop a temporary workspace."""
@@ -263,11 +244,4 @@ class EmbeddedTriton:
         reap_process_group(process.pid)  # start_new_session: the group id is the server's pid
         if process.returncode != 0 and self._own_workspace:
             logger.warning("tritonserver exited with %s; log kept at %s", process.returncode, self.log_path)
-        elif self._own_workspace:
-            shutil.rmtree(self.workspace, ignore_errors=True)
-
-    def __enter__(self) -> "EmbeddedTriton":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self._drop_workspace(keep=process.returncode != 0)
