@@ -9,11 +9,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from tandem_serve.client import TextEmbeddingClient
 
 if TYPE_CHECKING:
+    from tandem_serve.server_process import ServerProcess
     from tandem_serve.triton.launcher import TritonOptions
 
 logger = logging.getLogger("tandem_serve.cli")
@@ -49,19 +50,24 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
     """Run the embedded Triton until Ctrl-C / SIGTERM."""
     from tandem_serve.triton.launcher import EmbeddedTriton
 
+    return _serve_until_signal(EmbeddedTriton(_triton_options(args)), lambda server: [
+        f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics port {server.metrics_port}",
+        f"Server log: {server.log_path}; admin key for restricted APIs: {server.workspace / 'admin-key'}"])
+
+
+def _serve_until_signal(server: "ServerProcess", banner: Callable[[Any], list[str]]) -> int:
+    """Start `server`, print `banner(server)`, run until Ctrl-C / SIGTERM or until the server dies."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    server = EmbeddedTriton(_triton_options(args))
     with server:
-        print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics port {server.metrics_port}")
-        print(f"Server log: {server.log_path}; admin key for restricted APIs: {server.workspace / 'admin-key'}")
+        print("\n".join(banner(server)))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(1.0):
             if not server.is_alive():
-                logger.error("tritonserver exited unexpectedly\n%s", server.log_tail())
+                logger.error("%s exited unexpectedly\n%s", server.name, server.log_tail())
                 return 1
-        logger.info("stopping tritonserver")
+        logger.info("stopping %s", server.name)
     return 0
 
 
@@ -91,19 +97,9 @@ def cmd_serve_torchserve(args: argparse.Namespace) -> int:
         grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
         token_expiration_min=args.token_expiration_min,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with EmbeddedTorchServe(options) as server:
-        print(f"TorchServe ready: inference {server.inference_url}  management {server.management_url}")
-        print(f"Tokens (Authorization: Bearer <inference key>): {server.key_file}; logs: {server.workspace / 'logs'}")
-        print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(1.0):
-            if not server.is_alive():
-                logger.error("TorchServe exited unexpectedly\n%s", server.log_tail())
-                return 1
-        logger.info("stopping TorchServe")
-    return 0
+    return _serve_until_signal(EmbeddedTorchServe(options), lambda server: [
+        f"TorchServe ready: inference {server.inference_url}  management {server.management_url}",
+        f"Tokens (Authorization: Bearer <inference key>): {server.key_file}; logs: {server.workspace / 'logs'}"])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
