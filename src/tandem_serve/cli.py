@@ -109,13 +109,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_shm(args: argparse.Namespace) -> None:
+    if args.server == "torchserve" and args.shm != "none":
+        raise ValueError("--shm applies to Triton only; TorchServe's REST API has no shared-memory protocol")
+
+
 def cmd_infer_text(args: argparse.Namespace) -> int:
+    _check_shm(args)
     if args.server == "torchserve":
         from tandem_serve.torchserve.client import TorchServeClient
 
         embeddings = TorchServeClient(args.url, args.key_file).embed(args.text, model=args.model)
     else:
-        with TextEmbeddingClient(args.url, args.protocol, args.model) as client:
+        with TextEmbeddingClient(args.url, args.protocol, args.model, shm=args.shm) as client:
             embeddings = client.embed(args.text)
     for text, vector in zip(args.text, embeddings):
         if args.json:
@@ -129,6 +135,7 @@ def cmd_infer_text(args: argparse.Namespace) -> int:
 def cmd_infer_image(args: argparse.Namespace) -> int:
     from tandem_serve.vision.draw import class_name, draw_detections
 
+    _check_shm(args)
     data = args.file.read_bytes()
     if args.server == "torchserve":
         from tandem_serve.torchserve.client import TorchServeClient
@@ -137,7 +144,7 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
     else:
         from tandem_serve.client import ObjectDetectionClient
 
-        with ObjectDetectionClient(args.url, args.protocol, args.model) as client:
+        with ObjectDetectionClient(args.url, args.protocol, args.model, shm=args.shm) as client:
             found = client.detect(data, args.conf, args.iou, args.max_det)
     print(f"{args.file}: {len(found.boxes)} detection(s)")
     for box, score, cls in zip(found.boxes, found.scores, found.classes):
@@ -156,6 +163,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
                                       "TorchServe: http://127.0.0.1:8080)")
     parser.add_argument("--key-file", type=Path, default=DEFAULT_WORKSPACE / "key_file.json",
                         help="TorchServe's key_file.json (default: the `tandem serve torchserve` workspace's)")
+    parser.add_argument("--shm", choices=("none", "system", "cuda"), default="none",
+                        help="Triton: pass inputs and outputs through system or CUDA shared memory (same host)")
 
 
 def build_parser() -> argparse.ArgumentParser:

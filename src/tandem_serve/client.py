@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    from tandem_serve.shm import ShmPool
     from tandem_serve.vision.nms import Detections
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -34,19 +35,38 @@ def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60
 
 def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") -> Any:
     """An InferInput of shape [n, 1] holding UTF-8 bytes."""
-    data = np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
+    data = _text_array(texts)
     infer_input = _module(protocol).InferInput(name, list(data.shape), "BYTES")
     infer_input.set_data_from_numpy(data)
     return infer_input
 
 
 class _PipelineClient:
-    """Owns a tritonclient client; closes it on exit."""
+    """Owns a tritonclient client and, with `shm` "system" or "cuda", a shared-memory pool; closes both.
 
-    client: Any
+    Use one instance per thread: tritonclient's HTTP client is not thread-safe.
+    """
+
+    def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, shm: str = "none",
+                 shm_slots: int = 4, shm_bytes: int = 1 << 20):
+        from tandem_serve.shm import KINDS, ShmPool
+
+        if shm not in KINDS:
+            raise ValueError(f"shm must be one of {KINDS}, got {shm!r}")
+        self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        self.client = triton_client(url, protocol, timeout_s)
+        try:
+            self.pool = None if shm == "none" else ShmPool(self.client, shm, shm_slots, shm_bytes, shm_bytes)
+        except BaseException:
+            self.client.close()
+            raise
 
     def close(self) -> None:
-        self.client.close()
+        try:
+            if self.pool is not None:
+                self.pool.close()
+        finally:
+            self.client.close()
 
     def __enter__(self):
         return self
@@ -54,18 +74,62 @@ class _PipelineClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _output_meta(self, result: Any, name: str) -> tuple[str, list[int]]:
+        output = result.get_output(name)
+        if output is None:
+            raise RuntimeError(f"the server returned no output {name!r}")
+        if self.protocol == "grpc":
+            return output.datatype, list(output.shape)
+        return output["datatype"], list(output["shape"])
+
+    def _infer(self, inputs: Sequence[tuple[str, np.ndarray]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request: inputs over the wire or through the pool's slot; outputs likewise."""
+        from tandem_serve.shm import ShmPool, numpy_datatype
+
+        module = _module(self.protocol)
+        tensors = [module.InferInput(name, list(array.shape), numpy_datatype(array)) for name, array in inputs]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        if self.pool is None:
+            for tensor, (_, array) in zip(tensors, inputs):
+                tensor.set_data_from_numpy(array)
+            result = self.client.infer(self.model, tensors, outputs=[module.InferRequestedOutput(n) for n in outputs], **kwargs)
+            return {name: result.as_numpy(name) for name in outputs}
+        needed = ShmPool.input_size([array for _, array in inputs])
+        if needed <= self.pool.input_bytes:
+            return self._infer_in(self.pool, tensors, inputs, outputs, kwargs)
+        # Larger than a slot: a one-off region pair for this request, removed right after.
+        with ShmPool(self.client, self.pool.kind, 1, needed, self.pool.output_bytes, self.pool.device_id) as once:
+            return self._infer_in(once, tensors, inputs, outputs, kwargs)
+
+    def _infer_in(self, pool: "ShmPool", tensors: list, inputs: Sequence[tuple[str, np.ndarray]], outputs: Sequence[str],
+                  kwargs: dict) -> dict[str, np.ndarray]:
+        module = _module(self.protocol)
+        with pool.slot() as slot:
+            for tensor, placed in zip(tensors, pool.write_inputs(slot, [array for _, array in inputs])):
+                tensor.set_shared_memory(pool.input_name, placed.byte_size, placed.offset)
+            areas = pool.output_areas(slot, len(outputs))
+            requested = []
+            for name, area in zip(outputs, areas):
+                output = module.InferRequestedOutput(name)
+                output.set_shared_memory(pool.output_name, area.byte_size, area.offset)
+                requested.append(output)
+            result = self.client.infer(self.model, tensors, outputs=requested, **kwargs)
+            return {name: pool.read_output(area, *self._output_meta(result, name)) for name, area in zip(outputs, areas)}
+
+
+def _text_array(texts: Sequence[str | bytes]) -> np.ndarray:
+    return np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
+
 
 class TextEmbeddingClient(_PipelineClient):
     """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches.
 
-    Use one instance per thread: tritonclient's HTTP client is not thread-safe.
+    `shm="system"` or `"cuda"` sends texts and receives embeddings through shared memory.
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0):
-        self.protocol = protocol
-        self.model = model
-        self.timeout_s = timeout_s
-        self.client = triton_client(url, protocol, timeout_s)
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0,
+                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 1 << 20):
+        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes)
         self.max_batch_size = self._max_batch_size()
 
     def _max_batch_size(self) -> int:
@@ -79,37 +143,29 @@ class TextEmbeddingClient(_PipelineClient):
         chunks = []
         for start in range(0, len(texts), self.max_batch_size):
             chunk = texts[start : start + self.max_batch_size]
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-            result = self.client.infer(self.model, [text_input(chunk, self.protocol)], **kwargs)
-            chunks.append(result.as_numpy("embedding"))
+            chunks.append(self._infer([("text", _text_array(chunk))], ["embedding"])["embedding"])
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
 class ObjectDetectionClient(_PipelineClient):
     """Detects objects in encoded images through the `object_detection` ensemble.
 
-    Use one instance per thread: tritonclient's HTTP client is not thread-safe.
+    `shm="system"` or `"cuda"` sends the image and receives the boxes through shared memory.
     """
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "object_detection", timeout_s: float = 60.0):
-        self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
-        self.client = triton_client(url, protocol, timeout_s)
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "object_detection", timeout_s: float = 60.0,
+                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 4 << 20):
+        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes)
 
     def detect(self, data: bytes, conf_threshold: float | None = None, iou_threshold: float | None = None,
                max_det: int | None = None) -> "Detections":
         """Boxes (original pixels), scores and classes for one encoded image."""
         from tandem_serve.vision.nms import Detections
 
-        module = _module(self.protocol)
-        image = np.frombuffer(data, np.uint8)[None]
-        inputs = [module.InferInput("image", list(image.shape), "UINT8")]
-        inputs[0].set_data_from_numpy(image)
+        inputs = [("image", np.frombuffer(data, np.uint8)[None])]
         for name, value, dtype in (("conf_threshold", conf_threshold, np.float32),
                                    ("iou_threshold", iou_threshold, np.float32), ("max_det", max_det, np.int32)):
             if value is not None:
-                tensor = module.InferInput(name, [1, 1], "FP32" if dtype == np.float32 else "INT32")
-                tensor.set_data_from_numpy(np.array([[value]], dtype))
-                inputs.append(tensor)
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self.client.infer(self.model, inputs, **kwargs)
-        return Detections(result.as_numpy("boxes")[0], result.as_numpy("scores")[0], result.as_numpy("classes")[0])
+                inputs.append((name, np.array([[value]], dtype)))
+        out = self._infer(inputs, ["boxes", "scores", "classes"])
+        return Detections(out["boxes"][0], out["scores"][0], out["classes"][0])

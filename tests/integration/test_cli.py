@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.helpers import assert_cosines
 
@@ -34,9 +35,10 @@ def _wait_for_line(process: subprocess.Popen, pattern: str, timeout_s: float) ->
     raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)}")
 
 
-def test_infer_text_json_matches_reference(triton, reference):
+@pytest.mark.parametrize("shm", ["none", "system"])
+def test_infer_text_json_matches_reference(triton, reference, shm):
     texts = ["Command lines are user interfaces too.", "日本語のテキスト"]
-    result = subprocess.run([*TANDEM, "infer", "text", *texts, "--url", triton.grpc_url, "--json"],
+    result = subprocess.run([*TANDEM, "infer", "text", *texts, "--url", triton.grpc_url, "--json", "--shm", shm],
                             capture_output=True, text=True, timeout=120, check=True)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
