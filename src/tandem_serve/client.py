@@ -41,7 +41,7 @@ def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") 
     return infer_input
 
 
-class _PipelineClient:
+class TensorClient:
     """Owns a tritonclient client and, with `shm` "system" or "cuda", a shared-memory pool; closes both.
 
     Use one instance per thread: tritonclient's HTTP client is not thread-safe.
@@ -82,8 +82,9 @@ class _PipelineClient:
             return output.datatype, list(output.shape)
         return output["datatype"], list(output["shape"])
 
-    def _infer(self, inputs: Sequence[tuple[str, np.ndarray]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """One request: inputs over the wire or through the pool's slot; outputs likewise."""
+    def infer_tensors(self, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request to this client's model: (name, numpy array or torch tensor) inputs over the wire or through
+        the pool's slot (a CUDA tensor into a CUDA pool is copied device to device); outputs as numpy arrays."""
         from tandem_serve.shm import ShmPool, numpy_datatype
 
         module = _module(self.protocol)
@@ -91,7 +92,7 @@ class _PipelineClient:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if self.pool is None:
             for tensor, (_, array) in zip(tensors, inputs):
-                tensor.set_data_from_numpy(array)
+                tensor.set_data_from_numpy(array if isinstance(array, np.ndarray) else array.detach().cpu().numpy())
             result = self.client.infer(self.model, tensors, outputs=[module.InferRequestedOutput(n) for n in outputs], **kwargs)
             return {name: result.as_numpy(name) for name in outputs}
         needed = ShmPool.input_size([array for _, array in inputs])
@@ -101,7 +102,7 @@ class _PipelineClient:
         with ShmPool(self.client, self.pool.kind, 1, needed, self.pool.output_bytes, self.pool.device_id) as once:
             return self._infer_in(once, tensors, inputs, outputs, kwargs)
 
-    def _infer_in(self, pool: "ShmPool", tensors: list, inputs: Sequence[tuple[str, np.ndarray]], outputs: Sequence[str],
+    def _infer_in(self, pool: "ShmPool", tensors: list, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str],
                   kwargs: dict) -> dict[str, np.ndarray]:
         module = _module(self.protocol)
         with pool.slot() as slot:
@@ -121,7 +122,7 @@ def _text_array(texts: Sequence[str | bytes]) -> np.ndarray:
     return np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
 
 
-class TextEmbeddingClient(_PipelineClient):
+class TextEmbeddingClient(TensorClient):
     """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches.
 
     `shm="system"` or `"cuda"` sends texts and receives embeddings through shared memory.
@@ -143,11 +144,11 @@ class TextEmbeddingClient(_PipelineClient):
         chunks = []
         for start in range(0, len(texts), self.max_batch_size):
             chunk = texts[start : start + self.max_batch_size]
-            chunks.append(self._infer([("text", _text_array(chunk))], ["embedding"])["embedding"])
+            chunks.append(self.infer_tensors([("text", _text_array(chunk))], ["embedding"])["embedding"])
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
-class ObjectDetectionClient(_PipelineClient):
+class ObjectDetectionClient(TensorClient):
     """Detects objects in encoded images through the `object_detection` ensemble.
 
     `shm="system"` or `"cuda"` sends the image and receives the boxes through shared memory.
@@ -167,5 +168,5 @@ class ObjectDetectionClient(_PipelineClient):
                                    ("iou_threshold", iou_threshold, np.float32), ("max_det", max_det, np.int32)):
             if value is not None:
                 inputs.append((name, np.array([[value]], dtype)))
-        out = self._infer(inputs, ["boxes", "scores", "classes"])
+        out = self.infer_tensors(inputs, ["boxes", "scores", "classes"])
         return Detections(out["boxes"][0], out["scores"][0], out["classes"][0])

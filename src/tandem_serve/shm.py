@@ -136,26 +136,59 @@ class ShmPool:
             self._free.put(index)
 
     @staticmethod
-    def _payloads(arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
-        payloads = [serialize_byte_tensor(a) if a.dtype == np.object_ else np.ascontiguousarray(a) for a in arrays]
-        return payloads, [len(p.item()) if p.dtype == np.object_ else p.nbytes for p in payloads]
+    def _payloads(arrays: Sequence[Any]) -> tuple[list[Any], list[int]]:
+        """Each input as bytes to place (BYTES serialized; torch tensors kept, possibly on a GPU) and its size."""
+        payloads, sizes = [], []
+        for array in arrays:
+            if isinstance(array, np.ndarray) and array.dtype == np.object_:
+                raw = serialize_byte_tensor(array).item()
+                payloads.append(np.frombuffer(raw, np.uint8))
+            elif isinstance(array, np.ndarray):
+                payloads.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            else:  # a torch tensor
+                payloads.append(array.detach().contiguous().reshape(-1).view(torch_uint8()))
+            sizes.append(int(payloads[-1].shape[0]))
+        return payloads, sizes
 
     @classmethod
-    def input_size(cls, arrays: Sequence[np.ndarray]) -> int:
+    def input_size(cls, arrays: Sequence[Any]) -> int:
         """Bytes `arrays` take in a slot (BYTES serialized, each tensor aligned)."""
         return sum(_aligned(size) for size in cls._payloads(arrays)[1])
 
-    def write_inputs(self, slot: int, arrays: Sequence[np.ndarray]) -> list[Placed]:
-        """Copy `arrays` (BYTES as object arrays) into the slot's input part; raise ValueError when they do not fit."""
+    def _region_bytes(self, name: str) -> Any:
+        """A CUDA region as a torch uint8 tensor (DLPack view of the device memory, no copy)."""
+        import torch
+
+        size = self.slots * (self.input_bytes if name == self.input_name else self.output_bytes)
+        return torch.from_dlpack(self._module.as_shared_memory_tensor(self._handles[name], "UINT8", [size]))
+
+    def write_inputs(self, slot: int, arrays: Sequence[Any]) -> list[Placed]:
+        """Copy inputs (numpy arrays, BYTES as object arrays, or torch tensors) into the slot's input part.
+
+        Into a CUDA region a CUDA tensor is copied device to device (no host copy). Raises
+        ValueError when the inputs do not fit the slot.
+        """
         payloads, sizes = self._payloads(arrays)
         if sum(_aligned(s) for s in sizes) > self.input_bytes:
             raise ValueError(f"request inputs of {sum(sizes)} bytes exceed the {self.input_bytes}-byte "
                              "shared-memory slot; create the pool with larger input_bytes")
         placed, offset = [], slot * self.input_bytes
+        region = self._region_bytes(self.input_name) if self.kind == "cuda" else None
         for payload, size in zip(payloads, sizes):
-            self._module.set_shared_memory_region(self._handles[self.input_name], [payload], offset=offset)
+            if region is not None:
+                import torch
+
+                source = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
+                region[offset : offset + size].copy_(source)
+            else:
+                host = payload if isinstance(payload, np.ndarray) else payload.cpu().numpy()
+                self._module.set_shared_memory_region(self._handles[self.input_name], [host], offset=offset)
             placed.append(Placed(offset, size))
             offset += _aligned(size)
+        if region is not None:
+            import torch
+
+            torch.cuda.synchronize(region.device)  # the server reads the region as soon as the request arrives
         return placed
 
     def output_areas(self, slot: int, count: int) -> list[Placed]:
@@ -164,15 +197,32 @@ class ShmPool:
         return [Placed(slot * self.output_bytes + i * share, share) for i in range(count)]
 
     def read_output(self, area: Placed, datatype: str, shape: Sequence[int]) -> np.ndarray:
-        """A copy of one output the server wrote into `area`."""
-        dtype = triton_to_np_dtype(datatype)
+        """A host copy of one output the server wrote into `area`."""
+        dtype = np.dtype(triton_to_np_dtype(datatype))
+        count = int(np.prod(shape))
+        if self.kind == "cuda":
+            region = self._region_bytes(self.output_name)
+            raw = region[area.offset : area.offset + count * dtype.itemsize].cpu().numpy()
+            return raw.view(dtype).reshape(shape).copy()
         array = self._module.get_contents_as_numpy(self._handles[self.output_name], dtype, list(shape), offset=area.offset)
         return np.array(array, copy=True)
 
 
-def numpy_datatype(array: np.ndarray) -> str:
-    """Triton's datatype name for an array (object arrays are BYTES)."""
-    return np_to_triton_dtype(array.dtype)
+def torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def numpy_datatype(array: Any) -> str:
+    """Triton's datatype name for a numpy array (object arrays are BYTES) or a torch tensor."""
+    if isinstance(array, np.ndarray):
+        return np_to_triton_dtype(array.dtype)
+    import torch
+
+    if array.dtype == torch.bfloat16:
+        return "BF16"
+    return np_to_triton_dtype(torch.empty(0, dtype=array.dtype).numpy().dtype)
 
 
 @atexit.register

@@ -43,6 +43,33 @@ def stage_to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> li
     return views
 
 
+def copy_pageable_to_device(source: torch.Tensor, target: torch.Tensor, chunk_bytes: int = 4 << 20, buffers: int = 3) -> None:
+    """Copy a pageable CPU tensor into a same-size device tensor through rotating pinned chunks.
+
+    The host copy of chunk i+1 into pinned memory overlaps the DMA of chunk i, so the transfer
+    runs at the slower of host memcpy and PCIe instead of their sum. Enqueued on the current
+    stream; the last chunks may still be in flight when this returns.
+    """
+    src = source.detach().contiguous().reshape(-1).view(torch.uint8)
+    dst = target.reshape(-1).view(torch.uint8)
+    if src.numel() != dst.numel():
+        raise ValueError(f"size mismatch: {src.numel()} bytes to {dst.numel()}")
+    stream = torch.cuda.current_stream(target.device)
+    chunk = min(chunk_bytes, max(src.numel(), 1))
+    pinned = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+    done: list[torch.cuda.Event | None] = [None] * buffers
+    for index, start in enumerate(range(0, src.numel(), chunk)):
+        slot = index % buffers
+        if done[slot] is not None:
+            done[slot].synchronize()  # its previous DMA has finished reading it
+        size = min(chunk, src.numel() - start)
+        pinned[slot][:size].copy_(src[start : start + size])
+        dst[start : start + size].copy_(pinned[slot][:size], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        done[slot] = event
+
+
 def copy_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Enqueue non-blocking device -> pinned host copies on the current stream (CPU tensors pass through).
 

@@ -13,6 +13,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 brotli==1.2.1
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 -d .carry/numpy1 numpy==1.26.4
+# cuda-python's runtime bindings: tritonclient's CUDA shared-memory utilities import them.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform any -d .carry/cuda "cuda-bindings==13.5.0" "cuda-pathfinder==1.9.0"
 model=$(.venv/bin/python -c "from tandem_serve.model_files import default_model_dir; print(default_model_dir())")
 split -n 2 -d "$model/model.safetensors" .carry/model1/model.safetensors.part
 mv .carry/model1/model.safetensors.part01 .carry/model2/

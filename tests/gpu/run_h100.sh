@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU tier on the lent H100, in three device calls because of the 64 MiB carry limit
+# The GPU tier on the lent H100, in four device calls because of the 64 MiB carry limit
 # (nvidia-pytriton's wheel is 55 MB, all-MiniLM-L6-v2's weights 87 MB). Prepare here:
 #   tests/gpu/prepare_carry.sh            # wheels and the split model under .carry/
 # then, back to back while the machine stays warm:
 #   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
-#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/numpy1"]
-#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/wheels2"]
+#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/wheels2"]
+#   run: bash tests/gpu/run_h100.sh numpy1   carry: [".carry/numpy1"]
+#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/cuda"]   (wheels2 went with model1)
 # (TANDEM_TEXT_BENCH=0 skips the Triton placement bench.)
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
@@ -22,10 +23,15 @@ wheels)
     ;;
 model1)
     cp .carry/model1/* "$base/model/"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl
+    ;;
+numpy1)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/numpy1" .carry/numpy1/*.whl
     ;;
 test)
-    if [ -d .carry/wheels2 ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl; fi
+    for extra in wheels2 cuda; do  # gevent & co. for tritonclient.http; cuda-bindings for CUDA shm
+        if [ -d ".carry/$extra" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/$extra/*.whl; fi
+    done
     cp -r .carry/model2/* "$base/model/"
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
     echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
@@ -36,6 +42,7 @@ gpu)  # on a machine where `test` already assembled the model: the GPU tier and 
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
     python3 -m pytest $tiers -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
     python3 bench/torchserve_pipeline.py --out "$out/bench_torchserve_pipeline.json" 2>&1 | tee "$out/bench_torchserve.log"
     if [ "${TANDEM_TEXT_BENCH:-1}" = 1 ]; then
         python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"

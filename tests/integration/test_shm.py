@@ -160,3 +160,24 @@ def test_region_unregistered_mid_flight(triton, no_leaks):
             assert result.as_numpy("embedding").shape == (1, 384)
     assert client.is_server_ready()
     assert client.infer("text_embedding", [_wire("after the race")]).as_numpy("embedding").shape == (1, 384)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_torch_tensors_into_a_stage_model_through_system_shm(triton, model_files, no_leaks, protocol):
+    """Tensors the caller holds (torch) go to a stage model as they are; the answer equals the wire path's."""
+    import torch
+
+    from tandem_serve.client import TensorClient
+    from tandem_serve.text.bert import load_token_embedding
+
+    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0]])
+    mask = (ids != 0).to(torch.int64)
+    with torch.inference_mode():
+        hidden = load_token_embedding(model_files)(ids).to(torch.float16)
+    inputs = [("HIDDEN", hidden), ("ATTENTION_MASK", mask)]
+    with TensorClient(_url(triton, protocol), protocol, "encoder", 60.0, shm="system") as client:
+        through_shm = client.infer_tensors(inputs, ["EMBEDDING"])["EMBEDDING"]
+    with TensorClient(_url(triton, protocol), protocol, "encoder", 60.0) as client:
+        wire = client.infer_tensors(inputs, ["EMBEDDING"])["EMBEDDING"]
+    assert through_shm.shape == (1, 384)
+    np.testing.assert_array_equal(through_shm, wire)
