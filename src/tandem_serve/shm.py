@@ -16,6 +16,7 @@ import queue
 import secrets
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -178,7 +179,12 @@ class ShmPool:
             if region is not None:
                 import torch
 
-                source = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
+                if isinstance(payload, np.ndarray):
+                    with warnings.catch_warnings():  # read-only numpy memory: torch only reads it here
+                        warnings.simplefilter("ignore", UserWarning)
+                        source = torch.from_numpy(payload)
+                else:
+                    source = payload
                 region[offset : offset + size].copy_(source)
             else:
                 host = payload if isinstance(payload, np.ndarray) else payload.cpu().numpy()

@@ -140,8 +140,8 @@ def test_detection_weights_resolved_inside_the_archive(tmp_path):
 
 
 def test_missing_java_is_named(monkeypatch, tmp_path):
-    from tandem_serve.torchserve.launcher import TorchServeStartError, check_requirements
+    from tandem_serve.torchserve.launcher import TorchServeStartError, find_java
 
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
     with pytest.raises(TorchServeStartError, match="Java not found"):
-        check_requirements()
+        find_java()

@@ -62,6 +62,11 @@ def check_requirements() -> str:
     if missing:
         raise TorchServeStartError(f"missing Python package(s) {missing}: pip install 'tandem-serve[torchserve]' "
                                    "(TorchServe workers die without pyyaml)")
+    return find_java()
+
+
+def find_java() -> str:
+    """The java executable ($JAVA_HOME/bin/java, else on PATH), version 11 or newer; else TorchServeStartError."""
     java_home = os.environ.get("JAVA_HOME")
     java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
     if not java or not Path(java).exists():
