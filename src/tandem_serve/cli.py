@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from tandem_serve.client import TextEmbeddingClient
 
 if TYPE_CHECKING:
+    from tandem_serve.bulk import BulkOptions
     from tandem_serve.server_process import ServerProcess
     from tandem_serve.triton.launcher import TritonOptions
 
@@ -154,6 +155,46 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bulk_options(args: argparse.Namespace) -> "BulkOptions":
+    from tandem_serve.bulk import BulkOptions
+
+    return BulkOptions(url=args.url, protocol=args.protocol, shm=args.shm, in_flight=args.in_flight,
+                       progress=not args.quiet)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from tandem_serve.bulk import embed_file
+
+    try:
+        summary = embed_file(args.file, args.out, _bulk_options(args), args.model, args.batch, args.restart)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: rerun the same command to resume")
+        return 130
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0 if summary["complete"] else 1
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from tandem_serve.bulk import detect_folder
+
+    try:
+        summary = detect_folder(args.folder, args.out, _bulk_options(args), args.model, args.restart)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: rerun the same command to resume")
+        return 130
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0
+
+
+def _add_bulk_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--url", help="Triton address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    parser.add_argument("--shm", choices=("none", "system", "cuda"), default="none", help="shared memory for each request")
+    parser.add_argument("--in-flight", type=int, default=8, help="concurrent requests (default 8)")
+    parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
 
@@ -223,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--iou", type=float, help="NMS IoU threshold for this request (server default 0.45)")
     image.add_argument("--max-det", type=int, help="most detections for this request (server default 300)")
     image.set_defaults(func=cmd_infer_image)
+    embed = commands.add_parser("embed", help="embed every line of a text file into a .npy (memmap, resumable)")
+    embed.add_argument("file", type=Path, help="UTF-8 text, one text per line (row i of the output = line i)")
+    embed.add_argument("--out", type=Path, required=True, help="output .npy, float32 [lines, hidden]")
+    embed.add_argument("--model", default="text_embedding")
+    embed.add_argument("--batch", type=int, default=32, help="texts per request (default 32)")
+    _add_bulk_options(embed)
+    embed.set_defaults(func=cmd_embed)
+
+    detect = commands.add_parser("detect", help="detect objects in every image of a folder into JSON lines (resumable)")
+    detect.add_argument("folder", type=Path)
+    detect.add_argument("--out", type=Path, required=True, help="results, one JSON line per image")
+    detect.add_argument("--model", default="object_detection")
+    _add_bulk_options(detect)
+    detect.set_defaults(func=cmd_detect)
     return parser
 
 
