@@ -162,3 +162,32 @@ def test_security_settings(torchserve):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(register, timeout=30)
     assert info.value.code == 405  # the model management API is disabled
+
+
+def test_nothing_survives_a_killed_launcher(torchserve, tmp_path):
+    """SIGKILL the process that started TorchServe: Java (PR_SET_PDEATHSIG) and its workers go too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workspace = tmp_path / "ws"
+    script = ("import sys, time; from pathlib import Path; "
+              "from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions; "
+              f"s = EmbeddedTorchServe(TorchServeOptions(model_store=Path({str(torchserve.options.model_store)!r}), "
+              f"models=['text_embedding.mar'], workspace=Path({str(workspace)!r}))).start(); "
+              "print('ready', flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        assert subprocess.run(["pgrep", "-f", str(workspace)], capture_output=True).stdout
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", str(workspace)], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "TorchServe outlived its launcher"
+            time.sleep(0.5)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        subprocess.run(["pkill", "-9", "-f", str(workspace)])

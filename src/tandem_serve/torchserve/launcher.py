@@ -133,11 +133,16 @@ class EmbeddedTorchServe(ServerProcess):
             **self.options.extra_properties,
         }
 
-    def command(self) -> list[str]:
-        config = self.workspace / "config.properties"
-        return [sys.executable, "-c", "import sys; from ts.model_server import start; sys.exit(start())",
-                "--start", "--foreground", "--ncs", "--ts-config", str(config),
-                "--model-store", str(Path(self.options.model_store).resolve()), "--models", *self.options.models]
+    def command(self, java: str = "java") -> list[str]:
+        """The Java frontend's command line, as `torchserve --start` builds it, but started by us directly so
+        that it dies with this process (PR_SET_PDEATHSIG) even when this process is killed."""
+        import ts
+
+        home = Path(ts.__file__).resolve().parents[1]
+        return [java, f"-Dmodel_server_home={home}", f"-Djava.io.tmpdir={self.workspace / 'tmp'}",
+                "-cp", f".:{home / 'ts' / 'frontend' / '*'}", "org.pytorch.serve.ModelServer",
+                "--python", sys.executable, "-f", str(self.workspace / "config.properties"),
+                "-s", str(Path(self.options.model_store).resolve()), "-ncs", "-m", *self.options.models]
 
     def start(self) -> "EmbeddedTorchServe":
         """Start TorchServe and wait until every model has a ready worker; raise TorchServeStartError with the log."""
@@ -150,7 +155,7 @@ class EmbeddedTorchServe(ServerProcess):
         env = dict(os.environ, TEMP=str(temp), TMPDIR=str(temp), LOG_LOCATION=str(self.workspace / "logs"),
                    METRICS_LOCATION=str(self.workspace / "logs"), JAVA_HOME=str(Path(java).resolve().parents[1]))
         env.pop("TS_CONFIG_FILE", None)
-        self._spawn(self.command(), env, self.log_path, cwd=self.workspace)
+        self._spawn(self.command(java), env, self.log_path, cwd=self.workspace)
         try:
             self._wait_ready()
         except BaseException:
