@@ -2,7 +2,7 @@
 
 A batch of requests is cut into micro-batches. For each one, a pool thread prepares the requests
 (decode, tokenize, letterbox: a bad request fails alone) and collates them into host tensors;
-the calling thread stages those into pinned memory, copies them on a copy stream, runs the
+the calling thread copies them on a copy stream (coalesced through pinned memory when large), runs the
 device stage on a compute stream once an event says the copy is done, and enqueues
 non-blocking copies of the outputs to pinned memory; a pool thread waits for that micro-batch's
 completion event and post-processes it (split per request, NMS). While the GPU runs micro-batch
@@ -23,7 +23,7 @@ import torch
 
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure
-from tandem_serve.transfer import copy_to_host, stage_to_device
+from tandem_serve.transfer import copy_to_host, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class MicroBatchPipeline(Generic[Item, Prepared, Result]):
             if self.device.type != "cuda":
                 return self.stages.infer(inputs), None
             with torch.cuda.stream(self.copy_stream):
-                staged = stage_to_device(inputs, self.device)
+                staged = to_device(inputs, self.device)
                 copied = torch.cuda.Event()
                 copied.record(self.copy_stream)
             self.compute_stream.wait_event(copied)

@@ -110,6 +110,7 @@ class DetectorConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
     prefilter_conf: float = 0.01  # candidates below this score never leave the GPU
     max_candidates: int = 2000  # per image, highest scores first
+    output_on_device: bool = True  # Triton: CANDIDATES stay on the GPU for the next step (CUDA IPC), not copied here
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):

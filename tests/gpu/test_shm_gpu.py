@@ -77,3 +77,14 @@ def test_chunked_copy_is_exact(size):
     copy_pageable_to_device(source, target, chunk_bytes=1 << 20)
     torch.cuda.synchronize()
     assert torch.equal(target.cpu(), source)
+
+
+@pytest.mark.parametrize("sizes", [[(3, 7)], [(64, 128), (64, 128)], [(1 << 20,)], [(300, 1000), (5,)]])
+def test_to_device_is_exact_on_both_paths(sizes):
+    from tandem_serve.transfer import to_device
+
+    tensors = [torch.randint(-1000, 1000, size, dtype=torch.int64) for size in sizes]
+    moved = to_device(tensors, torch.device("cuda:0"))
+    torch.cuda.synchronize()
+    for original, copy in zip(tensors, moved):
+        assert copy.is_cuda and torch.equal(copy.cpu(), original)

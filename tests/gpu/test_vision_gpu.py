@@ -38,3 +38,13 @@ def test_detector_accuracy_per_precision(results, precision):
     results[f"detector_{precision}"] = {"precision": counts.precision, "recall": counts.recall,
                                         "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
     assert counts.precision >= 0.9 and counts.recall >= 0.9, counts
+
+
+def test_candidates_reach_nms_as_cuda_tensors(triton):
+    """The detector's GPU output goes to nms through CUDA IPC (FORCE_CPU_ONLY_INPUT_TENSORS off), not via the host."""
+    from tandem_serve.client import ObjectDetectionClient
+
+    rng = np.random.default_rng(3)
+    with ObjectDetectionClient(triton.grpc_url) as client:
+        assert len(client.detect(encode_scene(generate_scene(rng), rng)).boxes) >= 1
+    assert "nms: CANDIDATES arrive on cuda:0" in triton.log_path.read_text()

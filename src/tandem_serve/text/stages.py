@@ -24,6 +24,7 @@ from tandem_serve.text.bert import (
     parse_dtype,
 )
 from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, decode_utf8
+from tandem_serve.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class EncoderStage:
     @torch.inference_mode()
     def __call__(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         pad = self.files.bert.pad_token_id if self.fused else 0
-        inputs = concat_padded([r[0] for r in requests], pad).to(self.device, non_blocking=True)
-        mask = concat_padded([r[1] for r in requests], 0).to(self.device, non_blocking=True)
+        inputs, mask = to_device([concat_padded([r[0] for r in requests], pad), concat_padded([r[1] for r in requests], 0)],
+                                 self.device)
         embeddings = self.module(inputs, mask)
         return split_rows(embeddings, [len(r[0]) for r in requests])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.triton import backend
 from tandem_serve.vision.detector import DetectStage
 from tandem_serve.vision.stages import NmsStage, PreprocessStage
+
+logger = logging.getLogger(__name__)
 
 
 class ImagePreprocessModel:
@@ -52,11 +55,20 @@ class NmsModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         self.stage = NmsStage(backend.stage_settings(args, NmsConfig)[1])
+        self.seen_device = False
+
+    def _candidates(self, request: Any):
+        """CANDIDATES wherever the detector left them (a CUDA tensor via CUDA IPC): only these rows are copied."""
+        tensor = backend.input_tensor(request, "CANDIDATES")
+        if not self.seen_device:
+            self.seen_device = True
+            logger.info("nms: CANDIDATES arrive on %s", tensor.device)
+        return tensor.cpu().numpy()
 
     def _decode(self, request: Any):
         max_det = _optional_scalar(request, "MAX_DET")
         return self.stage.request(
-            backend.input_tensor(request, "CANDIDATES").numpy(), backend.input_tensor(request, "LETTERBOX").numpy(),
+            self._candidates(request), backend.input_tensor(request, "LETTERBOX").numpy(),
             _optional_scalar(request, "CONF_THRESHOLD"), _optional_scalar(request, "IOU_THRESHOLD"),
             None if max_det is None else int(max_det),
         )

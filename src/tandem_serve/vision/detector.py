@@ -14,6 +14,7 @@ from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
 from tandem_serve.paths import project_root
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.text.bert import parse_dtype
+from tandem_serve.transfer import to_device
 from tandem_serve.vision.nms import candidates
 from tandem_serve.vision.yolo import YoloSpec, YoloV5
 
@@ -94,12 +95,17 @@ class DetectStage:
         return padded, counts
 
     def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per request [b, 3, S, S] -> [b, k, 6] on the CPU, k the request's most candidates (>= 1)."""
+        """Per request [b, 3, S, S] -> [b, k, 6], k the request's most candidates (>= 1); on the detector's device
+        when `output_on_device` (the next step copies what it needs), else on the CPU."""
         sizes = [len(r) for r in requests]
-        padded, counts = self.filtered(torch.cat([r.to(self.device, non_blocking=True) for r in requests]))
+        merged = requests[0] if len(requests) == 1 else torch.cat(list(requests))  # one transfer for the batch
+        images = to_device([merged], self.device)[0]
+        padded, counts = self.filtered(images)
+        keep = self.config.output_on_device
         out, start = [], 0
         for size in sizes:
             width = max(1, max(counts[start : start + size], default=0))
-            out.append(padded[start : start + size, :width].cpu())
+            part = padded[start : start + size, :width]
+            out.append(part.contiguous() if keep else part.cpu())
             start += size
         return out
