@@ -7,11 +7,11 @@
 #   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/wheels2"]
 #   run: bash tests/gpu/run_h100.sh numpy1   carry: [".carry/numpy1"]
 #   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/cuda"]   (wheels2 went with model1)
-# (TANDEM_TEXT_BENCH=0 skips the Triton placement bench.)
+#   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
-stage=${1:?stage: wheels, model1, test or gpu}
+stage=${1:?stage: wheels, model1, numpy1, test, gpu or bench}
 base=/root/tandem
 out=${OUT:-/tmp/out}
 mkdir -p "$base/model" "$out"
@@ -36,13 +36,18 @@ test)
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
     echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
     ;&
-gpu)  # on a machine where `test` already assembled the model: the GPU tier and the benchmarks only
+gpu)  # on a machine where `test` already assembled the model: the GPU tier only
     [ "$stage" = gpu ] && tiers="tests/gpu" || tiers="tests/unit tests/integration tests/gpu"
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
     python3 -m pytest $tiers -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    ;;
+bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton placement bench)
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" PYTHONUNBUFFERED=1
     python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
+    python3 bench/shm.py --out "$out/bench_shm.json" 2>&1 | tee "$out/bench_shm.log"
     python3 bench/torchserve_pipeline.py --out "$out/bench_torchserve_pipeline.json" 2>&1 | tee "$out/bench_torchserve.log"
     if [ "${TANDEM_TEXT_BENCH:-1}" = 1 ]; then
         python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
