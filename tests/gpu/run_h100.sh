@@ -6,7 +6,7 @@
 #   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
 #   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/wheels2"]
 #   run: bash tests/gpu/run_h100.sh numpy1   carry: [".carry/numpy1"]
-#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2", ".carry/cuda"]   (wheels2 went with model1)
+#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]  (add ".carry/cuda" where cuda.bindings is missing)
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
