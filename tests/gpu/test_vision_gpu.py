@@ -32,7 +32,7 @@ def test_detector_accuracy_per_precision(results, precision):
     for _ in range(100):
         scene = generate_scene(rng)
         pixels, box = preprocess(encode_scene(scene, rng))
-        rows = stage([torch.from_numpy(pixels)[None]])[0][0].numpy()
+        rows = stage([torch.from_numpy(pixels)[None]])[0][0].cpu().numpy()  # CANDIDATES stay on the GPU
         found = postprocess(rows, box, 0.25, 0.45, 300)
         counts.add(found.boxes, found.scores, found.classes, scene.boxes, scene.classes)
     results[f"detector_{precision}"] = {"precision": counts.precision, "recall": counts.recall,
