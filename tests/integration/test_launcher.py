@@ -104,3 +104,36 @@ def test_numpy2_in_stubs_fails_load_with_the_fix_named(tmp_path):
     options = TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", startup_timeout_s=120, stub_python_path=[])
     with pytest.raises(TritonStartError, match=r"cannot read TYPE_STRING tensors with numpy 2"):
         EmbeddedTriton(options).start()
+
+
+def test_stubs_of_a_killed_launcher_are_swept(tmp_path):
+    """SIGKILL the launching process: tritonserver dies with it, its stubs do not; the next start removes them."""
+    import subprocess
+    import time
+
+    from tandem_serve.triton.launcher import orphaned_stubs, sweep_orphaned_stubs
+
+    before = _stub_regions()
+    repo = _tokenizer_only_repository(tmp_path, "")
+    script = ("import time; from pathlib import Path; from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions; "
+              f"EmbeddedTriton(TritonOptions(model_repositories=[Path({str(repo)!r})], workspace=Path({str(tmp_path / 'ws')!r}), "
+              "startup_timeout_s=120)).start(); print('ready', flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not orphaned_stubs():  # tritonserver is dying; its stub becomes an orphan
+            assert time.monotonic() < deadline, "expected an orphaned stub"
+            time.sleep(0.2)
+        assert _stub_regions() - before
+        assert sweep_orphaned_stubs() >= 1
+        deadline = time.monotonic() + 10
+        while orphaned_stubs():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert _stub_regions() - before == set()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import secrets
+import signal
 import shutil
 import sys
 import sysconfig
@@ -137,6 +138,59 @@ def reap_process_group(pgid: int) -> None:
         Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
 
 
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def orphaned_stubs() -> list[int]:
+    """Pids of Python-backend stubs started from a tandem workspace whose tritonserver is gone.
+
+    That happens when the process that launched the server is SIGKILLed: the server dies with it
+    (PR_SET_PDEATHSIG) but its stubs are re-parented and live on, each holding a /dev/shm region.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = _cmdline(int(entry.name))
+        if not argv or not argv[0].endswith(b"/backends/python/triton_python_backend_stub"):
+            continue
+        workspace = Path(argv[0].decode(errors="replace")).parents[2]
+        if not ((workspace / "admin-key").exists() or workspace.name.startswith("tandem-triton-")):
+            continue  # not started by this launcher
+        parent = _cmdline(_parent(int(entry.name)))
+        if parent and parent[0].endswith(b"tritonserver"):
+            continue  # its server still runs
+        found.append(int(entry.name))
+    return found
+
+
+def sweep_orphaned_stubs() -> int:
+    """Kill orphaned tandem stubs and unlink their shared-memory regions; returns how many were found."""
+    pids = orphaned_stubs()
+    regions = stub_shm_regions(pids)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for region in regions:
+        Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
+    if pids:
+        logger.warning("removed %d orphaned Python-backend stub(s) left by a killed launcher", len(pids))
+    return len(pids)
+
+
 class EmbeddedTriton(ServerProcess):
     """A running tritonserver; `with EmbeddedTriton(options) as server: server.grpc_url ...`."""
 
@@ -210,6 +264,7 @@ class EmbeddedTriton(ServerProcess):
     def start(self) -> "EmbeddedTriton":
         """Start the server and wait until it is ready; raise TritonStartError with the log tail."""
         dist = TritonDistribution.find()
+        sweep_orphaned_stubs()
         self._prepare_workspace(dist)
         command = self.command(dist)
         self._spawn(command, stub_environment(dist, self.options.stub_python_path), self.log_path)
