@@ -170,7 +170,7 @@ class MicroBatchPipeline(Generic[Item, Prepared, Result]):
                 prepared.append(self.stages.prepare(items[index]))
                 positions.append(index)
             except InvalidInputError as exc:
-                results[index] = Failure(str(exc), invalid=True)
+                results[index] = Failure(f"{self.name}: {exc}", invalid=True)
         if not prepared:
             return None
         try:
@@ -213,7 +213,7 @@ class MicroBatchPipeline(Generic[Item, Prepared, Result]):
     def _fail(self, indices: Sequence[int], exc: Exception, results: list) -> None:
         """Fail the listed requests that have no result yet."""
         if isinstance(exc, InvalidInputError):
-            failure = Failure(str(exc), invalid=True)
+            failure = Failure(f"{self.name}: {exc}", invalid=True)
         else:
             logger.error("%s: a micro-batch of %d request(s) failed", self.name, len(indices), exc_info=exc)
             failure = Failure(f"{self.name}: internal error ({type(exc).__name__})", invalid=False)

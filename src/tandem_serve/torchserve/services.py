@@ -16,8 +16,8 @@ from typing import Any, Generic, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
-from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure
+from tandem_serve.errors import ConfigError
+from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings
 from tandem_serve.stage_config import (
     DetectorConfig,
@@ -117,14 +117,8 @@ class PipelineService(Generic[_Item]):
         """One Reply per request, in order; a bad request gets a 400 and never fails its batch-mates."""
         headers = headers or [{}] * len(requests)
         replies: list[Reply | None] = [None] * len(requests)
-        items, positions = [], []
-        for index, request in enumerate(requests):
-            try:
-                items.append(self.parse(request or {}))
-                positions.append(index)
-            except InvalidInputError as exc:
-                replies[index] = Reply.error(str(exc))
-        for index, result in zip(positions, self.pipeline.run(items) if items else []):
+        results = process_requests(requests, lambda r: self.parse(r or {}), self.pipeline.run, self.pipeline.name)
+        for index, result in enumerate(results):
             if isinstance(result, Failure):
                 replies[index] = Reply.error(result.message, 400 if result.invalid else 500)
             else:
