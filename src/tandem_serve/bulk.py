@@ -1,8 +1,9 @@
 """Bulk jobs through a running Triton: embed a text file into a .npy memmap, detect over a folder into JSONL.
 
 Both keep many requests in flight (one client per worker thread), show progress, keep memory
-flat however large the input (texts are streamed; embeddings go straight into a
-`numpy.lib.format.open_memmap` file) and resume after an interruption: rerun the same command
+flat however large the input (texts are streamed; each chunk of embeddings goes into its own
+short-lived `numpy.memmap` window of the .npy file, so written pages never pile up in the
+process) and resume after an interruption: rerun the same command
 and only the missing work is done.
 """
 
@@ -136,6 +137,28 @@ def _chunks(path: Path, size: int) -> Iterator[tuple[int, list[bytes]]]:
             yield index, chunk
 
 
+class NpyRows:
+    """Row-range writes into an existing 2-D .npy file, each through a memmap window that is flushed and dropped."""
+
+    def __init__(self, path: Path):
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path} is not a C-ordered 2-D array")
+        self.path, self.shape, self.dtype = path, shape, dtype
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Rows [start, start + len(rows)) := rows."""
+        window = np.memmap(self.path, self.dtype, mode="r+", shape=(len(rows), self.shape[1]),
+                           offset=self.offset + start * self.shape[1] * self.dtype.itemsize)
+        window[:] = rows
+        window.flush()
+        del window  # unmapped: the page cache keeps the data, the process's RSS does not
+
+
 def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text_embedding", batch: int = 32,
                restart: bool = False) -> dict:
     """Embed every line of `source` (row i = line i) into the .npy file `out`; returns a summary."""
@@ -154,7 +177,7 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
         meta_path.write_text(json.dumps(meta))
         np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(total, hidden)).flush()
         np.memmap(state_path, np.uint8, mode="w+", shape=(max(chunks, 1),)).flush()
-    embeddings = np.lib.format.open_memmap(out, mode="r+")
+    embeddings = NpyRows(out)
     done = np.memmap(state_path, np.uint8, mode="r+", shape=(max(chunks, 1),))
     left = chunks - int(done[:chunks].sum())
     if resuming:
@@ -166,7 +189,7 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
     def task(index: int, lines: list[bytes]) -> Callable[[], tuple[int, int]]:
         def run() -> tuple[int, int]:
             rows = clients.get().embed(lines)
-            embeddings[index * batch : index * batch + len(lines)] = rows
+            embeddings.write(index * batch, rows)
             return index, len(lines)
         return run
 
@@ -182,7 +205,6 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
     try:
         _run_bounded((task(i, lines) for i, lines in _chunks(source, batch) if not done[i]), options.in_flight, on_done)
     finally:
-        embeddings.flush()
         done.flush()
         clients.close()
     complete = int(done[:chunks].sum()) == chunks

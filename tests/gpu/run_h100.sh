@@ -8,10 +8,11 @@
 #   run: bash tests/gpu/run_h100.sh numpy1   carry: [".carry/numpy1"]
 #   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]  (add ".carry/cuda" where cuda.bindings is missing)
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
+# Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
-stage=${1:?stage: wheels, model1, numpy1, test, gpu or bench}
+stage=${1:?stage: wheels, model1, numpy1, test, gpu, bench or transfer}
 base=/root/tandem
 out=${OUT:-/tmp/out}
 mkdir -p "$base/model" "$out"
@@ -48,10 +49,16 @@ bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton pla
     export TANDEM_STUB_PYTHONPATH="$base/numpy1" PYTHONUNBUFFERED=1
     python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
     python3 bench/shm.py --out "$out/bench_shm.json" 2>&1 | tee "$out/bench_shm.log"
+    python3 bench/bulk_memory.py --lines 20000 --out "$out/bench_bulk_memory.json" 2>&1 | tee "$out/bench_bulk_memory.log"
     python3 bench/torchserve_pipeline.py --out "$out/bench_torchserve_pipeline.json" 2>&1 | tee "$out/bench_torchserve.log"
     if [ "${TANDEM_TEXT_BENCH:-1}" = 1 ]; then
         python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
     fi
+    ;;
+transfer)  # the transfer tests and bench/transfer.py: needs torch only
+    export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
+    python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"
+    python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
     ;;
 *)
     echo "unknown stage $stage" >&2; exit 2 ;;

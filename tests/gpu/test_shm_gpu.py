@@ -8,7 +8,6 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from tandem_serve.client import ObjectDetectionClient, TensorClient, TextEmbeddingClient
-from tandem_serve.transfer import copy_pageable_to_device
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, mixed_texts
 
@@ -68,23 +67,3 @@ def test_cuda_tensor_goes_to_the_encoder_device_to_device(triton, model_files, n
     with TensorClient(triton.grpc_url, "grpc", "encoder", 60.0) as client:
         wire = client.infer_tensors([("HIDDEN", hidden.cpu()), ("ATTENTION_MASK", mask.cpu())], ["EMBEDDING"])["EMBEDDING"]
     np.testing.assert_array_equal(through, wire)
-
-
-@pytest.mark.parametrize("size", [0, 1, 4096 + 3, (9 << 20) + 7])
-def test_chunked_copy_is_exact(size):
-    source = torch.randint(0, 255, (size,), dtype=torch.uint8)
-    target = torch.empty(size, dtype=torch.uint8, device="cuda")
-    copy_pageable_to_device(source, target, chunk_bytes=1 << 20)
-    torch.cuda.synchronize()
-    assert torch.equal(target.cpu(), source)
-
-
-@pytest.mark.parametrize("sizes", [[(3, 7)], [(64, 128), (64, 128)], [(1 << 20,)], [(300, 1000), (5,)]])
-def test_to_device_is_exact_on_both_paths(sizes):
-    from tandem_serve.transfer import to_device
-
-    tensors = [torch.randint(-1000, 1000, size, dtype=torch.int64) for size in sizes]
-    moved = to_device(tensors, torch.device("cuda:0"))
-    torch.cuda.synchronize()
-    for original, copy in zip(tensors, moved):
-        assert copy.is_cuda and torch.equal(copy.cpu(), original)

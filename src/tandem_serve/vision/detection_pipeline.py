@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.transfer import stack_into_host
 from tandem_serve.vision.detector import DetectStage
 from tandem_serve.vision.letterbox import Letterbox, preprocess
 from tandem_serve.vision.nms import Detections, postprocess
@@ -64,9 +65,9 @@ class DetectionStages:
         pixels, box = preprocess(item.data, config.image_size, config.max_pixels)
         return PreparedImage(pixels, box, item)
 
-    @staticmethod
-    def collate(prepared: list[PreparedImage]) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.stack([p.pixels for p in prepared]))]
+    def collate(self, prepared: list[PreparedImage]) -> list[torch.Tensor]:
+        """The batch, stacked straight into pinned memory when the detector is on a GPU."""
+        return [stack_into_host([p.pixels for p in prepared], pin=self.detector.device.type == "cuda")]
 
     def infer(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.detector.filtered(inputs[0])[0]]
