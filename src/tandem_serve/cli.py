@@ -34,6 +34,8 @@ def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[in
                         help="directory put first on the Python-backend stubs' path only (repeatable), "
                              "e.g. one holding numpy<2; default $TANDEM_STUB_PYTHONPATH")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--model-control", action="store_true",
+                        help="explicit model control (load with config overrides, for `tandem tune`); admin key required")
 
 
 def _triton_options(args: argparse.Namespace) -> "TritonOptions":
@@ -42,7 +44,7 @@ def _triton_options(args: argparse.Namespace) -> "TritonOptions":
     return TritonOptions(
         model_repositories=args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
-        log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout,
+        log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout, model_control=args.model_control,
         **({"stub_python_path": args.stub_pythonpath} if args.stub_pythonpath else {}),
     )
 
@@ -278,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--model", default="object_detection")
     _add_bulk_options(detect)
     detect.set_defaults(func=cmd_detect)
+
+    from tandem_serve.tuning.commands import add_commands
+
+    add_commands(commands)
     return parser
 
 

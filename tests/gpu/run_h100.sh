@@ -55,6 +55,16 @@ bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton pla
         python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
     fi
     ;;
+profile)  # after model1, carry [".carry/model2"]: tandem profile of both pipelines (plan it where tritonclient is)
+    cp -r .carry/model2/* "$base/model/"
+    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
+    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python3 -m tandem_serve.tuning.commands "$out/profile.json" 2>&1 | tee "$out/profile.log"
+    python3 -m tandem_serve.tuning.commands "$out/profile-yolov5s.json" --pipelines detection --detector-size s 2>&1 | tee -a "$out/profile.log"
+    python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"
+    python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
+    ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
     python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"

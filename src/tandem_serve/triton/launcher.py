@@ -36,7 +36,8 @@ from tandem_serve.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
 
-ADMIN_HEADER = "tandem-admin-key"
+ADMIN_HEADER = "tandem-admin-key"  # HTTP header; over gRPC Triton expects it prefixed (GRPC_ADMIN_HEADER)
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 STUB_PATH_ENV = "TANDEM_STUB_PYTHONPATH"
 RESTRICTED_APIS = ("model-repository", "logging", "trace")
 
@@ -66,6 +67,9 @@ class TritonOptions:
     # launching environment has numpy 2, which this stub build cannot use for TYPE_STRING).
     stub_python_path: list[Path] = field(default_factory=lambda: _paths_from_env(STUB_PATH_ENV))
     extra_args: list[str] = field(default_factory=list)
+    # Explicit model control (load/unload with config overrides; `tandem tune` needs it). The API stays
+    # behind the admin key like the rest of the model-repository API.
+    model_control: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,8 @@ class EmbeddedTriton(ServerProcess):
             str(dist.binary),
             *[f"--model-repository={Path(r).resolve()}" for r in repositories],
             f"--backend-directory={self.workspace / 'backends'}",
-            "--model-control-mode=none",
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.options.model_control
+              else ["--model-control-mode=none"]),
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--exit-timeout-secs=30",  # 10 s was not always enough to unload on the H100

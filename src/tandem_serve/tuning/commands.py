@@ -1,0 +1,124 @@
+"""The `tandem profile`, `tandem plan` and `tandem tune` commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from tandem_serve.tuning.plots import plot_profile
+    from tandem_serve.tuning.profile import ProfileOptions, run_profile
+
+    options = ProfileOptions(pipelines=tuple(args.pipelines), devices=tuple(args.devices or ()),
+                             batch_sizes=tuple(args.batch_sizes), seq_lengths=tuple(args.seq_lengths),
+                             image_sizes=tuple(args.image_sizes), detector_size=args.detector_size,
+                             repeats=args.repeats, cpu_max_batch=args.cpu_max_batch,
+                             model_dir=str(args.model_dir or ""))
+    profile = run_profile(options)
+    profile.save(args.out)
+    print(f"profile: {args.out} ({len(profile.stages)} stage timings, {len(profile.transfers)} transfer timings)")
+    plot = args.plot or args.out.with_suffix(".png")
+    if plot_profile(profile, plot):
+        print(f"plot: {plot}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tandem_serve.tuning.explain import format_report
+    from tandem_serve.tuning.plan import Objective, make_plan
+    from tandem_serve.tuning.profile import Profile
+    from tandem_serve.tuning.render import ensemble_problems, render
+
+    objective = Objective(p99_ms=args.p99_ms, min_accuracy=args.min_accuracy)
+    sizes = {k: v for k, v in (("text", args.seq_length), ("detection", args.image_size)) if v}
+    report = make_plan(Profile.load(args.profile), objective, sizes)
+    if not report.chosen:
+        logger.error("%s holds no stage timings to plan from", args.profile)
+        return 1
+    print(format_report(report))
+    if args.out:
+        written = render(report, args.out)
+        for plan in report.chosen.values():
+            problems = ensemble_problems(args.out / "triton", plan.ensemble)
+            if problems:
+                logger.error("rendered %s is inconsistent: %s", plan.ensemble, "; ".join(problems))
+                return 1
+        print(f"\nwrote {len(written)} config(s) and plan.json under {args.out}; serve them with\n"
+              f"  tandem serve triton --model-repository {args.out / 'triton'}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tandem_serve.tuning.plots import plot_curves
+    from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, trials_json, write_best
+
+    key = args.admin_key_file.read_text().strip() if args.admin_key_file else ""
+    options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms, key)
+    trials = Tuner(options).run()
+    print(format_trials(trials))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune.json").write_text(trials_json(trials))
+        written = write_best(trials, args.out)
+        print(f"wrote tune.json and {len(written)} config(s) under {args.out}")
+        curves = {"before": trials[0].points, "after": best_trial(trials).points}
+        if plot_curves({k: [(p.throughput, p.p99_ms) for p in v] for k, v in curves.items()},
+                       args.out / "tune.png", f"tandem tune: {args.ensemble}"):
+            print(f"plot: {args.out / 'tune.png'}")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register profile, plan and tune on the `tandem` parser."""
+    profile = commands.add_parser("profile", help="time every stage on every device/precision (JSON + PNG)")
+    profile.add_argument("--out", type=Path, default=Path("profile.json"))
+    profile.add_argument("--plot", type=Path, help="PNG (default: next to --out)")
+    profile.add_argument("--pipelines", nargs="+", default=["text", "detection"], choices=("text", "detection"))
+    profile.add_argument("--devices", nargs="+", help="default: cpu and every visible GPU")
+    profile.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64])
+    profile.add_argument("--seq-lengths", nargs="+", type=int, default=[32, 128], help="tokens per text")
+    profile.add_argument("--image-sizes", nargs="+", type=int, default=[640], help="network input side (pixels)")
+    profile.add_argument("--detector-size", default="", help="n/s/m/l/x: a random-weight YOLOv5 of that size")
+    profile.add_argument("--repeats", type=int, default=5)
+    profile.add_argument("--cpu-max-batch", type=int, default=16, help="largest batch timed on the CPU")
+    profile.add_argument("--model-dir", type=Path, help="sentence-transformers model (default all-MiniLM-L6-v2)")
+    profile.set_defaults(func=cmd_profile)
+
+    plan = commands.add_parser("plan", help="choose placement, precision, instances and batching from a profile")
+    plan.add_argument("profile", type=Path)
+    plan.add_argument("--p99-ms", type=float, help="latency bound (default: maximum throughput)")
+    plan.add_argument("--min-accuracy", type=float, default=0.99, help="accuracy floor vs fp32 (default 0.99)")
+    plan.add_argument("--seq-length", type=int, help="plan for this many tokens per text (default the longest profiled)")
+    plan.add_argument("--image-size", type=int, help="plan for this network input side (default the largest profiled)")
+    plan.add_argument("--out", type=Path, help="write Triton configs, TorchServe model-config.yaml and plan.json here")
+    plan.set_defaults(func=cmd_plan)
+
+    tune = commands.add_parser("tune", help="closed-loop tuning of an ensemble's stages on a running Triton")
+    tune.add_argument("--url", default="localhost:8001", help="Triton gRPC address (server started with --model-control)")
+    tune.add_argument("--ensemble", default="text_embedding")
+    tune.add_argument("--admin-key-file", type=Path, help="the server's admin key (tandem serve prints its path)")
+    tune.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    tune.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
+    tune.add_argument("--rounds", type=int, default=4)
+    tune.add_argument("--p99-ms", type=float)
+    tune.add_argument("--out", type=Path, help="write the best configs (into existing model folders), tune.json, tune.png")
+    tune.set_defaults(func=cmd_tune)
+
+
+def _profile_main(argv: list[str] | None = None) -> int:
+    """`python -m tandem_serve.tuning.commands OUT.json [profile options]`: profile without the full CLI's imports."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(prog="tandem-profile")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["profile", "--out", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_profile_main())

@@ -1,0 +1,54 @@
+"""Readable tables of a plan: the chosen stages, the alternatives, and why each stage sits where it does."""
+
+from __future__ import annotations
+
+from tandem_serve.tuning.plan import PipelinePlan, PlanReport, feasible
+
+
+def _stage_table(plan: PipelinePlan) -> list[str]:
+    lines = [f"  {'stage':<17}{'model':<17}{'device':<15}{'prec':<6}{'batch':>6}{'inst':>5}{'delay us':>9}"
+             f"{'ms/item':>9}{'xfer ms/item':>13}"]
+    for s in plan.stages:
+        device = s.device + (f"+{s.cpu_instances}cpu" if s.cpu_share else "")
+        lines.append(f"  {s.stage:<17}{s.model:<17}{device:<15}{s.precision:<6}{s.batch:>6}{s.instances:>5}"
+                     f"{s.queue_delay_us:>9}{s.cost_per_item_ms:>9.3f}{s.transfer_per_item_ms:>13.4f}")
+    return lines
+
+
+def _why(plan: PipelinePlan, alternatives: list[PipelinePlan]) -> list[str]:
+    """For each stage: the best plan that puts it elsewhere (other device, or another ensemble) and the cost."""
+    lines = []
+    for index, stage in enumerate(plan.stages):
+        others = [a for a in alternatives
+                  if a.ensemble != plan.ensemble or a.stages[index].device != stage.device]
+        if not others or stage.device == "cpu" and stage.stage in ("tokenize", "image_preprocess", "nms"):
+            continue
+        best = others[0]
+        where = best.ensemble if best.ensemble != plan.ensemble else best.stages[index].device
+        reason = (f"{stage.stage} on {stage.device}: the best plan with it on {where} reaches "
+                  f"{best.throughput:.0f}/s ({best.throughput / plan.throughput:.2f}x), bound by the {best.bottleneck}")
+        if best.ensemble != plan.ensemble:
+            reason += f" [{best.placement()}]"
+        lines.append("  - " + reason)
+    return lines
+
+
+def format_report(report: PlanReport, top: int = 5) -> str:
+    """The report as text: per pipeline the chosen plan, the runners-up, and the reasons."""
+    out = [f"objective: {report.objective.describe()} (precisions within {report.objective.min_accuracy:g} of fp32)"]
+    for pipeline, plan in report.chosen.items():
+        alternatives = report.alternatives[pipeline]
+        ok = "" if feasible(plan, report.objective) else "  (NO plan meets the latency bound: the fastest shown)"
+        out += ["", f"{pipeline}: ensemble '{plan.ensemble}' at size {plan.size}: {plan.throughput:.0f} items/s, "
+                    f"~{plan.latency_ms:.1f} ms, {plan.bottleneck}-bound (CPU bound {plan.cpu_bound:.0f}/s, "
+                    f"GPU bound {plan.gpu_bound:.0f}/s){ok}"]
+        out += _stage_table(plan)
+        out.append("  why:")
+        out += _why(plan, alternatives[1:]) or ["  - no alternative placement was profiled"]
+        out.append(f"  runners-up ({len(alternatives) - 1} scored):")
+        for alt in alternatives[1 : top + 1]:
+            out.append(f"    {alt.throughput:>9.0f}/s {alt.latency_ms:>7.1f} ms  {alt.placement()}  "
+                       f"batches {','.join(str(s.batch) for s in alt.stages)}")
+    if report.rejected:
+        out += ["", "left out:"] + [f"  - {r}" for r in report.rejected]
+    return "\n".join(out)

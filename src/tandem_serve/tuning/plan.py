@@ -1,0 +1,267 @@
+"""`tandem plan`: choose device, precision, instances, batch sizes and queue delay per stage from a profile.
+
+The model (documented in the README, section Placement):
+- a CPU stage costs c = seconds(b) / b core-seconds per item (profiled on one thread); the CPU
+  stages share the machine's cores, less one core per GPU instance (its Python stub);
+- a GPU stage costs g = seconds(b) / b GPU-seconds per item plus the transfer of what crosses
+  between host and device (the profile's pageable copy time for b items' bytes, in and out);
+  the GPU stages share each GPU;
+- pipeline throughput T = min(CPU cores / sum c, GPUs / sum g); a stage allowed on both devices
+  may give a share f of its items to CPU instances when that raises T (Triton hands each batch to
+  whichever instance is free, so the split follows the instances' speeds);
+- latency = sum over stages of (queue delay + seconds(b) + transfer); the p99 objective keeps
+  plans whose latency, doubled for queueing, stays under the bound.
+Every (placement, precision, batch size) combination is scored; the best wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+
+from tandem_serve.tuning.profile import Profile, StageTiming
+
+PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
+    "text": [("text_embedding", ("tokenize", "token_embedding", "encoder")),
+             ("text_embedding_fused", ("tokenize", "encoder_fused"))],
+    "detection": [("object_detection", ("image_preprocess", "detector", "nms"))],
+}
+MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding", "encoder": "encoder",
+                  "encoder_fused": "encoder_fused", "image_preprocess": "image_preprocess", "detector": "detector",
+                  "nms": "nms"}
+SPLITTABLE = {"encoder", "encoder_fused", "detector"}  # stages that may run on both devices at once
+LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
+CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
+NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the lower latency wins
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Maximum throughput, or maximum throughput with p99 latency under `p99_ms`."""
+
+    p99_ms: float | None = None
+    min_accuracy: float = 0.99  # precisions whose accuracy vs fp32 falls below this are not considered
+
+    def describe(self) -> str:
+        return f"max throughput with p99 <= {self.p99_ms:g} ms" if self.p99_ms else "max throughput"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Where and how one stage runs."""
+
+    stage: str
+    device: str  # cpu | cuda:N
+    precision: str
+    batch: int
+    instances: int
+    queue_delay_us: int
+    cpu_share: float = 0.0  # of the items, for a stage split between a GPU and CPU instances
+    cpu_instances: int = 0
+    cost_per_item_ms: float = 0.0  # core-ms (CPU) or GPU-ms incl. transfers
+    transfer_per_item_ms: float = 0.0
+    latency_ms: float = 0.0
+
+    @property
+    def model(self) -> str:
+        return MODEL_OF_STAGE[self.stage]
+
+    @property
+    def preferred_batches(self) -> list[int]:
+        return sorted({max(1, self.batch // 2), self.batch}) if self.batch > 1 else [1]
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """One scored plan of a pipeline."""
+
+    pipeline: str
+    ensemble: str
+    size: int
+    stages: tuple[StagePlan, ...]
+    throughput: float  # items/s (model estimate)
+    latency_ms: float
+    cpu_bound: float
+    gpu_bound: float
+
+    @property
+    def bottleneck(self) -> str:
+        return "CPU" if self.cpu_bound <= self.gpu_bound else "GPU"
+
+    def placement(self) -> str:
+        parts = []
+        for s in self.stages:
+            where = s.device if not s.cpu_share else f"{s.device}+cpu({s.cpu_share:.0%})"
+            parts.append(f"{s.stage}@{where}" + (f"/{s.precision}" if s.precision != "-" else ""))
+        return " -> ".join(parts)
+
+
+@dataclass
+class PlanReport:
+    """The chosen plan per pipeline, the alternatives it beat, and the precisions left out for accuracy."""
+
+    objective: Objective
+    chosen: dict[str, PipelinePlan] = field(default_factory=dict)
+    alternatives: dict[str, list[PipelinePlan]] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)
+
+
+class TimingTable:
+    """Profile lookups: the stage timings at one input size, and host<->device copy times."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+
+    def sizes(self, pipeline: str) -> list[int]:
+        return sorted({t.size for t in self.profile.stages if t.pipeline == pipeline})
+
+    def options(self, stage: str, size: int, min_accuracy: float) -> dict[tuple[str, str], list[StageTiming]]:
+        """(device, precision) -> timings by batch at `size` (the nearest profiled size)."""
+        rows = [t for t in self.profile.stages if t.stage == stage]
+        if not rows:
+            return {}
+        nearest = min({t.size for t in rows}, key=lambda s: abs(s - size))
+        found: dict[tuple[str, str], list[StageTiming]] = {}
+        for t in rows:
+            # int8 is profiled for its accuracy and speed, but no stage config offers it yet
+            if t.size == nearest and t.precision != "int8" and (t.accuracy is None or t.accuracy >= min_accuracy):
+                found.setdefault((t.device, t.precision), []).append(t)
+        return {k: sorted(v, key=lambda t: t.batch) for k, v in found.items()}
+
+    def copy_seconds(self, nbytes: float) -> float:
+        """One host<->device copy of `nbytes` from pageable memory (what the Python backend's inputs are in),
+        interpolated linearly between profiled sizes; 0 without transfer timings."""
+        rows = sorted(self.profile.transfers, key=lambda t: t.bytes)
+        if not rows or nbytes <= 0:
+            return 0.0
+        if nbytes <= rows[0].bytes:
+            return rows[0].pageable_s
+        for low, high in zip(rows, rows[1:]):
+            if nbytes <= high.bytes:
+                w = (nbytes - low.bytes) / (high.bytes - low.bytes)
+                return low.pageable_s + w * (high.pageable_s - low.pageable_s)
+        last = rows[-1]
+        return last.pageable_s * nbytes / last.bytes
+
+
+def _cpu_batch(rows: list[StageTiming]) -> list[StageTiming]:
+    """A CPU stage's batch: the smallest within 5 % of its best cost per item (larger only adds latency)."""
+    best = min(t.seconds / t.batch for t in rows)
+    return [next(t for t in sorted(rows, key=lambda t: t.batch) if t.seconds / t.batch <= CPU_BATCH_SLACK * best)]
+
+
+def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: TimingTable) -> StagePlan:
+    """Cost per item of one stage at one batch size, transfers included for a GPU stage."""
+    on_gpu = timing.device.startswith("cuda")
+    transfer = 0.0
+    if on_gpu:
+        if not previous_on_gpu:
+            transfer += table.copy_seconds(timing.in_bytes * timing.batch)
+        transfer += table.copy_seconds(timing.out_bytes * timing.batch)
+    seconds = timing.seconds + transfer
+    delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
+    return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
+                     cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
+                     latency_ms=seconds * 1e3 + delay / 1e3)
+
+
+def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,
+          split_options: dict[int, StagePlan]) -> PipelinePlan:
+    """Throughput bounds, instance counts and an optional CPU share for a splittable GPU stage."""
+    gpu_stages = [s for s in stages if s.device.startswith("cuda")]
+    gpu_instances = sum(2 if s is max(gpu_stages, key=lambda g: g.cost_per_item_ms) else 1 for s in gpu_stages)
+    cores = max(1, cpus - gpu_instances)
+    sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3
+    sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
+    cpu_bound = cores / sum_c if sum_c else math.inf
+    gpu_bound = gpus / sum_g if sum_g else math.inf
+    planned = list(stages)
+    for index, cpu_variant in split_options.items():
+        g_e, c_e = planned[index].cost_per_item_ms / 1e3, cpu_variant.cost_per_item_ms / 1e3
+        share = (cores * sum_g / gpus - sum_c) / (cores * g_e / gpus + c_e)  # equalises both bounds
+        if share > 0.05 and gpu_bound < cpu_bound:
+            share = min(share, 1.0)
+            sum_c, sum_g = sum_c + share * c_e, sum_g - share * g_e
+            cpu_bound, gpu_bound = cores / sum_c, (gpus / sum_g if sum_g > 0 else math.inf)
+            planned[index] = replace(planned[index], cpu_share=round(share, 3))
+    throughput = min(cpu_bound, gpu_bound)
+    final = []
+    for s, original in zip(planned, stages):
+        if s.device == "cpu":
+            instances = max(1, round(cores * (s.cost_per_item_ms / 1e3) / sum_c)) if sum_c else 1
+            final.append(replace(s, instances=min(instances, cores)))
+        else:
+            extra = {}
+            if s.cpu_share:
+                cpu_variant = next(v for i, v in split_options.items() if stages[i] is original)
+                extra = {"cpu_instances": max(1, math.ceil(s.cpu_share * throughput * cpu_variant.cost_per_item_ms / 1e3)),
+                         "latency_ms": max(s.latency_ms, cpu_variant.latency_ms)}  # items on the CPU take longer
+            busiest = s is max((x for x in planned if x.device.startswith("cuda")), key=lambda g: g.cost_per_item_ms)
+            final.append(replace(s, instances=2 if busiest else 1, **extra))
+    latency = sum(s.latency_ms for s in final)
+    return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound)
+
+
+def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None) -> list[PipelinePlan]:
+    """Every scored combination for one pipeline, best first (the objective's feasible plans lead)."""
+    cpus = int(table.profile.machine.get("cpus", 1))
+    gpus = max(1, len(table.profile.machine.get("gpus", [])))
+    sizes = table.sizes(pipeline)
+    if not sizes:
+        return []
+    size = size or max(sizes)
+    plans = []
+    for ensemble, stage_names in PIPELINES[pipeline]:
+        options = [table.options(stage, size, objective.min_accuracy) for stage in stage_names]
+        if any(not o for o in options):
+            continue
+        choices = [[(key, t) for key, rows in o.items() for t in (_cpu_batch(rows) if key[0] == "cpu" else rows)]
+                   for o in options]
+        for combo in itertools.product(*choices):
+            stages, split, previous_on_gpu = [], {}, False
+            for index, (stage, ((device, precision), timing)) in enumerate(zip(stage_names, combo)):
+                stages.append(_stage_plan(stage, timing, previous_on_gpu, table))
+                if stage in SPLITTABLE and device.startswith("cuda"):
+                    cpu_rows = [t for (d, p), rows in options[index].items() if d == "cpu" for t in rows]
+                    if cpu_rows:
+                        best = min(cpu_rows, key=lambda t: t.seconds / t.batch)
+                        split[index] = _stage_plan(stage, best, False, table)
+                previous_on_gpu = device.startswith("cuda")
+            plans.append(score(pipeline, ensemble, size, stages, cpus, gpus, {}))
+            if split:  # the same placement with CPU instances helping the GPU stage: a plan of its own
+                helped = score(pipeline, ensemble, size, stages, cpus, gpus, split)
+                if any(s.cpu_share for s in helped.stages):
+                    plans.append(helped)
+
+    best = max((p.throughput for p in plans if feasible(p, objective)), default=0.0)
+
+    def rank(p: PipelinePlan) -> tuple:
+        if not feasible(p, objective):
+            return (2, p.latency_ms, -p.throughput)  # nothing meets the bound: the closest first
+        if p.throughput >= NEAR_BEST * best:
+            return (0, p.latency_ms, -p.throughput)  # within 2 % of the best: the lowest latency wins
+        return (1, -p.throughput, p.latency_ms)
+
+    return sorted(plans, key=rank)
+
+
+def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None) -> PlanReport:
+    """The best plan for each pipeline in the profile."""
+    table = TimingTable(profile)
+    report = PlanReport(objective)
+    seen = {(t.stage, t.device, t.precision): t.accuracy for t in profile.stages if t.accuracy is not None}
+    for (stage, device, precision), accuracy in sorted(seen.items()):
+        if precision == "int8" or accuracy < objective.min_accuracy:
+            why = "below the accuracy floor" if accuracy < objective.min_accuracy else "no stage config offers int8"
+            report.rejected.append(f"{stage} {device} {precision}: accuracy {accuracy:.4f} vs fp32 ({why})")
+    for pipeline in PIPELINES:
+        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline))
+        if ranked:
+            report.chosen[pipeline] = ranked[0]
+            report.alternatives[pipeline] = ranked
+    return report
+
+
+def feasible(plan: PipelinePlan, objective: Objective) -> bool:
+    return objective.p99_ms is None or plan.latency_ms * LATENCY_SLACK <= objective.p99_ms

@@ -1,0 +1,142 @@
+"""Write a plan as Triton configs (protobuf ModelConfig) and TorchServe model-config.yaml values."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tandem_serve.paths import project_root
+from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
+
+logger = logging.getLogger(__name__)
+HANDLER_OF_PIPELINE = {"text": "text_embedding", "detection": "object_detection"}
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """A config.pbtxt parsed into ModelConfig."""
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def write_config(config: mc.ModelConfig, path: Path) -> None:
+    path.write_text("# Rendered by `tandem plan` / `tandem tune`.\n" + text_format.MessageToString(config))
+
+
+def config_json(config: mc.ModelConfig) -> str:
+    """The JSON form Triton's load API takes as a config override."""
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+
+
+def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int) -> mc.ModelConfig:
+    """A copy of `config` with the stage's instances, batching and precision."""
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    out.max_batch_size = max(stage.batch, min_batch)
+    del out.instance_group[:]
+    if stage.device.startswith("cuda"):
+        out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=stage.instances,
+                               gpus=[int(stage.device.split(":")[1])])
+        if stage.cpu_share:
+            out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=stage.cpu_instances)
+    else:
+        out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=stage.instances)
+    out.dynamic_batching.preferred_batch_size[:] = [b for b in stage.preferred_batches if b <= out.max_batch_size]
+    out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
+    if stage.precision not in ("-", "int8") and "precision" in out.parameters:
+        out.parameters["precision"].string_value = stage.precision
+    return out
+
+
+def _ensemble_batch(ensembles: Path, name: str) -> int:
+    return read_config(ensembles / name / "config.pbtxt").max_batch_size
+
+
+def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, ensembles: Path | None = None) -> list[Path]:
+    """Copy the pipeline's models and ensemble into `target` (one repository) with planned configs."""
+    root = project_root()
+    models = models or root / "model_repository"
+    ensembles = ensembles or root / "ensembles"
+    need = _ensemble_batch(ensembles, plan.ensemble)
+    written = []
+    for stage in plan.stages:
+        source = models / stage.model
+        destination = target / stage.model
+        shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        config = apply_stage(read_config(source / "config.pbtxt"), stage, need)
+        write_config(config, destination / "config.pbtxt")
+        written.append(destination / "config.pbtxt")
+    shutil.copytree(ensembles / plan.ensemble, target / plan.ensemble, dirs_exist_ok=True)
+    return written
+
+
+def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None) -> Path:
+    """model-config.yaml for the pipeline's handler with the planned device, batch, workers and precision."""
+    handler = HANDLER_OF_PIPELINE[plan.pipeline]
+    source = (handlers or project_root() / "handlers") / handler / "model-config.yaml"
+    values = yaml.safe_load(source.read_text()) or {}
+    device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
+    on_gpu = device_stage.device.startswith("cuda")
+    values.update({"batchSize": device_stage.batch, "maxBatchDelay": max(1, round(device_stage.queue_delay_us / 1000)),
+                   "minWorkers": device_stage.instances, "maxWorkers": device_stage.instances,
+                   "deviceType": "gpu" if on_gpu else "cpu"})
+    section = values.setdefault("handler", {})
+    key = "encoder" if plan.pipeline == "text" else "detector"
+    stage_values = section.setdefault(key, {})
+    if device_stage.precision not in ("-", "int8"):
+        stage_values["precision"] = device_stage.precision
+    if plan.pipeline == "text":
+        stage_values["fuse_token_embedding"] = plan.ensemble == "text_embedding_fused"
+    section.setdefault("pipeline", {})["micro_batch_size"] = max(1, device_stage.batch // 4)
+    path = target / "torchserve" / handler / "model-config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Rendered by `tandem plan`.\n" + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def render(report: PlanReport, target: Path) -> list[Path]:
+    """Every chosen plan into `target`: a Triton repository in triton/ (models + ensembles), TorchServe
+    model-config.yaml files in torchserve/, and plan.json."""
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for plan in report.chosen.values():
+        written += render_triton(plan, target / "triton")
+        written.append(render_torchserve(plan, target))
+    summary = {pipeline: {"ensemble": p.ensemble, "throughput": p.throughput, "latency_ms": p.latency_ms,
+                          "stages": [s.__dict__ for s in p.stages]} for pipeline, p in report.chosen.items()}
+    (target / "plan.json").write_text(json.dumps({"objective": report.objective.__dict__, "plans": summary}, indent=1))
+    return written
+
+
+def ensemble_problems(repository: Path, ensemble: str) -> list[str]:
+    """Mismatches between an ensemble's steps and its composing models' configs in `repository`: unknown
+    tensor names, and an internal tensor whose producer and consumer disagree on its type."""
+    config = read_config(repository / ensemble / "config.pbtxt")
+    types = {t.name: t.data_type for t in config.input}
+    problems = []
+    for step in config.ensemble_scheduling.step:
+        model = read_config(repository / step.model_name / "config.pbtxt")
+        inputs = {t.name: t.data_type for t in model.input}
+        outputs = {t.name: t.data_type for t in model.output}
+        for key, tensor in step.input_map.items():
+            if key not in inputs:
+                problems.append(f"{step.model_name} has no input {key}")
+            elif tensor in types and types[tensor] != inputs[key]:
+                problems.append(f"{tensor}: {mc.DataType.Name(types[tensor])} into {step.model_name}.{key} "
+                                f"({mc.DataType.Name(inputs[key])})")
+        for key, tensor in step.output_map.items():
+            if key not in outputs:
+                problems.append(f"{step.model_name} has no output {key}")
+            else:
+                types[tensor] = outputs[key]
+        if config.max_batch_size > model.max_batch_size:
+            problems.append(f"{step.model_name}: max_batch_size {model.max_batch_size} < the ensemble's {config.max_batch_size}")
+    for t in config.output:
+        if types.get(t.name) not in (None, t.data_type):
+            problems.append(f"ensemble output {t.name} is {mc.DataType.Name(t.data_type)}, produced as "
+                            f"{mc.DataType.Name(types[t.name])}")
+    return problems

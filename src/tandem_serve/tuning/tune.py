@@ -1,0 +1,271 @@
+"""`tandem tune`: closed-loop tuning of one ensemble's stages against a running Triton.
+
+The search (coordinate ascent on the bottleneck, not a grid):
+1. measure the current configuration: closed-loop load at each concurrency level (the project's
+   client, one text or image per request), throughput and p50/p99, and per-stage statistics;
+2. the bottleneck is the composing model with the highest utilisation (compute time per second
+   of wall time, per instance);
+3. try, in order, one more instance of it, then twice its queue delay with a larger preferred
+   batch; a change is applied through the model-control API (load with a config override) and
+   kept if the objective improves by at least 3 %, else the previous config is reloaded;
+4. repeat from 2 for `rounds`, stopping early when no change helps.
+The objective is the highest throughput over the levels (or over the levels whose p99 meets the
+bound). Prints the trials, writes the best configs, plots the curves before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import tritonclient.grpc as grpcclient
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tandem_serve.stats import StageStats, read_statistics
+from tandem_serve.triton.launcher import GRPC_ADMIN_HEADER
+from tandem_serve.tuning.render import config_json, write_config
+
+logger = logging.getLogger(__name__)
+IMPROVEMENT = 1.03
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """What to drive and how long."""
+
+    url: str  # Triton gRPC address
+    ensemble: str = "text_embedding"
+    concurrencies: tuple[int, ...] = (1, 4, 16)
+    seconds: float = 5.0  # per concurrency level
+    rounds: int = 4
+    p99_ms: float | None = None
+    admin_key: str = ""  # the model-repository API's key (`tandem serve triton` prints where it is)
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    concurrency: int
+    throughput: float  # requests/s (one item each)
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+@dataclass
+class Trial:
+    """One configuration measured."""
+
+    change: str
+    points: list[LoadPoint]
+    stages: list[StageStats]
+    value: float
+    kept: bool = False
+    configs: dict[str, str] = field(default_factory=dict)  # model -> config JSON
+
+
+Sender = tuple[Callable[[], None], Callable[[], None]]  # (send one request, close the client)
+
+
+def _request_maker(ensemble: str, url: str) -> Callable[[], Sender]:
+    """A factory of per-thread (send, close) pairs for the ensemble's pipeline."""
+    if ensemble.startswith("text"):
+        from tandem_serve.client import TextEmbeddingClient
+        from tandem_serve.tuning.stage_timers import sentences
+
+        texts = sentences(64, 24, seed=3)
+
+        def make() -> Sender:
+            client = TextEmbeddingClient(url, "grpc", ensemble)
+            counter = iter(range(1 << 62))
+            return (lambda: client.embed([texts[next(counter) % len(texts)]])), client.close
+        return make
+    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.tuning.stage_timers import _scenes
+
+    images = _scenes(16, seed=11)
+
+    def make() -> Sender:
+        client = ObjectDetectionClient(url, "grpc", ensemble)
+        counter = iter(range(1 << 62))
+        return (lambda: client.detect(images[next(counter) % len(images)])), client.close
+    return make
+
+
+def drive(make: Callable[[], Sender], concurrency: int, seconds: float) -> LoadPoint:
+    """Closed loop: `concurrency` threads send back-to-back requests for `seconds`."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    senders = [make() for _ in range(concurrency)]
+    start_line = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def worker(send: Callable[[], None]) -> None:
+        start_line.wait()
+        while time.perf_counter() < deadline[0]:
+            begin = time.perf_counter()
+            try:
+                send()
+            except Exception:  # noqa: BLE001 - counted; a tuning trial with errors is reported, not fatal
+                with lock:
+                    errors[0] += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - begin)
+
+    threads = [threading.Thread(target=worker, args=(send,), daemon=True) for send, _ in senders]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + seconds
+    start_line.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    for _, close in senders:
+        close()
+    ordered = sorted(latencies) or [float("nan")]
+    return LoadPoint(concurrency, len(latencies) / wall, statistics.median(ordered) * 1e3,
+                     ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3, errors[0])
+
+
+class Tuner:
+    """Measures, changes and reloads the composing models of one ensemble."""
+
+    def __init__(self, options: TuneOptions):
+        self.options = options
+        self.client = grpcclient.InferenceServerClient(options.url)
+        self.headers = {GRPC_ADMIN_HEADER: options.admin_key} if options.admin_key else None
+        ensemble = self.config(options.ensemble)
+        self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
+        self.make = _request_maker(options.ensemble, options.url)
+
+    def config(self, model: str) -> mc.ModelConfig:
+        raw = self.client.get_model_config(model, as_json=True)["config"]
+        return json_format.ParseDict(raw, mc.ModelConfig(), ignore_unknown_fields=True)
+
+    def load(self, model: str, config: mc.ModelConfig) -> None:
+        """Reload `model` with `config` and wait until the ensemble is ready again."""
+        self.client.load_model(model, config=config_json(config), headers=self.headers)
+        deadline = time.monotonic() + self.options.timeout_s
+        while not (self.client.is_model_ready(model) and self.client.is_model_ready(self.options.ensemble)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} did not become ready after reloading")
+            time.sleep(0.2)
+
+    def value(self, points: list[LoadPoint]) -> float:
+        bound = self.options.p99_ms
+        eligible = [p.throughput for p in points if not p.errors and (bound is None or p.p99_ms <= bound)]
+        return max(eligible, default=0.0)
+
+    def measure(self, change: str) -> Trial:
+        before = {s.model: s for s in read_statistics(self.client, "grpc")}
+        began = time.perf_counter()
+        points = [drive(self.make, c, self.options.seconds) for c in self.options.concurrencies]
+        wall = time.perf_counter() - began
+        after = read_statistics(self.client, "grpc")
+        stages = [_delta(s, before.get(s.model)) for s in after if s.model in self.models]
+        trial = Trial(change, points, stages, self.value(points),
+                      configs={m: config_json(self.config(m)) for m in self.models})
+        self._wall = wall
+        logger.info("%s: %.1f/s (%s)", change, trial.value,
+                    ", ".join(f"c{p.concurrency} {p.throughput:.1f}/s p99 {p.p99_ms:.0f} ms" for p in points))
+        return trial
+
+    def bottleneck(self, trial: Trial) -> str:
+        """The composing model busiest per instance during the trial."""
+        def busy(s: StageStats) -> float:  # compute_ms per request ~ its batch's time: busy = executions x that
+            instances = sum(g.count for g in self.config(s.model).instance_group) or 1
+            return s.executions * s.compute_ms / 1e3 / self._wall / instances
+        return max(trial.stages, key=busy).model
+
+    def candidates(self, model: str) -> list[tuple[str, mc.ModelConfig]]:
+        """Changes to try on the bottleneck, in order."""
+        current = self.config(model)
+        more = mc.ModelConfig()
+        more.CopyFrom(current)
+        for group in more.instance_group:
+            group.count += 1
+        batch = mc.ModelConfig()
+        batch.CopyFrom(current)
+        delay = max(500, 2 * batch.dynamic_batching.max_queue_delay_microseconds)
+        batch.dynamic_batching.max_queue_delay_microseconds = delay
+        top = max(list(batch.dynamic_batching.preferred_batch_size) or [1])
+        if 2 * top <= batch.max_batch_size:
+            batch.dynamic_batching.preferred_batch_size.append(2 * top)
+        counts = "+".join(str(g.count) for g in more.instance_group)
+        return [(f"{model}: {counts} instance(s)", more), (f"{model}: queue delay {delay} us, batches up to {2 * top}", batch)]
+
+    def run(self) -> list[Trial]:
+        trials = [self.measure("as loaded")]
+        trials[0].kept = True
+        best = trials[0]
+        for _ in range(self.options.rounds):
+            model = self.bottleneck(best)
+            improved = False
+            for change, config in self.candidates(model):
+                previous = self.config(model)
+                self.load(model, config)
+                trial = self.measure(change)
+                trials.append(trial)
+                if trial.value > best.value * IMPROVEMENT:
+                    trial.kept, best, improved = True, trial, True
+                    break
+                self.load(model, previous)
+            if not improved:
+                break
+        return trials
+
+
+def _delta(now: StageStats, before: StageStats | None) -> StageStats:
+    """Statistics of the interval between two cumulative readings."""
+    if before is None:
+        return now
+    requests = now.requests - before.requests
+    def mean(a: float, b: float) -> float:
+        return (a * now.requests - b * before.requests) / requests if requests else 0.0
+    return StageStats(now.model, requests, now.executions - before.executions, now.inferences - before.inferences,
+                      mean(now.queue_ms, before.queue_ms), mean(now.compute_ms, before.compute_ms))
+
+
+def best_trial(trials: list[Trial]) -> Trial:
+    return max((t for t in trials if t.kept), key=lambda t: t.value)
+
+
+def write_best(trials: list[Trial], repository: Path) -> list[Path]:
+    """The best trial's configs into `repository`/<model>/config.pbtxt (existing model directories only)."""
+    written = []
+    for model, raw in best_trial(trials).configs.items():
+        folder = repository / model
+        if folder.is_dir():
+            config = json_format.Parse(raw, mc.ModelConfig(), ignore_unknown_fields=True)
+            write_config(config, folder / "config.pbtxt")
+            written.append(folder / "config.pbtxt")
+    return written
+
+
+def format_trials(trials: list[Trial]) -> str:
+    levels = [p.concurrency for p in trials[0].points]
+    head = f"{'#':>2} {'change':<52}" + "".join(f"{'c' + str(c) + ' /s':>9}{'p99 ms':>8}" for c in levels) + f"{'value':>8} kept"
+    lines = [head]
+    for i, t in enumerate(trials):
+        cells = "".join(f"{p.throughput:>9.1f}{p.p99_ms:>8.0f}" for p in t.points)
+        lines.append(f"{i:>2} {t.change[:52]:<52}{cells}{t.value:>8.1f} {'yes' if t.kept else ''}")
+    first, best = trials[0], best_trial(trials)
+    lines.append(f"best: {best.change} -> {best.value:.1f}/s, {best.value / first.value if first.value else float('nan'):.2f}x "
+                 f"the configuration as loaded")
+    return "\n".join(lines)
+
+
+def trials_json(trials: list[Trial]) -> str:
+    return json.dumps([{"change": t.change, "value": t.value, "kept": t.kept,
+                        "points": [p.__dict__ for p in t.points],
+                        "stages": [s.__dict__ for s in t.stages]} for t in trials], indent=1)

@@ -1,0 +1,129 @@
+"""The planner on synthetic profiles whose best answer is known, and the configs it renders."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tandem_serve.paths import project_root
+from tandem_serve.tuning.plan import Objective, make_plan
+from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
+from tandem_serve.tuning.render import ensemble_problems, read_config, render
+
+MB = 1 << 20
+
+
+def timing(stage: str, device: str, batch: int, per_item_ms: float, precision: str = "fp32", in_bytes: int = 0,
+           out_bytes: int = 0, size: int = 640, fixed_ms: float = 0.0, accuracy: float | None = None,
+           pipeline: str = "detection") -> StageTiming:
+    seconds = (fixed_ms + per_item_ms * batch) / 1e3
+    return StageTiming(pipeline, stage, device, precision, batch, size, seconds, in_bytes, out_bytes, accuracy)
+
+
+def transfers(gb_per_s: float) -> list[TransferTiming]:
+    return [TransferTiming(size, size / gb_per_s / 1e9, size / gb_per_s / 1e9) for size in (4 << 10, MB, 64 * MB)]
+
+
+def detection_profile(gpu_ms: float, cpu_ms: float, image_bytes: int, gb_per_s: float, cpus: int = 16) -> Profile:
+    rows = []
+    for batch in (1, 4, 16):
+        rows += [timing("image_preprocess", "cpu", batch, 1.0, "-", 50_000, image_bytes),
+                 timing("detector", "cpu", batch, cpu_ms, in_bytes=image_bytes, out_bytes=2400),
+                 timing("detector", "cuda:0", batch, gpu_ms, in_bytes=image_bytes, out_bytes=2400, fixed_ms=2.0),
+                 timing("nms", "cpu", batch, 0.1, "-", 2400, 0)]
+    return Profile({"cpus": cpus, "gpus": ["Test GPU"]}, rows, transfers(gb_per_s))
+
+
+def test_gpu_50x_faster_but_transfer_costlier_than_the_cpu_stage_stays_on_the_cpu():
+    # detector: 10 ms/item on a core, 0.2 ms on the GPU (50x), but 1.2 MB per image at 0.05 GB/s = 24 ms
+    profile = detection_profile(gpu_ms=0.2, cpu_ms=10.0, image_bytes=1_200_000, gb_per_s=0.05)
+    plan = make_plan(profile, Objective()).chosen["detection"]
+    assert [s.device for s in plan.stages] == ["cpu", "cpu", "cpu"]
+    assert plan.throughput > 0
+
+
+def test_the_same_stage_goes_to_the_gpu_when_the_transfer_is_cheap():
+    profile = detection_profile(gpu_ms=0.2, cpu_ms=10.0, image_bytes=1_200_000, gb_per_s=25.0)
+    plan = make_plan(profile, Objective()).chosen["detection"]
+    detector = next(s for s in plan.stages if s.stage == "detector")
+    assert detector.device == "cuda:0" and detector.batch == 16  # the fixed 2 ms per call favours the big batch
+    assert detector.transfer_per_item_ms == pytest.approx(1_200_000 / 25e9 * 1e3 + 2400 / 25e9 * 1e3, rel=1e-3)
+
+
+def test_a_latency_bound_picks_a_smaller_batch():
+    profile = detection_profile(gpu_ms=0.2, cpu_ms=10.0, image_bytes=1_200_000, gb_per_s=25.0)
+    fast = make_plan(profile, Objective()).chosen["detection"]
+    bounded = make_plan(profile, Objective(p99_ms=12.0)).chosen["detection"]
+    assert bounded.latency_ms * 2 <= 12.0 < fast.latency_ms * 2
+    assert sum(s.batch for s in bounded.stages) < sum(s.batch for s in fast.stages)
+
+
+def text_profile(hidden_gb_per_s: float) -> Profile:
+    rows = []
+    hidden = 128 * 384 * 2
+    for batch in (1, 8, 32):
+        rows += [timing("tokenize", "cpu", batch, 0.05, "-", 0, 128 * 16, size=128, pipeline="text"),
+                 timing("token_embedding", "cpu", batch, 0.05, in_bytes=128 * 8, out_bytes=hidden, size=128, pipeline="text"),
+                 timing("encoder", "cuda:0", batch, 0.10, "fp16", hidden + 128 * 8, 384 * 4, 128, 1.0, 0.9999, "text"),
+                 timing("encoder_fused", "cuda:0", batch, 0.11, "fp16", 128 * 16, 384 * 4, 128, 1.0, 0.9999, "text"),
+                 timing("encoder", "cpu", batch, 20.0, "fp32", hidden + 128 * 8, 384 * 4, 128, 0, 1.0, "text"),
+                 timing("encoder_fused", "cpu", batch, 20.0, "fp32", 128 * 16, 384 * 4, 128, 0, 1.0, "text"),
+                 timing("encoder_fused", "cuda:0", batch, 0.05, "bf16", 128 * 16, 384 * 4, 128, 1.0, 0.95, "text")]
+    return Profile({"cpus": 8, "gpus": ["Test GPU"]}, rows, transfers(hidden_gb_per_s))
+
+
+def test_token_embedding_moves_onto_the_gpu_when_shipping_hidden_states_costs_more_than_ids():
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
+    plan = report.chosen["text"]
+    assert plan.ensemble == "text_embedding_fused"
+    assert [s.stage for s in plan.stages] == ["tokenize", "encoder_fused"]
+    assert all(s.precision != "bf16" for s in plan.stages)  # 0.95 accuracy is under the 0.99 floor
+    assert any("encoder_fused cuda:0 bf16" in line for line in report.rejected)
+
+
+def test_token_embedding_stays_on_the_cpu_when_the_copy_is_free_and_the_gpu_is_the_bottleneck():
+    plan = make_plan(text_profile(hidden_gb_per_s=1e6), Objective()).chosen["text"]
+    assert plan.ensemble == "text_embedding" and plan.bottleneck == "GPU"
+
+
+def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_kinds(tmp_path):
+    # GPU 2 ms/item; CPU 8 ms/item on each of 32 cores: the CPU can add a lot
+    profile = detection_profile(gpu_ms=2.0, cpu_ms=8.0, image_bytes=10_000, gb_per_s=25.0, cpus=32)
+    plan = make_plan(profile, Objective()).chosen["detection"]
+    detector = next(s for s in plan.stages if s.stage == "detector")
+    assert detector.device == "cuda:0" and 0 < detector.cpu_share < 1 and detector.cpu_instances >= 1
+    gpu_only = 1 / ((detector.cost_per_item_ms) / 1e3)
+    assert plan.throughput > gpu_only * 1.1
+    render(make_plan(profile, Objective()), tmp_path)
+    kinds = [g.kind for g in read_config(tmp_path / "triton" / "detector" / "config.pbtxt").instance_group]
+    assert kinds == [mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU]
+
+
+def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
+    profile = Profile({"cpus": 8, "gpus": ["Test GPU"]},
+                      text_profile(1.0).stages + detection_profile(0.2, 10.0, 1_200_000, 25.0).stages, transfers(1.0))
+    report = make_plan(profile, Objective())
+    written = render(report, tmp_path)
+    assert ensemble_problems(tmp_path / "triton", "text_embedding_fused") == []
+    assert ensemble_problems(tmp_path / "triton", "object_detection") == []
+    encoder = read_config(tmp_path / "triton" / "encoder_fused" / "config.pbtxt")
+    original = read_config(project_root() / "model_repository" / "encoder_fused" / "config.pbtxt")
+    assert encoder.parameters["precision"].string_value == "fp16"
+    assert [t.name for t in encoder.input] == [t.name for t in original.input]
+    assert encoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert encoder.dynamic_batching.preferred_batch_size == [16, 32]
+    values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
+    assert values["batchSize"] == 32 and values["deviceType"] == "gpu"
+    assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16"}
+    assert len(written) == 2 + 3 + 2
+
+
+def test_ensemble_problems_name_a_broken_type(tmp_path):
+    report = make_plan(detection_profile(0.2, 10.0, 1_200_000, 25.0), Objective())
+    render(report, tmp_path)
+    config = read_config(tmp_path / "triton" / "nms" / "config.pbtxt")
+    config.input[0].data_type = mc.TYPE_FP16
+    (tmp_path / "triton" / "nms" / "config.pbtxt").write_text(str(config))
+    problems = ensemble_problems(tmp_path / "triton", "object_detection")
+    assert problems and "nms" in problems[0] and "TYPE_FP16" in problems[0]
