@@ -9,6 +9,7 @@
 #   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]  (add ".carry/cuda" where cuda.bindings is missing)
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
+# Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -55,15 +56,19 @@ bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton pla
         python3 bench/text_pipeline.py --out "$out/bench_text_pipeline.json" 2>&1 | tee "$out/bench.log"
     fi
     ;;
-profile)  # after model1, carry [".carry/model2"]: tandem profile of both pipelines (plan it where tritonclient is)
+profile)  # after wheels, model1, numpy1; carry [".carry/model2"]: tandem profile + plan of both pipelines
     cp -r .carry/model2/* "$base/model/"
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
     echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-    python3 -m tandem_serve.tuning.commands "$out/profile.json" 2>&1 | tee "$out/profile.log"
-    python3 -m tandem_serve.tuning.commands "$out/profile-yolov5s.json" --pipelines detection --detector-size s 2>&1 | tee -a "$out/profile.log"
-    python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"
-    python3 bench/transfer.py --out "$out/bench_transfer.json" 2>&1 | tee "$out/bench_transfer.log"
+    python3 -m tandem_serve.cli profile --out "$out/profile.json" 2>&1 | grep -v "\] " | tee "$out/profile.log"
+    python3 -m tandem_serve.cli plan "$out/profile.json" --out "$base/plan" 2>&1 | tee "$out/plan.txt"
+    cp "$base/plan/plan.json" "$out/"
+    ;;
+tune)  # after profile: the project's default configs measured, then the plan served and tuned, per pipeline
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/tuning.py --plan "$base/plan" --out "$out/bench_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$out/bench_tuning.log"
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1

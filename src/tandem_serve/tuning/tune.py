@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -83,7 +84,7 @@ def _request_maker(ensemble: str, url: str) -> Callable[[], Sender]:
         texts = sentences(64, 24, seed=3)
 
         def make() -> Sender:
-            client = TextEmbeddingClient(url, "grpc", ensemble)
+            client = TextEmbeddingClient(url, "grpc", ensemble, timeout_s=30.0)
             counter = iter(range(1 << 62))
             return (lambda: client.embed([texts[next(counter) % len(texts)]])), client.close
         return make
@@ -93,7 +94,7 @@ def _request_maker(ensemble: str, url: str) -> Callable[[], Sender]:
     images = _scenes(16, seed=11)
 
     def make() -> Sender:
-        client = ObjectDetectionClient(url, "grpc", ensemble)
+        client = ObjectDetectionClient(url, "grpc", ensemble, timeout_s=30.0)
         counter = iter(range(1 << 62))
         return (lambda: client.detect(images[next(counter) % len(images)])), client.close
     return make
@@ -154,7 +155,8 @@ class Tuner:
 
     def load(self, model: str, config: mc.ModelConfig) -> None:
         """Reload `model` with `config` and wait until the ensemble is ready again."""
-        self.client.load_model(model, config=config_json(config), headers=self.headers)
+        self.client.load_model(model, config=config_json(config), headers=self.headers,
+                               client_timeout=self.options.timeout_s)
         deadline = time.monotonic() + self.options.timeout_s
         while not (self.client.is_model_ready(model) and self.client.is_model_ready(self.options.ensemble)):
             if time.monotonic() > deadline:
@@ -205,23 +207,28 @@ class Tuner:
         return [(f"{model}: {counts} instance(s)", more), (f"{model}: queue delay {delay} us, batches up to {2 * top}", batch)]
 
     def run(self) -> list[Trial]:
+        """The trials in order; the search stops early (keeping what it has) if a reload fails or times out."""
         trials = [self.measure("as loaded")]
         trials[0].kept = True
         best = trials[0]
-        for _ in range(self.options.rounds):
-            model = self.bottleneck(best)
-            improved = False
-            for change, config in self.candidates(model):
-                previous = self.config(model)
-                self.load(model, config)
-                trial = self.measure(change)
-                trials.append(trial)
-                if trial.value > best.value * IMPROVEMENT:
-                    trial.kept, best, improved = True, trial, True
+        try:
+            for _ in range(self.options.rounds):
+                model = self.bottleneck(best)
+                improved = False
+                for change, config in self.candidates(model):
+                    previous = self.config(model)
+                    self.load(model, config)
+                    trial = self.measure(change)
+                    trials.append(trial)
+                    if trial.value > best.value * IMPROVEMENT:
+                        trial.kept, best, improved = True, trial, True
+                        break
+                    self.load(model, previous)
+                if not improved:
                     break
-                self.load(model, previous)
-            if not improved:
-                break
+        except (InferenceServerException, TimeoutError) as exc:
+            logger.error("tuning stopped: %s (the server may now run a configuration that was not kept; "
+                         "the best one measured is reported)", str(exc).splitlines()[0][:300])
         return trials
 
 
