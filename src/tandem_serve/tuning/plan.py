@@ -170,7 +170,8 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
           split_options: dict[int, StagePlan]) -> PipelinePlan:
     """Throughput bounds, instance counts and an optional CPU share for a splittable GPU stage."""
     gpu_stages = [s for s in stages if s.device.startswith("cuda")]
-    gpu_instances = sum(2 if s is max(gpu_stages, key=lambda g: g.cost_per_item_ms) else 1 for s in gpu_stages)
+    busiest = max(gpu_stages, key=lambda g: g.cost_per_item_ms).stage if gpu_stages else None
+    gpu_instances = sum(2 if s.stage == busiest else 1 for s in gpu_stages)  # two overlap the busiest's Python work
     cores = max(1, cpus - gpu_instances)
     sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
@@ -197,8 +198,7 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
                 cpu_variant = next(v for i, v in split_options.items() if stages[i] is original)
                 extra = {"cpu_instances": max(1, math.ceil(s.cpu_share * throughput * cpu_variant.cost_per_item_ms / 1e3)),
                          "latency_ms": max(s.latency_ms, cpu_variant.latency_ms)}  # items on the CPU take longer
-            busiest = s is max((x for x in planned if x.device.startswith("cuda")), key=lambda g: g.cost_per_item_ms)
-            final.append(replace(s, instances=2 if busiest else 1, **extra))
+            final.append(replace(s, instances=2 if s.stage == busiest else 1, **extra))
     latency = sum(s.latency_ms for s in final)
     return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound)
 

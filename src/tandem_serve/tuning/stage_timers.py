@@ -104,7 +104,8 @@ def text_timings(options: ProfileOptions, devices: list[str]) -> list[StageTimin
     return rows
 
 
-def _scenes(count: int, seed: int) -> list[bytes]:
+def scenes(count: int, seed: int) -> list[bytes]:
+    """`count` encoded synthetic scenes (JPEG or PNG, mixed sizes)."""
     from tandem_serve.vision.shapes import encode_scene, generate_scene
 
     rng = np.random.default_rng(seed)
@@ -145,8 +146,8 @@ def detection_timings(options: ProfileOptions, devices: list[str]) -> list[Stage
     detectors = [(device, precision) for device in devices for precision in precisions_for(device, "detector")]
     cases = [(size, batch) for size in options.image_sizes for batch in options.batch_sizes]
     progress = Progress(len(cases) * (2 + len(detectors)))
-    encoded = _scenes(max(options.batch_sizes), seed=5)
-    check_images = _scenes(8, seed=77)
+    encoded = scenes(max(options.batch_sizes), seed=5)
+    check_images = scenes(8, seed=77)
     rows: list[StageTiming] = []
     prepared = {}
     per_image = {}

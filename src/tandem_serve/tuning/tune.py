@@ -68,6 +68,7 @@ class Trial:
     points: list[LoadPoint]
     stages: list[StageStats]
     value: float
+    wall_s: float = 0.0
     kept: bool = False
     configs: dict[str, str] = field(default_factory=dict)  # model -> config JSON
 
@@ -89,9 +90,9 @@ def _request_maker(ensemble: str, url: str) -> Callable[[], Sender]:
             return (lambda: client.embed([texts[next(counter) % len(texts)]])), client.close
         return make
     from tandem_serve.client import ObjectDetectionClient
-    from tandem_serve.tuning.stage_timers import _scenes
+    from tandem_serve.tuning.stage_timers import scenes
 
-    images = _scenes(16, seed=11)
+    images = scenes(16, seed=11)
 
     def make() -> Sender:
         client = ObjectDetectionClient(url, "grpc", ensemble, timeout_s=30.0)
@@ -175,9 +176,8 @@ class Tuner:
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
         stages = [_delta(s, before.get(s.model)) for s in after if s.model in self.models]
-        trial = Trial(change, points, stages, self.value(points),
+        trial = Trial(change, points, stages, self.value(points), wall,
                       configs={m: config_json(self.config(m)) for m in self.models})
-        self._wall = wall
         logger.info("%s: %.1f/s (%s)", change, trial.value,
                     ", ".join(f"c{p.concurrency} {p.throughput:.1f}/s p99 {p.p99_ms:.0f} ms" for p in points))
         return trial
@@ -186,7 +186,7 @@ class Tuner:
         """The composing model busiest per instance during the trial."""
         def busy(s: StageStats) -> float:  # compute_ms per request ~ its batch's time: busy = executions x that
             instances = sum(g.count for g in self.config(s.model).instance_group) or 1
-            return s.executions * s.compute_ms / 1e3 / self._wall / instances
+            return s.executions * s.compute_ms / 1e3 / trial.wall_s / instances
         return max(trial.stages, key=busy).model
 
     def candidates(self, model: str) -> list[tuple[str, mc.ModelConfig]]:
