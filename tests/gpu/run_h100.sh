@@ -70,6 +70,13 @@ tune)  # after profile: the project's default configs measured, then the plan se
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/tuning.py --plan "$base/plan" --out "$out/bench_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$out/bench_tuning.log"
     ;;
+latency)  # after wheels, model1, numpy1; carry [".carry/model2"]: where object_detection's latency goes
+    cp -r .carry/model2/* "$base/model/"
+    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/detection_latency.py --out "$out/bench_detection_latency.json" 2>&1 | tee "$out/bench_detection_latency.log"
+    ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
     python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"
