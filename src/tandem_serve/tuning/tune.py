@@ -2,7 +2,8 @@
 
 The search (coordinate ascent on the bottleneck, not a grid):
 1. measure the current configuration: closed-loop load at each concurrency level (the project's
-   client, one text or image per request), throughput and p50/p99, and per-stage statistics;
+   client, one text or image per request, two untimed requests per sender first), throughput and
+   p50/p99, and per-stage statistics;
 2. the bottleneck is the composing model with the highest utilisation (compute time per second
    of wall time, per instance);
 3. try, in order, one more instance of it, then twice its queue delay with a larger preferred
@@ -35,6 +36,7 @@ from tandem_serve.tuning.render import config_json, write_config
 
 logger = logging.getLogger(__name__)
 IMPROVEMENT = 1.03
+WARM_UP = 2  # untimed requests per sender before each level
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ def drive(make: Callable[[], Sender], concurrency: int, seconds: float) -> LoadP
     deadline = [0.0]
 
     def worker(send: Callable[[], None]) -> None:
+        for _ in range(WARM_UP):  # new batch shapes and fresh instances pay one-off costs (CUDA, allocator)
+            try:
+                send()
+            except Exception:  # noqa: BLE001 - a failing server shows up in the timed window
+                break
         start_line.wait()
         while time.perf_counter() < deadline[0]:
             begin = time.perf_counter()
