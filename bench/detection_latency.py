@@ -25,7 +25,7 @@ import numpy as np
 from _common import machine
 from tandem_serve.client import ObjectDetectionClient
 from tandem_serve.paths import project_root
-from tandem_serve.stats import read_statistics
+from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.tuning.stage_timers import scenes
@@ -81,11 +81,8 @@ def main() -> int:
                 boxes[on_device] = found
                 steps = {}
                 for name in STEPS:
-                    a, b = after[name], before[name]
-                    n = a.requests - b.requests
-                    steps[name] = {"requests": n,
-                                   "queue_ms": (a.queue_ms * a.requests - b.queue_ms * b.requests) / n if n else 0.0,
-                                   "compute_ms": (a.compute_ms * a.requests - b.compute_ms * b.requests) / n if n else 0.0}
+                    step = stats_delta(after[name], before[name])
+                    steps[name] = {"requests": step.requests, "queue_ms": step.queue_ms, "compute_ms": step.compute_ms}
                 ordered = np.sort(latencies)
                 rows.append({"candidates": "GPU (CUDA IPC)" if on_device else "host copy",
                              "p50_ms": float(np.percentile(ordered, 50)), "p90_ms": float(np.percentile(ordered, 90)),

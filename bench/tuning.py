@@ -21,7 +21,7 @@ from pathlib import Path
 from _common import machine
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.tuning.plots import plot_curves
-from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials
+from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, trial_record
 
 logger = logging.getLogger("bench.tuning")
 
@@ -63,14 +63,10 @@ def main() -> int:
                     args.out.with_name(f"{args.out.stem}-{pipeline}.png"), f"{r['ensemble']} ({machine()['gpu']})")
     sys.stdout.write("\n".join(lines) + "\n")
 
-    def trial_json(t) -> dict:
-        return {"change": t.change, "value": t.value, "kept": t.kept, "points": [p.__dict__ for p in t.points],
-                "stages": [s.__dict__ for s in t.stages]}
-
     args.out.write_text(json.dumps({"machine": machine(), "concurrency": args.concurrency, "seconds": args.seconds,
-                                    "results": {p: {"ensemble": r["ensemble"], "default": trial_json(r["default"]),
-                                                    "planned": trial_json(r["planned"]), "tuned": trial_json(r["tuned"]),
-                                                    "trials": [trial_json(t) for t in r["trials"]]}
+                                    "results": {p: {"ensemble": r["ensemble"], "default": trial_record(r["default"]),
+                                                    "planned": trial_record(r["planned"]), "tuned": trial_record(r["tuned"]),
+                                                    "trials": [trial_record(t) for t in r["trials"]]}
                                                 for p, r in results.items()}}, indent=1))
     return 0
 

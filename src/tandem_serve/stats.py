@@ -45,6 +45,19 @@ def parse_statistics(raw: dict[str, Any]) -> list[StageStats]:
     return stages
 
 
+def stats_delta(now: StageStats, before: StageStats | None) -> StageStats:
+    """Statistics of the interval between two cumulative readings of one model."""
+    if before is None:
+        return now
+    requests = now.requests - before.requests
+
+    def mean(a: float, b: float) -> float:
+        return (a * now.requests - b * before.requests) / requests if requests else 0.0
+
+    return StageStats(now.model, requests, now.executions - before.executions, now.inferences - before.inferences,
+                      mean(now.queue_ms, before.queue_ms), mean(now.compute_ms, before.compute_ms))
+
+
 def read_statistics(client: Any, protocol: str) -> list[StageStats]:
     """Statistics of every model from a tritonclient client."""
     raw = client.get_inference_statistics(as_json=True) if protocol == "grpc" else client.get_inference_statistics()

@@ -17,6 +17,12 @@ stage=${1:?stage: wheels, model1, numpy1, test, gpu, bench or transfer}
 base=/root/tandem
 out=${OUT:-/tmp/out}
 mkdir -p "$base/model" "$out"
+
+assemble_model() {  # the second half of the model from .carry/model2, joined and checked
+    cp -r .carry/model2/* "$base/model/"
+    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
+    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+}
 case "$stage" in
 wheels)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels/*.whl
@@ -34,9 +40,7 @@ test)
     for extra in wheels2 cuda; do  # gevent & co. for tritonclient.http; cuda-bindings for CUDA shm
         if [ -d ".carry/$extra" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/$extra/*.whl; fi
     done
-    cp -r .carry/model2/* "$base/model/"
-    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
-    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+    assemble_model
     ;&
 gpu)  # on a machine where `test` already assembled the model: the GPU tier only
     [ "$stage" = gpu ] && tiers="tests/gpu" || tiers="tests/unit tests/integration tests/gpu"
@@ -57,9 +61,7 @@ bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton pla
     fi
     ;;
 profile)  # after wheels, model1, numpy1; carry [".carry/model2"]: tandem profile + plan of both pipelines
-    cp -r .carry/model2/* "$base/model/"
-    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
-    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+    assemble_model
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     python3 -m tandem_serve.cli profile --out "$out/profile.json" 2>&1 | grep -v "\] " | tee "$out/profile.log"
     python3 -m tandem_serve.cli plan "$out/profile.json" --out "$base/plan" 2>&1 | tee "$out/plan.txt"
@@ -71,8 +73,7 @@ tune)  # after profile: the project's default configs measured, then the plan se
     python3 bench/tuning.py --plan "$base/plan" --out "$out/bench_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$out/bench_tuning.log"
     ;;
 latency)  # after wheels, model1, numpy1; carry [".carry/model2"]: where object_detection's latency goes
-    cp -r .carry/model2/* "$base/model/"
-    cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
+    assemble_model
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/detection_latency.py --out "$out/bench_detection_latency.json" 2>&1 | tee "$out/bench_detection_latency.log"

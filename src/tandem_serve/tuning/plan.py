@@ -188,14 +188,14 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
             planned[index] = replace(planned[index], cpu_share=round(share, 3))
     throughput = min(cpu_bound, gpu_bound)
     final = []
-    for s, original in zip(planned, stages):
+    for index, s in enumerate(planned):
         if s.device == "cpu":
             instances = max(1, round(cores * (s.cost_per_item_ms / 1e3) / sum_c)) if sum_c else 1
             final.append(replace(s, instances=min(instances, cores)))
         else:
             extra = {}
             if s.cpu_share:
-                cpu_variant = next(v for i, v in split_options.items() if stages[i] is original)
+                cpu_variant = split_options[index]
                 extra = {"cpu_instances": max(1, math.ceil(s.cpu_share * throughput * cpu_variant.cost_per_item_ms / 1e3)),
                          "latency_ms": max(s.latency_ms, cpu_variant.latency_ms)}  # items on the CPU take longer
             final.append(replace(s, instances=2 if s.stage == busiest else 1, **extra))

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem_serve.stats import StageStats, read_statistics
+from tandem_serve.stats import StageStats, read_statistics, stats_delta
 from tandem_serve.triton.launcher import GRPC_ADMIN_HEADER
 from tandem_serve.tuning.render import config_json, write_config
 
@@ -182,7 +182,7 @@ class Tuner:
         points = [drive(self.make, c, self.options.seconds) for c in self.options.concurrencies]
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
-        stages = [_delta(s, before.get(s.model)) for s in after if s.model in self.models]
+        stages = [stats_delta(s, before.get(s.model)) for s in after if s.model in self.models]
         trial = Trial(change, points, stages, self.value(points), wall,
                       configs={m: config_json(self.config(m)) for m in self.models})
         logger.info("%s: %.1f/s (%s)", change, trial.value,
@@ -239,17 +239,6 @@ class Tuner:
         return trials
 
 
-def _delta(now: StageStats, before: StageStats | None) -> StageStats:
-    """Statistics of the interval between two cumulative readings."""
-    if before is None:
-        return now
-    requests = now.requests - before.requests
-    def mean(a: float, b: float) -> float:
-        return (a * now.requests - b * before.requests) / requests if requests else 0.0
-    return StageStats(now.model, requests, now.executions - before.executions, now.inferences - before.inferences,
-                      mean(now.queue_ms, before.queue_ms), mean(now.compute_ms, before.compute_ms))
-
-
 def best_trial(trials: list[Trial]) -> Trial:
     return max((t for t in trials if t.kept), key=lambda t: t.value)
 
@@ -279,7 +268,11 @@ def format_trials(trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
+def trial_record(trial: Trial) -> dict:
+    """A trial as JSON-ready data (its configs left out)."""
+    return {"change": trial.change, "value": trial.value, "kept": trial.kept,
+            "points": [p.__dict__ for p in trial.points], "stages": [s.__dict__ for s in trial.stages]}
+
+
 def trials_json(trials: list[Trial]) -> str:
-    return json.dumps([{"change": t.change, "value": t.value, "kept": t.kept,
-                        "points": [p.__dict__ for p in t.points],
-                        "stages": [s.__dict__ for s in t.stages]} for t in trials], indent=1)
+    return json.dumps([trial_record(t) for t in trials], indent=1)
