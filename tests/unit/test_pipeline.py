@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -89,6 +90,54 @@ def test_infer_failure_does_not_hang_and_pipeline_recovers():
     with MicroBatchPipeline(stages, "cpu", PipelineSettings(micro_batch_size=1, cpu_threads=2)) as pipe:
         assert isinstance(pipe.run([[13.0]])[0], Failure)
         assert pipe.run([[2.0]]) == [[4.0]]
+
+
+class SlowSquares(Squares):
+    """Squares whose device stage takes `seconds` per micro-batch (a busy device)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def infer(self, inputs):
+        time.sleep(self.seconds)
+        return super().infer(inputs)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # a CPU lane sets the process's torch threads
+
+
+def test_cpu_lane_takes_work_from_a_busy_device_and_keeps_failures_per_request(restore_torch_threads):
+    primary, lane = SlowSquares(0.02), Squares()
+    settings = PipelineSettings(micro_batch_size=2, cpu_threads=3, cpu_lane_threads=1)
+    items = [[i + 0.5, i + 1.5] for i in range(0, 40, 2)] + ITEMS
+    with MicroBatchPipeline(primary, "cpu", settings, cpu_stages=lane) as pipe:
+        for _ in range(2):  # the first run measures both lanes
+            results = pipe.run(items)
+        routed = pipe.balancer.snapshot()
+    for item, result in zip(items, results):
+        if item in ([-1.0], [13.0], [7.0]):  # bad input; the device failure and its batch-mate
+            assert isinstance(result, Failure) and result.invalid == (item == [-1.0])
+        else:
+            assert result == [v * v for v in item]
+    assert routed["cpu"]["batches"] > routed["primary"]["batches"]  # the lane that measured faster took more
+    assert routed["cpu"]["ms_per_row"] < routed["primary"]["ms_per_row"]
+    assert lane.threads["infer"] and all(name.startswith("pipeline-cpu-lane") for name in lane.threads["infer"])
+    assert all(l.rows_in_flight == 0 for l in pipe.balancer.lanes)
+
+
+def test_text_pipeline_with_a_cpu_lane_matches_reference(text_stages, reference, restore_torch_threads):
+    requests = [EDGE_TEXTS[:3], [EDGE_TEXTS[3]], EDGE_TEXTS[4:], mixed_texts(9, seed=4), ["one more"]]
+    settings = PipelineSettings(micro_batch_size=2, cpu_threads=2, cpu_lane_threads=1)
+    with MicroBatchPipeline(text_stages, "cpu", settings, cpu_stages=text_stages) as pipe:
+        results = pipe.run(requests)
+        assert pipe.balancer.snapshot()["cpu"]["batches"] >= 1
+    for texts, embeddings in zip(requests, results):
+        assert_cosines(embeddings, reference(texts))
 
 
 @pytest.fixture(scope="module")

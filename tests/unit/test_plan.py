@@ -98,6 +98,8 @@ def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_ki
     render(make_plan(profile, Objective()), tmp_path)
     kinds = [g.kind for g in read_config(tmp_path / "triton" / "detector" / "config.pbtxt").instance_group]
     assert kinds == [mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU]
+    served = yaml.safe_load((tmp_path / "torchserve" / "object_detection" / "model-config.yaml").read_text())
+    assert served["handler"]["pipeline"]["cpu_lane_threads"] == detector.cpu_instances  # the handler's balancer
 
 
 def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):

@@ -102,6 +102,16 @@ def select_device(setting: str, gpu_id: Any) -> torch.device:
     return torch.device(f"cuda:{int(gpu_id)}")
 
 
+def wants_cpu_lane(settings: PipelineSettings, device: torch.device) -> bool:
+    """Whether to load a CPU copy of the device stage: asked for, pipelined, and the main device is a GPU."""
+    if settings.cpu_lane_threads <= 0:
+        return False
+    if device.type != "cuda" or not settings.pipelined:
+        logger.warning("pipeline.cpu_lane_threads ignored: a CPU lane needs a GPU device and pipelined: true")
+        return False
+    return True
+
+
 class PipelineService(Generic[_Item]):
     """Parses each request, runs the valid ones through the pipeline, encodes one Reply per request."""
 
@@ -154,7 +164,8 @@ class TextEmbeddingService(PipelineService[list]):
         self.device = select_device(self.config.device, gpu_id)
         self.stages = TextEmbeddingStages(configs, self.device)
         settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
-        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="text_embedding")
+        cpu_stages = TextEmbeddingStages(configs, torch.device("cpu")) if wants_cpu_lane(settings, self.device) else None
+        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="text_embedding", cpu_stages=cpu_stages)
         logger.info("text embedding handler on %s, %s", self.device, settings)
 
     def parse(self, request: Mapping[str, Any]) -> list[str]:
@@ -185,7 +196,8 @@ class ObjectDetectionService(PipelineService[Any]):
         self.device = select_device(self.config.device, gpu_id)
         self.stages = DetectionStages(configs, self.device)
         settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
-        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="object_detection")
+        cpu_stages = DetectionStages(configs, torch.device("cpu")) if wants_cpu_lane(settings, self.device) else None
+        self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="object_detection", cpu_stages=cpu_stages)
         logger.info("object detection handler on %s, %s", self.device, settings)
 
     def parse(self, request: Mapping[str, Any]):

@@ -91,7 +91,9 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
         stage_values["precision"] = device_stage.precision
     if plan.pipeline == "text":
         stage_values["fuse_token_embedding"] = plan.ensemble == "text_embedding_fused"
-    section.setdefault("pipeline", {})["micro_batch_size"] = max(1, device_stage.batch // 4)
+    pipeline = section.setdefault("pipeline", {})
+    pipeline["micro_batch_size"] = max(1, device_stage.batch // 4)
+    pipeline["cpu_lane_threads"] = device_stage.cpu_instances if device_stage.cpu_share else 0  # the balancer's CPU lane
     path = target / "torchserve" / handler / "model-config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Rendered by `tandem plan`.\n" + yaml.safe_dump(values, sort_keys=False))
