@@ -5,6 +5,8 @@ calls) on one batch as TorchServe's batcher would hand it over, for three schedu
   pipelined   micro-batches; CPU work on a thread pool overlaps the device (the shipped default)
   sequential  the same micro-batches one after the other on one thread, pageable copies
   whole-batch one batch: pre -> infer -> post in sequence (what a plain BaseHandler does)
+  cpu-lane    pipelined, plus a CPU copy of the device stage taking micro-batches the balancer sends
+              it (on a GPU only; `pipeline.cpu_lane_threads`)
 Workloads: text embedding (all-MiniLM-L6-v2, one text per request, stated length mix) and
 object detection (the shipped YOLOv5n, and a YOLOv5s with random weights for a heavier GPU
 stage) on JPEGs of mixed original sizes. Prints a table and the ratios; writes JSON.
@@ -36,7 +38,8 @@ from tandem_serve.vision.shapes import generate_scene
 logger = logging.getLogger("bench.torchserve_pipeline")
 LENGTH_MIX = {4: 0.3, 16: 0.4, 48: 0.2, 160: 0.1}  # words per text: weight
 IMAGE_SIZES = ((640, 480), (1280, 720), (1920, 1080), (800, 600))
-SCHEDULES = {"pipelined": True, "sequential": False, "whole-batch": False}
+SCHEDULES = {"pipelined": True, "sequential": False, "whole-batch": False, "cpu-lane": True}
+CPU_LANE_THREADS = 4
 
 
 def texts(count: int, seed: int = 0) -> list[dict]:
@@ -74,18 +77,26 @@ def time_batches(service: PipelineService, batch: list[dict], repeats: int) -> f
 def run_workload(name: str, make_service, batch: list[dict], micro_batch: int, cpu_threads: int, repeats: int) -> list[dict]:
     rows = []
     for schedule, pipelined in SCHEDULES.items():
+        if schedule == "cpu-lane" and not torch.cuda.is_available():
+            continue
         pipeline = {"micro_batch_size": len(batch) if schedule == "whole-batch" else micro_batch,
-                    "cpu_threads": cpu_threads, "pipelined": pipelined}
+                    "cpu_threads": cpu_threads, "pipelined": pipelined,
+                    "cpu_lane_threads": CPU_LANE_THREADS if schedule == "cpu-lane" else 0}
+        threads = torch.get_num_threads()
         service = make_service(pipeline)
         try:
             logger.info("%s: %s (micro-batch %d, %d CPU threads) on %s ...", name, schedule,
                         pipeline["micro_batch_size"], cpu_threads, service.device)
             seconds = time_batches(service, batch, repeats)
+            lanes = service.pipeline.balancer.snapshot() if service.pipeline.balancer else None
         finally:
             service.close()
+            torch.set_num_threads(threads)  # the CPU lane set it for the process
         rows.append({"workload": name, "schedule": schedule, "device": str(service.device), "batch": len(batch),
                      "micro_batch": pipeline["micro_batch_size"], "cpu_threads": cpu_threads,
-                     "batch_ms": seconds * 1e3, "items_per_s": len(batch) / seconds})
+                     "batch_ms": seconds * 1e3, "items_per_s": len(batch) / seconds, "lanes": lanes})
+        if lanes:
+            logger.info("%s: micro-batches per lane %s", name, lanes)
     return rows
 
 
@@ -136,6 +147,8 @@ def main() -> int:
         by = {r["schedule"]: r["items_per_s"] for r in rows if r["workload"] == workload}
         ratios[f"{workload}: pipelined / sequential"] = by["pipelined"] / by["sequential"]
         ratios[f"{workload}: pipelined / whole-batch"] = by["pipelined"] / by["whole-batch"]
+        if "cpu-lane" in by:
+            ratios[f"{workload}: cpu-lane / pipelined"] = by["cpu-lane"] / by["pipelined"]
     lines += [f"{k}: {v:.2f}x" for k, v in ratios.items()]
     sys.stdout.write("\n".join(lines) + "\n")
     args.out.write_text(json.dumps({"machine": machine(), "length_mix_words": LENGTH_MIX, "image_sizes": IMAGE_SIZES,

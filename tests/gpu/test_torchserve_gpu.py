@@ -55,6 +55,27 @@ def test_text_service_on_gpu_matches_reference(model_files, reference, results, 
     results[f"torchserve_text_fp16_{'pipelined' if pipelined else 'sequential'}_{'fused' if fused else 'cpu_embedding'}_min_cosine"] = worst
 
 
+def test_text_service_with_a_cpu_lane_matches_reference(model_files, reference, results):
+    config = {"handler": {"model_dir": str(model_files.root), "encoder": {"precision": "fp16"},
+                          "pipeline": {"micro_batch_size": 2, "cpu_lane_threads": 4}}}
+    threads = torch.get_num_threads()
+    service = TextEmbeddingService(model_files.root, config, gpu_id=0)
+    try:
+        groups = [EDGE_TEXTS[:3], EDGE_TEXTS[3:], mixed_texts(9, seed=8), ["short"], mixed_texts(20, seed=9)]
+        for _ in range(3):
+            replies = service.handle([{"body": {"text": g}} for g in groups] + [{"body": {"text": 5}}])
+        lanes = service.pipeline.balancer.snapshot()
+    finally:
+        service.close()
+        torch.set_num_threads(threads)
+    assert [r.status for r in replies] == [200] * len(groups) + [400]
+    for reply, texts in zip(replies, groups):
+        assert_cosines(np.asarray(json.loads(reply.body)["embeddings"], np.float32), reference(texts), bound=0.9995)
+    assert lanes["cuda:0"]["batches"] >= 1 and lanes["cpu"]["batches"] >= 1  # each device was measured
+    assert lanes["cpu"]["ms_per_row"] > lanes["cuda:0"]["ms_per_row"]
+    results["torchserve_text_cpu_lane_batches"] = lanes
+
+
 def test_detection_service_on_gpu_matches_cpu(tmp_path, results):
     rng = np.random.default_rng(2024)
     requests = [{"body": encode_scene(generate_scene(rng), rng)} for _ in range(10)]
