@@ -17,7 +17,6 @@ stage) on JPEGs of mixed original sizes. Prints a table and the ratios; writes J
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import statistics
@@ -26,38 +25,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from _common import machine
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.torchserve.services import ObjectDetectionService, PipelineService, TextEmbeddingService
-from tandem_serve.vision.shapes import generate_scene
+from tandem_serve.workloads import IMAGE_SIZES, LENGTH_MIX, mixed_length_texts, mixed_size_jpegs
 
 logger = logging.getLogger("bench.torchserve_pipeline")
-LENGTH_MIX = {4: 0.3, 16: 0.4, 48: 0.2, 160: 0.1}  # words per text: weight
-IMAGE_SIZES = ((640, 480), (1280, 720), (1920, 1080), (800, 600))
 SCHEDULES = {"pipelined": True, "sequential": False, "whole-batch": False, "cpu-lane": True}
 CPU_LANE_THREADS = 4
 
 
 def texts(count: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    words = "the model serves tokens on a fast accelerator while the host prepares the next batch".split()
-    lengths = rng.choice(list(LENGTH_MIX), size=count, p=list(LENGTH_MIX.values()))
-    return [{"body": {"text": " ".join(rng.choice(words, size=int(n)))}} for n in lengths]
+    return [{"body": {"text": t}} for t in mixed_length_texts(count, seed)]
 
 
 def images(count: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    requests = []
-    for i in range(count):
-        scene = generate_scene(rng).image.resize(IMAGE_SIZES[i % len(IMAGE_SIZES)], Image.BILINEAR)
-        buffer = io.BytesIO()
-        scene.save(buffer, format="JPEG", quality=90)
-        requests.append({"body": buffer.getvalue()})
-    return requests
+    return [{"body": data} for data in mixed_size_jpegs(count, seed)]
 
 
 def time_batches(service: PipelineService, batch: list[dict], repeats: int) -> float:

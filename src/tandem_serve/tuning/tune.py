@@ -2,8 +2,8 @@
 
 The search (coordinate ascent on the bottleneck, not a grid):
 1. measure the current configuration: closed-loop load at each concurrency level (the project's
-   client, one text or image per request, two untimed requests per sender first), throughput and
-   p50/p99, and per-stage statistics;
+   load generator, `tandem_serve.loadgen`; one text of the length mix or one JPEG per request, two
+   untimed requests per sender first), throughput and p50/p99, and per-stage statistics;
 2. the bottleneck is the composing model with the highest utilisation (compute time per second
    of wall time, per instance);
 3. try, in order, one more instance of it, then twice its queue delay with a larger preferred
@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tandem_serve.loadgen import LoadPoint, LoadSpec, TritonSender, measure
 from tandem_serve.stats import StageStats, read_statistics, stats_delta
 from tandem_serve.triton.launcher import GRPC_ADMIN_HEADER
 from tandem_serve.tuning.render import config_json, write_config
+from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests
 
 logger = logging.getLogger(__name__)
 IMPROVEMENT = 1.03
@@ -53,15 +52,6 @@ class TuneOptions:
     timeout_s: float = 120.0
 
 
-@dataclass(frozen=True)
-class LoadPoint:
-    concurrency: int
-    throughput: float  # requests/s (one item each)
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
 @dataclass
 class Trial:
     """One configuration measured."""
@@ -75,77 +65,6 @@ class Trial:
     configs: dict[str, str] = field(default_factory=dict)  # model -> config JSON
 
 
-Sender = tuple[Callable[[], None], Callable[[], None]]  # (send one request, close the client)
-
-
-def _request_maker(ensemble: str, url: str) -> Callable[[], Sender]:
-    """A factory of per-thread (send, close) pairs for the ensemble's pipeline."""
-    if ensemble.startswith("text"):
-        from tandem_serve.client import TextEmbeddingClient
-        from tandem_serve.tuning.stage_timers import sentences
-
-        texts = sentences(64, 24, seed=3)
-
-        def make() -> Sender:
-            client = TextEmbeddingClient(url, "grpc", ensemble, timeout_s=30.0)
-            counter = iter(range(1 << 62))
-            return (lambda: client.embed([texts[next(counter) % len(texts)]])), client.close
-        return make
-    from tandem_serve.client import ObjectDetectionClient
-    from tandem_serve.tuning.stage_timers import scenes
-
-    images = scenes(16, seed=11)
-
-    def make() -> Sender:
-        client = ObjectDetectionClient(url, "grpc", ensemble, timeout_s=30.0)
-        counter = iter(range(1 << 62))
-        return (lambda: client.detect(images[next(counter) % len(images)])), client.close
-    return make
-
-
-def drive(make: Callable[[], Sender], concurrency: int, seconds: float) -> LoadPoint:
-    """Closed loop: `concurrency` threads send back-to-back requests for `seconds`."""
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    senders = [make() for _ in range(concurrency)]
-    start_line = threading.Barrier(concurrency + 1)
-    deadline = [0.0]
-
-    def worker(send: Callable[[], None]) -> None:
-        for _ in range(WARM_UP):  # new batch shapes and fresh instances pay one-off costs (CUDA, allocator)
-            try:
-                send()
-            except Exception:  # noqa: BLE001 - a failing server shows up in the timed window
-                break
-        start_line.wait()
-        while time.perf_counter() < deadline[0]:
-            begin = time.perf_counter()
-            try:
-                send()
-            except Exception:  # noqa: BLE001 - counted; a tuning trial with errors is reported, not fatal
-                with lock:
-                    errors[0] += 1
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - begin)
-
-    threads = [threading.Thread(target=worker, args=(send,), daemon=True) for send, _ in senders]
-    for t in threads:
-        t.start()
-    deadline[0] = time.perf_counter() + seconds
-    start_line.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    for _, close in senders:
-        close()
-    ordered = sorted(latencies) or [float("nan")]
-    return LoadPoint(concurrency, len(latencies) / wall, statistics.median(ordered) * 1e3,
-                     ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3, errors[0])
-
-
 class Tuner:
     """Measures, changes and reloads the composing models of one ensemble."""
 
@@ -155,7 +74,9 @@ class Tuner:
         self.headers = {GRPC_ADMIN_HEADER: options.admin_key} if options.admin_key else None
         ensemble = self.config(options.ensemble)
         self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
-        self.make = _request_maker(options.ensemble, options.url)
+        requests = triton_requests(pipeline_of(options.ensemble), 64, seed=3)
+        self.make = lambda: TritonSender(options.url, "grpc", options.ensemble, requests,
+                                         OUTPUTS[pipeline_of(options.ensemble)], timeout_s=30.0)
 
     def config(self, model: str) -> mc.ModelConfig:
         raw = self.client.get_model_config(model, as_json=True)["config"]
@@ -179,7 +100,8 @@ class Tuner:
     def measure(self, change: str) -> Trial:
         before = {s.model: s for s in read_statistics(self.client, "grpc")}
         began = time.perf_counter()
-        points = [drive(self.make, c, self.options.seconds) for c in self.options.concurrencies]
+        points = measure(self.make, [LoadSpec("closed", c, seconds=self.options.seconds, warm_up=WARM_UP)
+                                     for c in self.options.concurrencies])
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
         stages = [stats_delta(s, before.get(s.model)) for s in after if s.model in self.models]
@@ -271,7 +193,7 @@ def format_trials(trials: list[Trial]) -> str:
 def trial_record(trial: Trial) -> dict:
     """A trial as JSON-ready data (its configs left out)."""
     return {"change": trial.change, "value": trial.value, "kept": trial.kept,
-            "points": [p.__dict__ for p in trial.points], "stages": [s.__dict__ for s in trial.stages]}
+            "points": [p.record() for p in trial.points], "stages": [s.__dict__ for s in trial.stages]}
 
 
 def trials_json(trials: list[Trial]) -> str:

@@ -1,0 +1,356 @@
+"""Load generation: asyncio closed loop (fixed concurrency) and open loop (Poisson arrivals at a rate).
+
+A target is any `async send(i)` that serves request i (a Triton model through `TritonSender`, or an
+in-process handler). Closed loop: `concurrency` senders issue requests back to back. Open loop:
+requests arrive at `rate` per second whatever the server does; each latency is counted from the
+request's scheduled arrival (so a slow server is not hidden by a waiting client), and an arrival
+finding `concurrency` requests already in flight is counted as dropped. GPU utilisation is
+sampled during the timed window when NVML (or nvidia-smi) is there; per-stage Triton statistics
+are read before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+
+from tandem_serve.errors import ConfigError
+from tandem_serve.stats import StageStats, read_statistics, stats_delta
+
+logger = logging.getLogger(__name__)
+Send = Callable[[int], Awaitable[Any]]
+MODES = ("closed", "open")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One load level."""
+
+    mode: str = "closed"  # closed: `concurrency` senders; open: Poisson arrivals at `rate`
+    concurrency: int = 1  # closed: senders; open: the most requests in flight (further arrivals are dropped)
+    rate: float = 0.0  # open: offered requests/s
+    seconds: float = 5.0  # timed window
+    warm_up: int = 2  # untimed requests per sender (open: in all) before the window
+    seed: int = 0  # open: arrival times
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"load mode must be one of {MODES}, got {self.mode!r}")
+        if self.concurrency < 1 or self.seconds <= 0 or self.warm_up < 0:
+            raise ConfigError("load: concurrency >= 1, seconds > 0 and warm_up >= 0 required")
+        if self.mode == "open" and self.rate <= 0:
+            raise ConfigError("open-loop load needs a rate > 0 (requests/s)")
+
+    @property
+    def label(self) -> str:
+        return f"c{self.concurrency}" if self.mode == "closed" else f"{self.rate:g}/s"
+
+
+@dataclass
+class LoadPoint:
+    """What one load level measured."""
+
+    mode: str
+    concurrency: int
+    offered_rate: float  # open loop; 0 for closed
+    throughput: float  # completed requests/s over the window
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    completed: int
+    errors: int
+    dropped: int = 0
+    gpu_util: float | None = None  # mean % over the window
+    first_error: str = ""
+    stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
+
+    def record(self) -> dict:
+        """JSON-ready dict (stages as dicts)."""
+        values = dict(self.__dict__)
+        values["stages"] = [dict(s.__dict__, mean_batch=s.mean_batch) for s in self.stages]
+        return values
+
+
+class _Tally:
+    """Latencies and failures of the timed window."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.dropped = 0
+        self.first_error = ""
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _closed(send: Send, spec: LoadSpec, tally: _Tally) -> float:
+    counter = iter(range(1 << 62))
+    for _ in range(spec.warm_up):  # fresh instances and new batch shapes pay one-off costs
+        results = await asyncio.gather(*(send(next(counter)) for _ in range(spec.concurrency)), return_exceptions=True)
+        if all(isinstance(r, BaseException) for r in results):
+            break  # a failing target shows up in the window
+    deadline = time.perf_counter() + spec.seconds
+
+    async def sender() -> None:
+        while time.perf_counter() < deadline:
+            begin = time.perf_counter()
+            try:
+                await send(next(counter))
+            except Exception as exc:  # noqa: BLE001 - counted, reported with the point
+                tally.failed(exc)
+                continue
+            tally.latencies.append(time.perf_counter() - begin)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(spec.concurrency)))
+    return time.perf_counter() - began
+
+
+async def _open(send: Send, spec: LoadSpec, tally: _Tally) -> float:
+    counter = iter(range(1 << 62))
+    for _ in range(spec.warm_up):
+        try:
+            await send(next(counter))
+        except Exception:  # noqa: BLE001
+            break
+    arrivals = random.Random(spec.seed)
+    in_flight: set[asyncio.Task] = set()
+
+    async def one(scheduled: float) -> None:
+        try:
+            await send(next(counter))
+        except Exception as exc:  # noqa: BLE001
+            tally.failed(exc)
+            return
+        tally.latencies.append(time.perf_counter() - scheduled)
+
+    began = time.perf_counter()
+    scheduled = began
+    while True:
+        scheduled += arrivals.expovariate(spec.rate)
+        if scheduled - began >= spec.seconds:
+            break
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= spec.concurrency:
+            tally.dropped += 1
+            continue
+        task = asyncio.ensure_future(one(scheduled))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.gather(*in_flight)
+    return time.perf_counter() - began
+
+
+def percentile_ms(ordered: Sequence[float], fraction: float) -> float:
+    """The `fraction` quantile (nearest rank) of sorted seconds, in ms; NaN when empty."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1e3
+
+
+async def measure_async(send: Send, spec: LoadSpec) -> LoadPoint:
+    """One load level against `send` (inside a running event loop)."""
+    spec.validate()
+    tally = _Tally()
+    with GpuSampler() as gpu:
+        wall = await (_closed(send, spec, tally) if spec.mode == "closed" else _open(send, spec, tally))
+    ordered = sorted(tally.latencies)
+    return LoadPoint(spec.mode, spec.concurrency, spec.rate if spec.mode == "open" else 0.0, len(ordered) / wall,
+                     percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.9), percentile_ms(ordered, 0.99),
+                     len(ordered), tally.errors, tally.dropped, gpu.mean, tally.first_error)
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) of device 0 while the block runs, from NVML or nvidia-smi; None without either."""
+
+    def __init__(self, device: int = 0, interval_s: float = 0.1):
+        self.device, self.interval_s = device, interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+    def __enter__(self) -> "GpuSampler":
+        reader = self._nvml_reader()
+        if reader is not None:
+            self._thread = threading.Thread(target=self._poll, args=(reader,), daemon=True, name="gpu-sampler")
+        elif shutil.which("nvidia-smi"):
+            self._process = subprocess.Popen(
+                ["nvidia-smi", f"--id={self.device}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 f"-lms={int(self.interval_s * 1000)}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._thread = threading.Thread(target=self._read_smi, daemon=True, name="gpu-sampler")
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _nvml_reader(self) -> Callable[[], float] | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device)
+            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:  # noqa: BLE001 - no NVML here (CPU machine, or the package is missing)
+            return None
+
+    def _poll(self, read: Callable[[], float]) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(read())
+
+    def _read_smi(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            if self._stop.is_set():
+                break
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                continue
+
+
+class TritonSender:
+    """`async send(i)`: request i % len(requests) to one model over gRPC or HTTP (tritonclient's asyncio clients),
+    the inputs over the wire or through a shared-memory pool of `slots` ("system" or "cuda").
+
+    `requests` holds, per request, its (input name, numpy array) pairs; outputs are read back as numpy.
+    Use `async with`: closes the client and the pool (unregistering its regions).
+    """
+
+    def __init__(self, url: str, protocol: str, model: str, requests: Sequence[Sequence[tuple[str, np.ndarray]]],
+                 outputs: Sequence[str], shm: str = "none", slots: int = 64, timeout_s: float = 60.0,
+                 output_bytes: int = 1 << 16):
+        from tandem_serve.shm import KINDS
+
+        if shm not in KINDS:
+            raise ConfigError(f"shm must be one of {KINDS}, got {shm!r}")
+        if not requests:
+            raise ConfigError("a sender needs at least one request")
+        self.url, self.protocol, self.model, self.shm = url, protocol, model, shm
+        self.requests, self.outputs, self.slots, self.timeout_s = list(requests), list(outputs), slots, timeout_s
+        self.output_bytes = output_bytes
+        self.client: Any = None
+        self.pool: Any = None
+        self._setup_client: Any = None
+        self._free: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> "TritonSender":
+        from tandem_serve.client import triton_client
+        from tandem_serve.shm import ShmPool
+
+        if self.protocol == "grpc":
+            import tritonclient.grpc.aio as aio
+
+            self.client = aio.InferenceServerClient(self.url)
+        elif self.protocol == "http":
+            import tritonclient.http.aio as aio
+
+            self.client = aio.InferenceServerClient(self.url, conn_limit=max(100, self.slots), conn_timeout=self.timeout_s)
+        else:
+            raise ConfigError(f"protocol must be 'grpc' or 'http', got {self.protocol!r}")
+        if self.shm != "none":  # regions are server-wide: registered once through a synchronous client
+            self._setup_client = triton_client(self.url, self.protocol, self.timeout_s)
+            input_bytes = max(ShmPool.input_size([a for _, a in r]) for r in self.requests)
+            self.pool = ShmPool(self._setup_client, self.shm, self.slots, input_bytes, self.output_bytes * len(self.outputs))
+            self._free = asyncio.Semaphore(self.slots)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self.pool is not None:
+                self.pool.close()
+            if self._setup_client is not None:
+                self._setup_client.close()
+        finally:
+            await self.client.close()
+
+    def _module(self) -> Any:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        return module
+
+    async def __call__(self, index: int) -> dict[str, np.ndarray]:
+        from tandem_serve.shm import numpy_datatype
+
+        module = self._module()
+        pairs = self.requests[index % len(self.requests)]
+        inputs = [module.InferInput(name, list(array.shape), numpy_datatype(array)) for name, array in pairs]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s * 1e6)}
+        if self.pool is None:
+            for tensor, (_, array) in zip(inputs, pairs):
+                tensor.set_data_from_numpy(array)
+            result = await self.client.infer(self.model, inputs, outputs=[module.InferRequestedOutput(n) for n in self.outputs],
+                                             **kwargs)
+            return {name: result.as_numpy(name) for name in self.outputs}
+        async with self._free:
+            with self.pool.slot(timeout_s=0.0) as slot:
+                for tensor, placed in zip(inputs, self.pool.write_inputs(slot, [a for _, a in pairs])):
+                    tensor.set_shared_memory(self.pool.input_name, placed.byte_size, placed.offset)
+                areas = self.pool.output_areas(slot, len(self.outputs))
+                requested = []
+                for name, area in zip(self.outputs, areas):
+                    output = module.InferRequestedOutput(name)
+                    output.set_shared_memory(self.pool.output_name, area.byte_size, area.offset)
+                    requested.append(output)
+                result = await self.client.infer(self.model, inputs, outputs=requested, **kwargs)
+                return {name: self.pool.read_output(area, *self._meta(result, name)) for name, area in zip(self.outputs, areas)}
+
+    def _meta(self, result: Any, name: str) -> tuple[str, list[int]]:
+        output = result.get_output(name)
+        if output is None:
+            raise RuntimeError(f"the server returned no output {name!r}")
+        if self.protocol == "grpc":
+            return output.datatype, list(output.shape)
+        return output["datatype"], list(output["shape"])
+
+
+def measure(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None = None) -> list[LoadPoint]:
+    """Each load level in turn with one sender (an async context manager that is also `send`).
+
+    With `stats` = (a tritonclient client, its protocol), each point carries the per-model statistics
+    of its window (warm-up included)."""
+
+    async def run() -> list[LoadPoint]:
+        points = []
+        async with make_sender() as send:
+            for spec in specs:
+                before = {s.model: s for s in read_statistics(*stats)} if stats else {}
+                point = await measure_async(send, spec)
+                if stats:
+                    point.stages = [stats_delta(s, before.get(s.model)) for s in read_statistics(*stats)
+                                    if s.requests > (before[s.model].requests if s.model in before else 0)]
+                logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s", spec.mode, spec.label,
+                            point.throughput, point.p50_ms, point.p99_ms, point.errors,
+                            "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %")
+                points.append(point)
+        return points
+
+    return asyncio.run(run())

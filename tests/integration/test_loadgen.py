@@ -1,0 +1,66 @@
+"""The load generator against the real Triton: every request counted by the server, answers right, no leaks."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tandem_serve.loadgen import LoadSpec, TritonSender, measure
+from tandem_serve.stats import read_statistics
+from tandem_serve.workloads import OUTPUTS, mixed_length_texts, triton_requests
+from tests.helpers import assert_cosines
+
+
+def _ensemble_successes(client, expected: int | None = None) -> int:
+    """The ensemble's success count; with `expected`, polled briefly (the server counts just after it replies)."""
+    deadline = time.monotonic() + 3.0
+    while True:
+        count = next(s.requests for s in read_statistics(client, "grpc") if s.model == "text_embedding_fused")
+        if expected is None or count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("protocol, shm", [("grpc", "none"), ("http", "none"), ("grpc", "system"), ("http", "system")])
+def test_closed_loop_requests_match_the_servers_count(triton, protocol, shm):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    stats = grpcclient.InferenceServerClient(triton.grpc_url)
+    requests = triton_requests("text", 16, seed=5)
+    before_shm = {n for n in os.listdir("/dev/shm") if n.startswith("tandem")}
+    before = _ensemble_successes(stats)
+    spec = LoadSpec("closed", concurrency=3, seconds=1.5, warm_up=1)
+    (point,) = measure(lambda: TritonSender(url, protocol, "text_embedding_fused", requests, OUTPUTS["text"], shm=shm, slots=3),
+                       [spec], stats=(stats, "grpc"))
+    assert point.errors == 0 and point.completed > 0
+    expected = before + point.completed + 3  # the server saw each timed and warm-up request
+    assert _ensemble_successes(stats, expected) == expected
+    assert {s.model for s in point.stages} >= {"text_embedding_fused", "tokenizer", "encoder_fused"}
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("tandem")} == before_shm
+    assert not [r for r in stats.get_system_shared_memory_status().regions if r.startswith("tandem")]
+
+
+def test_sender_returns_the_models_answers(triton, reference):
+    import asyncio
+
+    texts = mixed_length_texts(4, seed=5)
+
+    async def ask():
+        async with TritonSender(triton.grpc_url, "grpc", "text_embedding_fused", triton_requests("text", 4, seed=5),
+                                OUTPUTS["text"], shm="system", slots=2) as send:
+            return [(await send(i))["embedding"][0] for i in range(4)]
+
+    assert_cosines(np.stack(asyncio.run(ask())), reference(texts))
+
+
+def test_open_loop_and_a_failing_target_are_reported_not_raised(triton):
+    requests = triton_requests("text", 8, seed=1)
+    good, missing = measure(lambda: TritonSender(triton.grpc_url, "grpc", "text_embedding_fused", requests, OUTPUTS["text"]),
+                            [LoadSpec("open", concurrency=16, rate=20, seconds=1.5, warm_up=1)])[0], \
+        measure(lambda: TritonSender(triton.grpc_url, "grpc", "no_such_model", requests, OUTPUTS["text"]),
+                [LoadSpec("closed", concurrency=2, seconds=0.3, warm_up=0)])[0]
+    assert good.errors == 0 and good.dropped == 0 and 10 <= good.completed <= 60  # Poisson(30) +- 4 sd
+    assert missing.completed == 0 and missing.errors > 0 and "no_such_model" in missing.first_error

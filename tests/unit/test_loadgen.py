@@ -1,0 +1,67 @@
+"""The load generator's loops on an in-process target: counts, drops, errors, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem_serve.errors import ConfigError
+from tandem_serve.loadgen import LoadSpec, measure_async, percentile_ms
+
+
+class Target:
+    """An async target that takes `seconds` per request and fails the indices in `bad`."""
+
+    def __init__(self, seconds: float, bad: set[int] = frozenset()):
+        self.seconds, self.bad = seconds, bad
+        self.served: list[int] = []
+        self.in_flight = self.most_in_flight = 0
+
+    async def __call__(self, index: int) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.seconds)
+            if index in self.bad:
+                raise ValueError(f"bad request {index}")
+            self.served.append(index)
+        finally:
+            self.in_flight -= 1
+
+
+def test_closed_loop_keeps_the_concurrency_and_counts_every_request():
+    target = Target(0.01, bad={7})
+    point = asyncio.run(measure_async(target, LoadSpec("closed", concurrency=4, seconds=0.5, warm_up=1)))
+    assert target.most_in_flight == 4
+    assert point.completed + 4 == len(target.served)  # the timed ones plus one warm-up round of 4
+    assert point.errors == 1 and "bad request 7" in point.first_error
+    assert 4 / 0.01 * 0.5 <= point.throughput <= 4 / 0.01 * 1.05  # four senders at 10 ms each: at most 400/s
+    assert 10 <= point.p50_ms <= point.p90_ms <= point.p99_ms
+
+
+def test_open_loop_offers_the_rate_and_drops_beyond_the_in_flight_cap():
+    slow = Target(0.5)
+    point = asyncio.run(measure_async(slow, LoadSpec("open", concurrency=2, rate=100, seconds=1.0, warm_up=0)))
+    arrivals = point.completed + point.dropped
+    assert 60 <= arrivals <= 140  # Poisson(100): four standard deviations
+    assert point.completed <= 4 and point.dropped >= arrivals - 4 and slow.most_in_flight <= 2
+    fast = Target(0.001)
+    point = asyncio.run(measure_async(fast, LoadSpec("open", concurrency=64, rate=200, seconds=1.0, warm_up=0, seed=3)))
+    assert point.dropped == 0 and 140 <= point.completed <= 260 and point.throughput <= 260
+
+
+def test_open_loop_requests_overlap_when_the_target_is_slower_than_the_arrival_gap():
+    # 50/s offered (20 ms apart on average), 100 ms per request: about five in flight, none dropped
+    slow = Target(0.1)
+    point = asyncio.run(measure_async(slow, LoadSpec("open", concurrency=1000, rate=50, seconds=1.0, warm_up=0)))
+    assert point.dropped == 0 and point.p50_ms >= 100 and slow.most_in_flight >= 3
+
+
+def test_percentiles_and_validation():
+    ordered = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert percentile_ms(ordered, 0.5) == pytest.approx(51) and percentile_ms(ordered, 0.99) == pytest.approx(100)
+    assert percentile_ms([], 0.5) != percentile_ms([], 0.5)  # NaN
+    for bad in (LoadSpec("sideways"), LoadSpec("open", rate=0), LoadSpec(concurrency=0), LoadSpec(seconds=0)):
+        with pytest.raises(ConfigError):
+            bad.validate()
