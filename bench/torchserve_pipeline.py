@@ -30,7 +30,7 @@ import torch
 from _common import machine
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.torchserve.services import ObjectDetectionService, PipelineService, TextEmbeddingService
-from tandem_serve.workloads import IMAGE_SIZES, LENGTH_MIX, mixed_length_texts, mixed_size_jpegs
+from tandem_serve.workloads import IMAGE_SIZES, LENGTH_MIX, mixed_length_texts, mixed_size_jpegs, random_yolov5
 
 logger = logging.getLogger("bench.torchserve_pipeline")
 SCHEDULES = {"pipelined": True, "sequential": False, "whole-batch": False, "cpu-lane": True}
@@ -85,23 +85,6 @@ def run_workload(name: str, make_service, batch: list[dict], micro_batch: int, c
     return rows
 
 
-def random_yolov5s(directory: Path) -> Path:
-    """A YOLOv5s with random weights (speed only), saved like the shipped detector.
-
-    Without the bias prior a random head scores every one of the 25,200 anchors near 0.25 and
-    the benchmark measures NMS over 2,000 candidates per image instead of the network."""
-    from safetensors.torch import save_file
-
-    from tandem_serve.vision.yolo import YoloSpec, YoloV5
-
-    torch.manual_seed(0)
-    model = YoloV5(YoloSpec.of_size("s", 80))
-    model.head.initialise_biases()  # YOLOv5's prior: low objectness, so a random net yields few candidates, as trained ones do
-    path = directory / "yolov5s-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"size": "s", "num_classes": "80"})
-    return path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_torchserve_pipeline.json"))
@@ -119,7 +102,7 @@ def main() -> int:
         text_batch, micro_batch=16, cpu_threads=2, repeats=args.repeats)
     image_batch = images(args.image_batch)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, weights in (("detect YOLOv5n", ""), ("detect YOLOv5s", str(random_yolov5s(Path(tmp))))):
+        for label, weights in (("detect YOLOv5n", ""), ("detect YOLOv5s", str(random_yolov5("s", Path(tmp))))):
             detector = {"precision": "fp16", **({"weights": weights} if weights else {})}
             rows += run_workload(label, lambda p, d=detector: ObjectDetectionService(
                 Path(tmp), {"handler": {"detector": d, "pipeline": p}}, gpu_id),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
+import torch
 
 LENGTH_MIX = {4: 0.3, 16: 0.4, 48: 0.2, 160: 0.1}  # words per text: share of requests
 IMAGE_SIZES = ((640, 480), (1280, 720), (1920, 1080), (800, 600))  # original sizes, cycled
@@ -46,3 +50,47 @@ def triton_requests(pipeline: str, count: int, seed: int = 0) -> list[list[tuple
     if pipeline == "text":
         return [[("text", np.array([[t.encode("utf-8")]], dtype=object))] for t in mixed_length_texts(count, seed)]
     return [[("image", np.frombuffer(data, np.uint8)[None])] for data in mixed_size_jpegs(count, seed)]
+
+
+def random_yolov5(size: str, directory: Path, num_classes: int = 80) -> Path:
+    """A YOLOv5 of `size` (n/s/m/l/x) with random weights and YOLOv5's bias prior, as safetensors (speed only).
+
+    Without the prior a random head scores all 25,200 anchors near 0.25, and a benchmark would
+    time NMS over thousands of candidates per image instead of the network."""
+    from safetensors.torch import save_file
+
+    from tandem_serve.vision.yolo import YoloSpec, YoloV5
+
+    torch.manual_seed(0)
+    model = YoloV5(YoloSpec.of_size(size, num_classes))
+    model.head.initialise_biases()
+    path = Path(directory) / f"yolov5{size}-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"size": size, "num_classes": str(num_classes)})
+    return path
+
+
+BERT_SIZES = {"tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
+              "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+              "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}}
+
+
+def random_bert(size: str, directory: Path, source: Path | None = None) -> Path:
+    """A sentence-transformers directory with a BERT of `size` ("base", "large") and random weights (speed only),
+    the tokenizer and settings copied from `source` (default: the shipped all-MiniLM-L6-v2)."""
+    from safetensors.torch import save_file
+
+    from tandem_serve.model_files import BertConfig, SentenceModelFiles
+    from tandem_serve.text.bert import SentenceEncoder, TokenEmbedding, hf_state_dict
+
+    files = SentenceModelFiles.load(source)
+    target = Path(directory) / f"bert-{size}-random"
+    shutil.copytree(files.root, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    raw = json.loads((files.root / "config.json").read_text())
+    raw.update(BERT_SIZES[size])
+    (target / "config.json").write_text(json.dumps(raw, indent=1))
+    torch.manual_seed(0)
+    config = BertConfig.from_dict(raw, target / "config.json")
+    model = SentenceEncoder(config, TokenEmbedding(config))
+    save_file(hf_state_dict(model), str(target / "model.safetensors"))
+    return target

@@ -74,3 +74,22 @@ def test_weights_missing_a_tensor_name_it(model_files, tmp_path):
     load_token_embedding(files)  # the embedding tensors are all there
     with pytest.raises(ModelFilesError, match=r"lacks tensor 'encoder.layer.3.output.dense.weight'"):
         load_sentence_encoder(files)
+
+
+def test_a_random_bert_directory_reads_the_same_in_sentence_transformers(tmp_path):
+    """random_bert writes HuggingFace keys: sentence-transformers loads the same network from it."""
+    from sentence_transformers import SentenceTransformer
+
+    from tandem_serve.model_files import SentenceModelFiles
+    from tandem_serve.text.bert import load_sentence_encoder
+    from tandem_serve.text.tokenize import TextTokenizer
+    from tandem_serve.workloads import random_bert
+
+    files = SentenceModelFiles.load(random_bert("tiny", tmp_path))
+    assert files.bert.hidden_size == 128 and files.bert.num_hidden_layers == 2
+    texts = ["hello world", "a much longer sentence about serving models on a gpu next to the cpu"]
+    batch = TextTokenizer(files.tokenizer_json, files.max_seq_length, 8, files.bert.pad_token_id)(texts)
+    with torch.inference_mode():
+        ours = load_sentence_encoder(files, fused=True)(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+    reference = SentenceTransformer(str(files.root), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.all((ours.numpy() * reference).sum(axis=1) > 0.9999)

@@ -129,3 +129,30 @@ def test_ensemble_problems_name_a_broken_type(tmp_path):
     (tmp_path / "triton" / "nms" / "config.pbtxt").write_text(str(config))
     problems = ensemble_problems(tmp_path / "triton", "object_detection")
     assert problems and "nms" in problems[0] and "TYPE_FP16" in problems[0]
+
+
+def test_a_profiled_model_of_another_size_is_what_the_configs_point_at(tmp_path):
+    from tandem_serve.model_files import SentenceModelFiles
+    from tandem_serve.workloads import random_bert, random_yolov5
+
+    model_dir = random_bert("tiny", tmp_path / "models")
+    weights = random_yolov5("n", tmp_path / "models")
+    assert SentenceModelFiles.load(model_dir).bert.hidden_size == 128
+    profile = Profile({"cpus": 8, "gpus": ["Test GPU"]},
+                      text_profile(1.0).stages + detection_profile(0.2, 10.0, 1_200_000, 25.0).stages, transfers(1.0),
+                      models={"model_dir": str(model_dir), "detector_weights": str(weights)})
+    profile.save(tmp_path / "profile.json")
+    report = make_plan(Profile.load(tmp_path / "profile.json"), Objective())
+    render(report, tmp_path / "out", Profile.load(tmp_path / "profile.json").models)
+    repo = tmp_path / "out" / "triton"
+    encoder = read_config(repo / "encoder_fused" / "config.pbtxt")
+    assert encoder.parameters["model_dir"].string_value == str(model_dir)
+    assert [list(t.dims) for t in encoder.output if t.name == "EMBEDDING"] == [[128]]
+    assert read_config(repo / "tokenizer" / "config.pbtxt").parameters["model_dir"].string_value == str(model_dir)
+    assert list(read_config(repo / "text_embedding_fused" / "config.pbtxt").output[0].dims) == [128]
+    assert read_config(repo / "detector" / "config.pbtxt").parameters["weights"].string_value == str(weights)
+    assert ensemble_problems(repo, "text_embedding_fused") == [] and ensemble_problems(repo, "object_detection") == []
+    served = yaml.safe_load((tmp_path / "out" / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
+    assert served["handler"]["model_dir"] == str(model_dir)
+    served = yaml.safe_load((tmp_path / "out" / "torchserve" / "object_detection" / "model-config.yaml").read_text())
+    assert served["handler"]["detector"]["weights"] == str(weights)

@@ -135,6 +135,11 @@ def _hf_key(name: str) -> str:
     }[module] + "." + param
 
 
+def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s weights under HuggingFace BERT checkpoint keys (what `_load_weights` reads back)."""
+    return {_hf_key(name): tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+
+
 def _load_weights(module: nn.Module, weights_path: Path) -> None:
     """Copy checkpoint tensors into `module`, naming the file and key of any mismatch."""
     try:

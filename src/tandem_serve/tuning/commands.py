@@ -35,13 +35,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     objective = Objective(p99_ms=args.p99_ms, min_accuracy=args.min_accuracy)
     sizes = {k: v for k, v in (("text", args.seq_length), ("detection", args.image_size)) if v}
-    report = make_plan(Profile.load(args.profile), objective, sizes)
+    profile = Profile.load(args.profile)
+    report = make_plan(profile, objective, sizes)
     if not report.chosen:
         logger.error("%s holds no stage timings to plan from", args.profile)
         return 1
     print(format_report(report))
     if args.out:
-        written = render(report, args.out)
+        written = render(report, args.out, profile.models)
         for plan in report.chosen.values():
             problems = ensemble_problems(args.out / "triton", plan.ensemble)
             if problems:

@@ -84,16 +84,17 @@ class Profile:
     machine: dict
     stages: list[StageTiming] = field(default_factory=list)
     transfers: list[TransferTiming] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)  # model_dir / detector_weights profiled ("" or absent: shipped)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"machine": self.machine, "stages": [asdict(s) for s in self.stages],
-                                    "transfers": [asdict(t) for t in self.transfers]}, indent=1))
+                                    "transfers": [asdict(t) for t in self.transfers], "models": self.models}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
         raw = json.loads(Path(path).read_text())
         return cls(raw["machine"], [StageTiming(**s) for s in raw["stages"]],
-                   [TransferTiming(**t) for t in raw["transfers"]])
+                   [TransferTiming(**t) for t in raw["transfers"]], raw.get("models", {}))
 
 
 def machine_facts() -> dict:
@@ -168,10 +169,14 @@ def transfer_timings(device: str, repeats: int) -> list[TransferTiming]:
 
 def run_profile(options: ProfileOptions) -> Profile:
     """Measure everything `options` asks for; progress is logged as it goes."""
-    from tandem_serve.tuning.stage_timers import detection_timings, text_timings
+    from tandem_serve.tuning.stage_timers import detection_timings, random_detector, text_timings
 
     devices = options.resolved_devices()
     profile = Profile(machine_facts())
+    if options.model_dir:
+        profile.models["model_dir"] = str(Path(options.model_dir).expanduser().resolve())
+    if options.detector_size and "detection" in options.pipelines:
+        profile.models["detector_weights"] = str(random_detector(options.detector_size))
     plan = []
     if "text" in options.pipelines:
         plan.append(text_timings)

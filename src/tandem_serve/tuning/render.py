@@ -52,29 +52,62 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int) -> mc.
     return out
 
 
+def apply_model_files(config: mc.ModelConfig, models: dict[str, str], hidden_size: int | None) -> None:
+    """Point a rendered config at the profiled model: its `model_dir` / `weights` parameter, and the hidden
+    size in the dims of EMBEDDING / HIDDEN tensors (the adapters check them against the model files)."""
+    for key, value in (("model_dir", models.get("model_dir", "")), ("weights", models.get("detector_weights", ""))):
+        if value and key in config.parameters:
+            config.parameters[key].string_value = value
+    if hidden_size is None:
+        return
+    for tensor in list(config.input) + list(config.output):
+        if tensor.name.upper() == "EMBEDDING":
+            tensor.dims[:] = [hidden_size]
+        elif tensor.name.upper() == "HIDDEN":
+            tensor.dims[:] = [-1, hidden_size]
+
+
+def hidden_size_of(models: dict[str, str]) -> int | None:
+    """The hidden size of the profiled text model; None for the shipped one (its configs already match)."""
+    if not models.get("model_dir"):
+        return None
+    from tandem_serve.model_files import SentenceModelFiles
+
+    return SentenceModelFiles.load(models["model_dir"]).bert.hidden_size
+
+
 def _ensemble_batch(ensembles: Path, name: str) -> int:
     return read_config(ensembles / name / "config.pbtxt").max_batch_size
 
 
-def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, ensembles: Path | None = None) -> list[Path]:
+def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, ensembles: Path | None = None,
+                  model_files: dict[str, str] | None = None) -> list[Path]:
     """Copy the pipeline's models and ensemble into `target` (one repository) with planned configs."""
     root = project_root()
     models = models or root / "model_repository"
     ensembles = ensembles or root / "ensembles"
     need = _ensemble_batch(ensembles, plan.ensemble)
+    model_files = model_files or {}
+    hidden = hidden_size_of(model_files) if plan.pipeline == "text" else None
     written = []
     for stage in plan.stages:
         source = models / stage.model
         destination = target / stage.model
         shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         config = apply_stage(read_config(source / "config.pbtxt"), stage, need)
+        apply_model_files(config, model_files, hidden)
         write_config(config, destination / "config.pbtxt")
         written.append(destination / "config.pbtxt")
     shutil.copytree(ensembles / plan.ensemble, target / plan.ensemble, dirs_exist_ok=True)
+    if hidden is not None:
+        ensemble = read_config(target / plan.ensemble / "config.pbtxt")
+        apply_model_files(ensemble, {}, hidden)
+        write_config(ensemble, target / plan.ensemble / "config.pbtxt")
     return written
 
 
-def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None) -> Path:
+def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None,
+                      model_files: dict[str, str] | None = None) -> Path:
     """model-config.yaml for the pipeline's handler with the planned device, batch, workers and precision."""
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
     source = (handlers or project_root() / "handlers") / handler / "model-config.yaml"
@@ -91,6 +124,11 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
         stage_values["precision"] = device_stage.precision
     if plan.pipeline == "text":
         stage_values["fuse_token_embedding"] = plan.ensemble == "text_embedding_fused"
+    model_files = model_files or {}
+    if plan.pipeline == "text" and model_files.get("model_dir"):
+        section["model_dir"] = model_files["model_dir"]
+    if plan.pipeline == "detection" and model_files.get("detector_weights"):
+        stage_values["weights"] = model_files["detector_weights"]
     pipeline = section.setdefault("pipeline", {})
     pipeline["micro_batch_size"] = max(1, device_stage.batch // 4)
     pipeline["cpu_lane_threads"] = device_stage.cpu_instances if device_stage.cpu_share else 0  # the balancer's CPU lane
@@ -100,14 +138,15 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
     return path
 
 
-def render(report: PlanReport, target: Path) -> list[Path]:
+def render(report: PlanReport, target: Path, model_files: dict[str, str] | None = None) -> list[Path]:
     """Every chosen plan into `target`: a Triton repository in triton/ (models + ensembles), TorchServe
-    model-config.yaml files in torchserve/, and plan.json."""
+    model-config.yaml files in torchserve/, and plan.json. `model_files` (a profile's `models`) points the
+    configs at the profiled model directory / detector weights."""
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for plan in report.chosen.values():
-        written += render_triton(plan, target / "triton")
-        written.append(render_torchserve(plan, target))
+        written += render_triton(plan, target / "triton", model_files=model_files)
+        written.append(render_torchserve(plan, target, model_files=model_files))
     summary = {pipeline: {"ensemble": p.ensemble, "throughput": p.throughput, "latency_ms": p.latency_ms,
                           "stages": [s.__dict__ for s in p.stages]} for pipeline, p in report.chosen.items()}
     (target / "plan.json").write_text(json.dumps({"objective": report.objective.__dict__, "plans": summary}, indent=1))

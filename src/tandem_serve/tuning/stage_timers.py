@@ -122,17 +122,11 @@ def _box_recall(found: list, reference: list, iou: float = 0.5) -> float:
     return counts.recall
 
 
-def random_detector(size: str, num_classes: int = 80) -> Path:
-    """Randomly initialised YOLOv5 weights of `size` in a temporary safetensors file (for speed, not accuracy)."""
-    from safetensors.torch import save_file
+def random_detector(size: str) -> Path:
+    """Random YOLOv5 weights of `size` (with the bias prior) in the temporary directory (speed, not accuracy)."""
+    from tandem_serve.workloads import random_yolov5
 
-    from tandem_serve.vision.yolo import YoloSpec, YoloV5
-
-    torch.manual_seed(0)
-    path = Path(tempfile.gettempdir()) / f"tandem-yolov5{size}-random.safetensors"
-    state = {k: v.contiguous() for k, v in YoloV5(YoloSpec.of_size(size, num_classes)).state_dict().items()}
-    save_file(state, str(path), metadata={"size": size, "num_classes": str(num_classes)})
-    return path
+    return random_yolov5(size, Path(tempfile.gettempdir()))
 
 
 def detection_timings(options: ProfileOptions, devices: list[str]) -> list[StageTiming]:
