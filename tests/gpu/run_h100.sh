@@ -10,6 +10,7 @@
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
+# Issue 7 (after wheels, model1, numpy1): suite-prep carry [".carry/model2"], then suite (SUITE_ARGS) per workload.
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -77,6 +78,26 @@ latency)  # after wheels, model1, numpy1; carry [".carry/model2"]: where object_
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/detection_latency.py --out "$out/bench_detection_latency.json" 2>&1 | tee "$out/bench_detection_latency.log"
+    ;;
+suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's models, a profile + plan per workload
+    assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert; random_bert('base', Path('$base/models'))"
+    quick="--batch-sizes 1 16 64 --repeats 3"
+    for w in minilm bert-base yolov5s; do
+        case "$w" in
+        minilm) args="--pipelines text --seq-lengths 32" ;;
+        bert-base) args="--pipelines text --seq-lengths 32 --model-dir $base/models/bert-base-random" ;;
+        yolov5s) args="--pipelines detection --detector-size s" ;;
+        esac
+        python3 -m tandem_serve.cli profile $args $quick --out "$out/profile-$w.json" 2>&1 | grep -v "\] " | tail -3
+        python3 -m tandem_serve.cli plan "$out/profile-$w.json" --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
+    done
+    ;;
+suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm); results under $OUT/suite
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/suite.log"
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1

@@ -1,0 +1,307 @@
+"""The benchmark suite: per workload, the naive handler, the untuned Triton recipe, the model-only ceiling and the plugin.
+
+Workloads (`--workloads`): minilm (all-MiniLM-L6-v2), bert-base (BERT-base-sized, random weights), yolov5s
+(YOLOv5s-sized, random weights with YOLOv5's bias prior). Texts follow `workloads.LENGTH_MIX`; images are
+JPEGs of `workloads.IMAGE_SIZES`. One item per request. Measured in one run on one machine:
+  naive           a plain TorchServe-style handler in-process (pre -> infer -> post on the whole batch, pageable
+                  copies), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
+  ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies), same batcher, batchSize 32
+  triton-shipped  the usual Triton recipe, untuned: Python tokenizer/preprocess + GPU model (+ NMS) ensemble,
+                  the shipped configs (KIND_AUTO, fp32) pointed at the workload's model
+  triton-plugin   the plan from `tandem plan` (`--plans DIR`, DIR/<workload>/triton), after `tandem tune`'s search
+  ceiling         the network alone on GPU-resident pre-tokenized / pre-processed inputs at its best batch size
+Closed loop at each `--concurrency` (the project's async load generator, gRPC), then open loop at 90 % of
+the naive baseline's best throughput for p99 under the same offered load. Prints a Markdown table,
+writes DIR/suite.json, DIR/suite.md and a latency-throughput plot per workload.
+
+    python bench/suite.py --out DIR --plans PLANS [--workloads minilm bert-base yolov5s] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import machine
+from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
+from tandem_serve.paths import project_root
+from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.tuning.plots import plot_curves
+from tandem_serve.tuning.render import apply_model_files, hidden_size_of, read_config, write_config
+from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial
+from tandem_serve.workloads import (
+    IMAGE_SIZES,
+    LENGTH_MIX,
+    mixed_length_texts,
+    mixed_size_jpegs,
+    random_bert,
+    random_yolov5,
+)
+
+logger = logging.getLogger("bench.suite")
+WORKLOADS = {"minilm": "text", "bert-base": "text", "yolov5s": "detection"}
+ENSEMBLES = {"text": "text_embedding_fused", "detection": "object_detection"}
+NAIVE_BATCH, PLUGIN_BATCH, BATCH_DELAY_S = 8, 32, 0.005
+
+
+class InProcessBatcher:
+    """TorchServe's frontend batching in miniature: up to `batch_size` queued requests, waiting at most `delay_s`
+    for more, handed to one worker (`service.handle`) at a time. `await batcher(i)` serves request i."""
+
+    def __init__(self, service: Any, bodies: list[dict], batch_size: int, delay_s: float):
+        self.service, self.bodies, self.batch_size, self.delay_s = service, bodies, batch_size, delay_s
+        self.queue: asyncio.Queue | None = None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="worker")
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "InProcessBatcher":
+        self.queue = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._batches())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.task.cancel()
+        self.worker.shutdown(wait=True)
+
+    async def __call__(self, index: int) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((self.bodies[index % len(self.bodies)], future))
+        reply = await future
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {reply.body[:200]!r}")
+        return reply
+
+    async def _batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.delay_s
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self.queue.get_nowait() if self.queue.qsize() else
+                                 await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            replies = await loop.run_in_executor(self.worker, self.service.handle, [body for body, _ in batch])
+            for (_, future), reply in zip(batch, replies):
+                if not future.done():
+                    future.set_result(reply)
+
+
+def make_service(pipeline: str, model: Path, pipelined: bool, micro_batch: int) -> Any:
+    """The TorchServe handler's service on GPU 0, fp16, for the workload's model."""
+    settings = {"micro_batch_size": micro_batch, "pipelined": pipelined, "cpu_threads": 8 if pipelined else 1}
+    if pipeline == "text":
+        config = {"handler": {"model_dir": str(model), "encoder": {"precision": "fp16"}, "pipeline": settings}}
+        return TextEmbeddingService(model, config, gpu_id=0)
+    config = {"handler": {"detector": {"precision": "fp16", "weights": str(model)}, "pipeline": settings}}
+    return ObjectDetectionService(model.parent, config, gpu_id=0)
+
+
+def bodies_of(pipeline: str, count: int) -> list[dict]:
+    if pipeline == "text":
+        return [{"body": {"text": t}} for t in mixed_length_texts(count, seed=3)]
+    return [{"body": data} for data in mixed_size_jpegs(count, seed=11)]
+
+
+def ceiling(pipeline: str, model: Path) -> dict:
+    """The best items/s of the network alone on GPU-resident inputs, over batch sizes."""
+    from tandem_serve.tuning.profile import median_seconds
+
+    device = "cuda:0"
+    results = {}
+    if pipeline == "text":
+        from tandem_serve.model_files import SentenceModelFiles
+        from tandem_serve.text.bert import load_sentence_encoder
+        from tandem_serve.text.tokenize import TextTokenizer
+
+        files = SentenceModelFiles.load(model)
+        encoder = load_sentence_encoder(files, device, torch.float16, fused=True)
+        tokenizer = TextTokenizer(files.tokenizer_json, files.max_seq_length, 8, files.bert.pad_token_id)
+        for batch in (1, 8, 32, 64, 128, 256):
+            groups = [tokenizer(mixed_length_texts(batch, seed=s)) for s in range(4)]  # four batches of the mix
+            tensors = [(torch.from_numpy(g.input_ids).to(device), torch.from_numpy(g.attention_mask).to(device)) for g in groups]
+            with torch.inference_mode():
+                seconds = statistics.mean(median_seconds(lambda t=t: encoder(*t), device, 10) for t in tensors)
+            results[batch] = batch / seconds
+    else:
+        from tandem_serve.stage_config import DetectorConfig
+        from tandem_serve.vision.detector import DetectStage
+
+        stage = DetectStage(DetectorConfig(weights=str(model), precision="fp16"), device)
+        for batch in (1, 4, 8, 16, 32, 64):
+            pixels = torch.randint(0, 255, (batch, 3, 640, 640), dtype=torch.uint8, device=device)
+            results[batch] = batch / median_seconds(lambda: stage.filtered(pixels), device, 10)
+        del stage
+    best = max(results, key=results.get)
+    logger.info("ceiling: %s", {b: round(v) for b, v in results.items()})
+    return {"items_per_s": results[best], "batch": best, "by_batch": results}
+
+
+def in_process(service: Any, bodies: list[dict], batch_size: int, specs: list[LoadSpec]) -> list[LoadPoint]:
+    try:
+        return measure(lambda: InProcessBatcher(service, bodies, batch_size, BATCH_DELAY_S), specs)
+    finally:
+        service.close()
+
+
+def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> Path:
+    """The shipped models and ensembles in one repository, pointed at the workload's model files."""
+    target.mkdir(parents=True, exist_ok=True)
+    hidden = hidden_size_of(models) if pipeline == "text" else None
+    for source in (project_root() / "model_repository", project_root() / "ensembles"):
+        for model in source.iterdir():
+            shutil.copytree(model, target / model.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            config = read_config(target / model.name / "config.pbtxt")
+            apply_model_files(config, models, hidden)
+            write_config(config, target / model.name / "config.pbtxt")
+    return target
+
+
+def triton_trials(repository: Path, ensemble: str, concurrency: list[int], seconds: float, rounds: int) -> list:
+    with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
+        return Tuner(TuneOptions(server.grpc_url, ensemble, tuple(concurrency), seconds, rounds, admin_key=server.admin_key)).run()
+
+
+def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
+    pipeline = WORKLOADS[name]
+    if name == "minilm":
+        from tandem_serve.model_files import SentenceModelFiles
+
+        model, models = SentenceModelFiles.load().root, {}
+    elif name == "bert-base":
+        model = random_bert("base", scratch)
+        models = {"model_dir": str(model)}
+    else:
+        model = random_yolov5("s", scratch)
+        models = {"detector_weights": str(model)}
+    closed = [LoadSpec("closed", c, seconds=args.seconds) for c in args.concurrency]
+    bodies = bodies_of(pipeline, 64)
+    result: dict[str, Any] = {"pipeline": pipeline, "ensemble": ENSEMBLES[pipeline]}
+    result["ceiling"] = ceiling(pipeline, model)
+    logger.info("%s: naive", name)
+    naive = in_process(make_service(pipeline, model, False, NAIVE_BATCH), bodies, NAIVE_BATCH, closed)
+    saturating = max(p.throughput for p in naive)
+    open_spec = [LoadSpec("open", 1024, rate=round(0.9 * saturating, 1), seconds=args.seconds)]
+    naive += in_process(make_service(pipeline, model, False, NAIVE_BATCH), bodies, NAIVE_BATCH, open_spec)
+    logger.info("%s: ts-plugin", name)
+    micro = 16 if pipeline == "text" else 4
+    ts_plugin = in_process(make_service(pipeline, model, True, micro), bodies, PLUGIN_BATCH, closed + open_spec)
+    logger.info("%s: triton-shipped", name)
+    shipped = triton_trials(shipped_repository(pipeline, models, scratch / f"{name}-shipped"), ENSEMBLES[pipeline],
+                            args.concurrency, args.seconds, rounds=0)[0]
+    plugin = None
+    plan_repo = args.plans / name / "triton" if args.plans else None
+    if plan_repo is not None and plan_repo.is_dir():
+        logger.info("%s: triton-plugin (planned, then tuned)", name)
+        trials = triton_trials(plan_repo, ENSEMBLES[pipeline], args.concurrency, args.seconds, args.tune_rounds)
+        plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials}
+    else:
+        logger.warning("%s: no plan under %s; triton-plugin skipped", name, plan_repo)
+    result["points"] = {"naive": naive, "ts-plugin": ts_plugin, "triton-shipped": shipped.points}
+    if plugin:
+        result["points"]["triton-planned"] = plugin["planned"].points
+        result["points"]["triton-plugin"] = plugin["tuned"].points
+        result["tuned_by"] = plugin["tuned"].change
+        result["stages"] = {"triton-shipped": shipped.stages, "triton-plugin": plugin["tuned"].stages}
+    return result
+
+
+def best(points: list[LoadPoint]) -> float:
+    return max((p.throughput for p in points if p.mode == "closed" and not p.errors), default=0.0)
+
+
+def at(points: list[LoadPoint], mode: str, concurrency: int | None = None) -> LoadPoint | None:
+    return next((p for p in points if p.mode == mode and (concurrency is None or p.concurrency == concurrency)), None)
+
+
+def summary(name: str, r: dict) -> dict:
+    """The issue's ratios for one workload."""
+    points, ceiling_rate = r["points"], r["ceiling"]["items_per_s"]
+    naive = points["naive"]
+    out = {"workload": name, "ceiling_items_per_s": ceiling_rate, "ceiling_batch": r["ceiling"]["batch"]}
+    for label, series in points.items():
+        out[f"{label}_best_per_s"] = best(series)
+        c1 = at(series, "closed", 1)
+        out[f"{label}_p50_c1_ms"] = c1.p50_ms if c1 else None
+        opened = at(series, "open")
+        out[f"{label}_p99_open_ms"] = opened.p99_ms if opened else None
+    for label in ("ts-plugin", "triton-plugin"):
+        if label in points and best(naive):
+            out[f"{label}/naive"] = best(points[label]) / best(naive)
+            out[f"{label}/ceiling"] = best(points[label]) / ceiling_rate
+            if out[f"{label}_p50_c1_ms"] and out["naive_p50_c1_ms"]:
+                out[f"{label}/naive p50 c1"] = out[f"{label}_p50_c1_ms"] / out["naive_p50_c1_ms"]
+    return out
+
+
+def markdown(rows: list[dict], labels: list[str]) -> str:
+    lines = ["| workload | ceiling /s (batch) | " + " | ".join(f"{l} /s" for l in labels) +
+             " | plugin/naive | plugin/ceiling | p50 c1 plugin/naive | p99 @0.9x naive sat.: naive / plugin ms |",
+             "|---|---|" + "---|" * len(labels) + "---|---|---|---|"]
+    for r in rows:
+        plugin = "triton-plugin" if "triton-plugin/naive" in r else "ts-plugin"
+        cells = " | ".join(f"{r.get(f'{l}_best_per_s', 0):.0f}" for l in labels)
+        lines.append(f"| {r['workload']} | {r['ceiling_items_per_s']:.0f} ({r['ceiling_batch']}) | {cells} | "
+                     f"{r.get(f'{plugin}/naive', float('nan')):.2f}x ({plugin}) | {r.get(f'{plugin}/ceiling', float('nan')):.0%} | "
+                     f"{r.get(f'{plugin}/naive p50 c1', float('nan')):.2f}x | "
+                     f"{r.get('naive_p99_open_ms') or float('nan'):.0f} / {r.get(f'{plugin}_p99_open_ms') or float('nan'):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plans", type=Path, help="DIR/<workload>/ from `tandem plan --out` per workload")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--tune-rounds", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not torch.cuda.is_available():
+        logger.error("the suite measures a GPU; none is visible")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, rows = {}, []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads:
+            results[name] = run_workload(name, args, Path(tmp))
+            rows.append(summary(name, results[name]))
+            plot_curves({label: [(p.throughput, p.p99_ms) for p in pts if p.mode == "closed"]
+                         for label, pts in results[name]["points"].items()},
+                        args.out / f"suite-{name}.png", f"{name} ({machine()['gpu']})")
+            torch.cuda.empty_cache()
+    labels = ["naive", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
+    table = markdown(rows, labels)
+    header = (f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; closed loop at concurrency {args.concurrency}, "
+              f"{args.seconds:g} s per level, one item per request; texts: words per text {LENGTH_MIX}; "
+              f"images: JPEG {IMAGE_SIZES}.")
+    sys.stdout.write(header + "\n\n" + table + "\n")
+    (args.out / "suite.md").write_text(header + "\n\n" + table + "\n")
+    (args.out / "suite.json").write_text(json.dumps({
+        "machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "wall_s": time.perf_counter() - started, "summary": rows,
+        "workloads": {n: {**{k: v for k, v in r.items() if k not in ("points", "stages")},
+                          "points": {l: [p.record() for p in pts] for l, pts in r["points"].items()},
+                          "stages": {l: [s.__dict__ for s in st] for l, st in r.get("stages", {}).items()}}
+                      for n, r in results.items()}}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
