@@ -206,9 +206,11 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     plugin = None
     plan_repo = args.plans / name / "triton" if args.plans else None
     if plan_repo is not None and plan_repo.is_dir():
-        logger.info("%s: triton-plugin (planned, then tuned)", name)
-        trials = triton_trials(plan_repo, ENSEMBLES[pipeline], args.concurrency, args.seconds, args.tune_rounds)
+        ensemble = json.loads((plan_repo.parent / "plan.json").read_text())["plans"][pipeline]["ensemble"]
+        logger.info("%s: triton-plugin (%s planned, then tuned)", name, ensemble)
+        trials = triton_trials(plan_repo, ensemble, args.concurrency, args.seconds, args.tune_rounds)
         plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials}
+        result["plugin_ensemble"] = ensemble
     else:
         logger.warning("%s: no plan under %s; triton-plugin skipped", name, plan_repo)
     result["points"] = {"naive": naive, "ts-plugin": ts_plugin, "triton-shipped": shipped.points}
