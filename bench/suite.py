@@ -105,7 +105,8 @@ def make_service(pipeline: str, model: Path, pipelined: bool, micro_batch: int) 
     """The TorchServe handler's service on GPU 0, fp16, for the workload's model."""
     settings = {"micro_batch_size": micro_batch, "pipelined": pipelined, "cpu_threads": 8 if pipelined else 1}
     if pipeline == "text":
-        config = {"handler": {"model_dir": str(model), "encoder": {"precision": "fp16"}, "pipeline": settings}}
+        config = {"handler": {"model_dir": str(model), "encoder": {"precision": "fp16", "fuse_token_embedding": True},
+                              "pipeline": settings}}
         return TextEmbeddingService(model, config, gpu_id=0)
     config = {"handler": {"detector": {"precision": "fp16", "weights": str(model)}, "pipeline": settings}}
     return ObjectDetectionService(model.parent, config, gpu_id=0)
