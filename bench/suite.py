@@ -256,7 +256,7 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
              " | plugin/naive | plugin/ceiling | p50 c1 plugin/naive | p99 @0.9x naive sat.: naive / plugin ms |",
              "|---|---|" + "---|" * len(labels) + "---|---|---|---|"]
     for r in rows:
-        plugin = "triton-plugin" if "triton-plugin/naive" in r else "ts-plugin"
+        plugin = max((l for l in ("ts-plugin", "triton-plugin") if f"{l}/naive" in r), key=lambda l: r[f"{l}_best_per_s"])
         cells = " | ".join(f"{r.get(f'{l}_best_per_s', 0):.0f}" for l in labels)
         lines.append(f"| {r['workload']} | {r['ceiling_items_per_s']:.0f} ({r['ceiling_batch']}) | {cells} | "
                      f"{r.get(f'{plugin}/naive', float('nan')):.2f}x ({plugin}) | {r.get(f'{plugin}/ceiling', float('nan')):.0%} | "
