@@ -74,14 +74,6 @@ class TensorClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _output_meta(self, result: Any, name: str) -> tuple[str, list[int]]:
-        output = result.get_output(name)
-        if output is None:
-            raise RuntimeError(f"the server returned no output {name!r}")
-        if self.protocol == "grpc":
-            return output.datatype, list(output.shape)
-        return output["datatype"], list(output["shape"])
-
     def infer_tensors(self, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """One request to this client's model: (name, numpy array or torch tensor) inputs over the wire or through
         the pool's slot (a CUDA tensor into a CUDA pool is copied device to device); outputs as numpy arrays."""
@@ -104,18 +96,38 @@ class TensorClient:
 
     def _infer_in(self, pool: "ShmPool", tensors: list, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str],
                   kwargs: dict) -> dict[str, np.ndarray]:
-        module = _module(self.protocol)
         with pool.slot() as slot:
-            for tensor, placed in zip(tensors, pool.write_inputs(slot, [array for _, array in inputs])):
-                tensor.set_shared_memory(pool.input_name, placed.byte_size, placed.offset)
-            areas = pool.output_areas(slot, len(outputs))
-            requested = []
-            for name, area in zip(outputs, areas):
-                output = module.InferRequestedOutput(name)
-                output.set_shared_memory(pool.output_name, area.byte_size, area.offset)
-                requested.append(output)
+            requested, areas = bind_slot(self.protocol, pool, slot, tensors, [array for _, array in inputs], outputs)
             result = self.client.infer(self.model, tensors, outputs=requested, **kwargs)
-            return {name: pool.read_output(area, *self._output_meta(result, name)) for name, area in zip(outputs, areas)}
+            return read_slot_outputs(self.protocol, pool, result, outputs, areas)
+
+
+def bind_slot(protocol: str, pool: "ShmPool", slot: int, tensors: list, arrays: Sequence[Any],
+              outputs: Sequence[str]) -> tuple[list, list]:
+    """Write a request's inputs into a pool slot and point its InferInputs and requested outputs at the slot.
+
+    Returns the requested outputs and the slot areas the server writes them to."""
+    for tensor, placed in zip(tensors, pool.write_inputs(slot, arrays)):
+        tensor.set_shared_memory(pool.input_name, placed.byte_size, placed.offset)
+    areas = pool.output_areas(slot, len(outputs))
+    requested = []
+    for name, area in zip(outputs, areas):
+        output = _module(protocol).InferRequestedOutput(name)
+        output.set_shared_memory(pool.output_name, area.byte_size, area.offset)
+        requested.append(output)
+    return requested, areas
+
+
+def read_slot_outputs(protocol: str, pool: "ShmPool", result: Any, outputs: Sequence[str], areas: list) -> dict[str, np.ndarray]:
+    """Host copies of the outputs the server wrote into a slot, shaped and typed as its reply says."""
+    values = {}
+    for name, area in zip(outputs, areas):
+        output = result.get_output(name)
+        if output is None:
+            raise RuntimeError(f"the server returned no output {name!r}")
+        meta = (output.datatype, list(output.shape)) if protocol == "grpc" else (output["datatype"], list(output["shape"]))
+        values[name] = pool.read_output(area, *meta)
+    return values
 
 
 def _text_array(texts: Sequence[str | bytes]) -> np.ndarray:

@@ -298,6 +298,7 @@ class TritonSender:
         return module
 
     async def __call__(self, index: int) -> dict[str, np.ndarray]:
+        from tandem_serve.client import bind_slot, read_slot_outputs
         from tandem_serve.shm import numpy_datatype
 
         module = self._module()
@@ -310,26 +311,11 @@ class TritonSender:
             result = await self.client.infer(self.model, inputs, outputs=[module.InferRequestedOutput(n) for n in self.outputs],
                                              **kwargs)
             return {name: result.as_numpy(name) for name in self.outputs}
-        async with self._free:
+        async with self._free:  # a slot is always free here: as many permits as slots
             with self.pool.slot(timeout_s=0.0) as slot:
-                for tensor, placed in zip(inputs, self.pool.write_inputs(slot, [a for _, a in pairs])):
-                    tensor.set_shared_memory(self.pool.input_name, placed.byte_size, placed.offset)
-                areas = self.pool.output_areas(slot, len(self.outputs))
-                requested = []
-                for name, area in zip(self.outputs, areas):
-                    output = module.InferRequestedOutput(name)
-                    output.set_shared_memory(self.pool.output_name, area.byte_size, area.offset)
-                    requested.append(output)
+                requested, areas = bind_slot(self.protocol, self.pool, slot, inputs, [a for _, a in pairs], self.outputs)
                 result = await self.client.infer(self.model, inputs, outputs=requested, **kwargs)
-                return {name: self.pool.read_output(area, *self._meta(result, name)) for name, area in zip(self.outputs, areas)}
-
-    def _meta(self, result: Any, name: str) -> tuple[str, list[int]]:
-        output = result.get_output(name)
-        if output is None:
-            raise RuntimeError(f"the server returned no output {name!r}")
-        if self.protocol == "grpc":
-            return output.datatype, list(output.shape)
-        return output["datatype"], list(output["shape"])
+                return read_slot_outputs(self.protocol, self.pool, result, self.outputs, areas)
 
 
 def measure(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None = None) -> list[LoadPoint]:
