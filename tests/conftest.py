@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
@@ -32,6 +33,13 @@ def reference(model_files):
         return model.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
     return embed
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # stages and CPU lanes set the process's torch threads
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ class TokenizerConfig:
 
     model_dir: str = ""  # empty: the packaged all-MiniLM-L6-v2
     pad_multiple: int = 8
+    parallel: bool = True  # encode a batch on all cores; false: on one (for several instances side by side)
 
     def validate(self) -> None:
         if self.pad_multiple < 1:
@@ -77,7 +78,7 @@ class EncoderConfig:
     model_dir: str = ""
     fuse_token_embedding: bool = False  # true: takes INPUT_IDS and embeds on its own device
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
-    cpu_threads: int = 0  # 0: torch's default, used when the instance runs on the CPU
+    cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
@@ -111,10 +112,13 @@ class DetectorConfig:
     prefilter_conf: float = 0.01  # candidates below this score never leave the GPU
     max_candidates: int = 2000  # per image, highest scores first
     output_on_device: bool = True  # Triton: CANDIDATES stay on the GPU for the next step (CUDA IPC), not copied here
+    cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError("parameter 'precision' must be fp32, fp16 or bf16")
+        if self.cpu_threads < 0:
+            raise ConfigError("parameter 'cpu_threads' must be >= 0")
         if not 0 <= self.prefilter_conf < 1:
             raise ConfigError("parameter 'prefilter_conf' must lie in [0, 1)")
         if self.max_candidates < 1:

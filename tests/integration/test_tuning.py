@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -25,7 +27,9 @@ def planned(tmp_path_factory):
     work = tmp_path_factory.mktemp("tuning")
     assert main(["profile", "--out", str(work / "profile.json"), "--pipelines", "text", "--devices", "cpu",
                  "--batch-sizes", "1", "4", "--seq-lengths", "16", "--repeats", "1"]) == 0
-    assert main(["plan", str(work / "profile.json"), "--out", str(work / "repo")]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["plan", str(work / "profile.json"), "--out", str(work / "repo")]) == 0
+    (work / "plan.txt").write_text(printed.getvalue())
     return work
 
 
@@ -39,6 +43,18 @@ def test_profile_measures_every_text_stage_with_accuracy(planned):
         if t.stage.startswith("encoder"):
             assert t.accuracy is not None and (t.accuracy > 0.9999 if t.precision == "fp32" else t.accuracy < 0.9999)
     assert (planned / "profile.png").stat().st_size > 10_000
+
+
+def test_profile_measures_the_ensemble_step_costs_on_the_real_server(planned):
+    serving = Profile.load(planned / "profile.json").serving
+    assert serving is not None
+    trips = serving.latencies_s
+    small, large = "16", str(serving.payload_bytes)
+    assert trips[f"3x{small}"] > trips[f"1x{small}"] and trips[f"3x{large}"] > trips[f"1x{large}"]
+    assert serving.step_s == pytest.approx((trips[f"3x{small}"] - trips[f"1x{small}"]) / 2)
+    assert 0 < serving.step_s < 0.05
+    assert 0.05e9 < 1 / serving.byte_s < 200e9  # bytes/s between two steps: shared memory, not a network
+    assert "Triton step cost" in (planned / "plan.txt").read_text()
 
 
 def test_the_rendered_plan_is_served_by_triton_and_tuned(planned, reference, tmp_path):

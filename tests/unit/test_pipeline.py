@@ -104,13 +104,6 @@ class SlowSquares(Squares):
         return super().infer(inputs)
 
 
-@pytest.fixture
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # a CPU lane sets the process's torch threads
-
-
 def test_cpu_lane_takes_work_from_a_busy_device_and_keeps_failures_per_request(restore_torch_threads):
     primary, lane = SlowSquares(0.02), Squares()
     settings = PipelineSettings(micro_batch_size=2, cpu_threads=3, cpu_lane_threads=1)

@@ -10,6 +10,7 @@ from tandem_serve.paths import project_root
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
 from tandem_serve.tuning.render import ensemble_problems, read_config, render
+from tandem_serve.tuning.serving_cost import ServingCost
 
 MB = 1 << 20
 
@@ -87,6 +88,23 @@ def test_token_embedding_stays_on_the_cpu_when_the_copy_is_free_and_the_gpu_is_t
     assert plan.ensemble == "text_embedding" and plan.bottleneck == "GPU"
 
 
+def test_measured_ensemble_step_costs_favour_the_pipeline_with_fewer_steps_and_bytes(tmp_path):
+    # compute alone: the unfused ensemble wins (GPU-bound, its encoder is cheaper); each Triton step costing
+    # 0.5 ms of CPU plus 1 ms per MiB received makes the CPU the bottleneck, where 3 steps lose to 2
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.serving = ServingCost(step_s=0.5e-3, byte_s=1e-3 / MB, payload_bytes=MB, latencies_s={})
+    plan = make_plan(profile, Objective()).chosen["text"]
+    assert plan.ensemble == "text_embedding_fused" and plan.bottleneck == "CPU"
+    received = {"tokenize": 0, "encoder_fused": 128 * 16}  # bytes per item each step receives
+    step_ms = {stage: 0.5 + 1e-3 * b / MB * 1e3 for stage, b in received.items()}
+    assert [s.serving_per_item_ms for s in plan.stages] == pytest.approx([step_ms["tokenize"], step_ms["encoder_fused"]])
+    cores = 8 - 2  # the GPU stage's two instances each keep a core
+    assert plan.throughput == pytest.approx(cores / ((0.05 + sum(step_ms.values())) / 1e3), rel=1e-6)
+    saved = tmp_path / "profile.json"
+    profile.save(saved)
+    assert Profile.load(saved).serving == profile.serving
+
+
 def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_kinds(tmp_path):
     # GPU 2 ms/item; CPU 8 ms/item on each of 32 cores: the CPU can add a lot
     profile = detection_profile(gpu_ms=2.0, cpu_ms=8.0, image_bytes=10_000, gb_per_s=25.0, cpus=32)
@@ -98,6 +116,7 @@ def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_ki
     render(make_plan(profile, Objective()), tmp_path)
     kinds = [g.kind for g in read_config(tmp_path / "triton" / "detector" / "config.pbtxt").instance_group]
     assert kinds == [mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU]
+    assert read_config(tmp_path / "triton" / "detector" / "config.pbtxt").parameters["cpu_threads"].string_value == "1"
     served = yaml.safe_load((tmp_path / "torchserve" / "object_detection" / "model-config.yaml").read_text())
     assert served["handler"]["pipeline"]["cpu_lane_threads"] == detector.cpu_instances  # the handler's balancer
 
@@ -115,6 +134,9 @@ def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
     assert [t.name for t in encoder.input] == [t.name for t in original.input]
     assert encoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert encoder.dynamic_batching.preferred_batch_size == [16, 32]
+    assert encoder.parameters["cpu_threads"].string_value == "0"  # a GPU instance: one thread (threads.py)
+    tokenizer = read_config(tmp_path / "triton" / "tokenizer" / "config.pbtxt")
+    assert tokenizer.parameters["parallel"].string_value == "false"  # the plan's instances are one core each
     values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
     assert values["batchSize"] == 32 and values["deviceType"] == "gpu"
     assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16"}

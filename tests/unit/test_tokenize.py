@@ -59,3 +59,11 @@ def test_invalid_utf8_names_item_and_byte():
     with pytest.raises(InvalidInputError, match=r"TEXT\[1\] is not valid UTF-8.*byte 2"):
         decode_utf8([b"fine", b"ab\xff\xfe"])
     assert decode_utf8(["ok", "é".encode()]) == ["ok", "é"]
+
+
+def test_serial_tokenizer_matches_the_parallel_one(model_files, tokenizer):
+    serial = TextTokenizer(model_files.tokenizer_json, model_files.max_seq_length, parallel=False)
+    groups = [mixed_texts(5, seed=1), EDGE_TEXTS, mixed_texts(30, seed=2)]
+    for got, expected in zip(serial.tokenize_groups(groups), tokenizer.tokenize_groups(groups)):
+        assert np.array_equal(got.input_ids, expected.input_ids)
+        assert np.array_equal(got.attention_mask, expected.attention_mask)

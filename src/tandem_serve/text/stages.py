@@ -24,6 +24,7 @@ from tandem_serve.text.bert import (
     parse_dtype,
 )
 from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, decode_utf8
+from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class TokenizeStage:
     def __init__(self, config: TokenizerConfig):
         self.files = SentenceModelFiles.load(config.model_dir or None)
         self.tokenizer = TextTokenizer(
-            self.files.tokenizer_json, self.files.max_seq_length, config.pad_multiple, self.files.bert.pad_token_id
+            self.files.tokenizer_json, self.files.max_seq_length, config.pad_multiple, self.files.bert.pad_token_id,
+            parallel=config.parallel,
         )
         logger.info("tokenizer: %s, max_seq_length %d", self.files.root, self.files.max_seq_length)
 
@@ -77,12 +79,10 @@ class EncoderStage:
         self.device = torch.device(device)
         self.fused = config.fuse_token_embedding
         dtype = parse_dtype(config.precision)
-        if self.device.type == "cpu":
-            if dtype != torch.float32:
-                logger.warning("encoder: precision %s requested on the CPU; using fp32", config.precision)
-                dtype = torch.float32
-            if config.cpu_threads:
-                torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cpu" and dtype != torch.float32:
+            logger.warning("encoder: precision %s requested on the CPU; using fp32", config.precision)
+            dtype = torch.float32
+        set_stage_threads(self.device, config.cpu_threads)
         self.module = load_sentence_encoder(self.files, self.device, dtype, fused=self.fused)
         logger.info("encoder: %s on %s, %s, token embedding %s", self.files.root, self.device, dtype,
                     "fused" if self.fused else "separate")

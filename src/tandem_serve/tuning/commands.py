@@ -17,7 +17,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                              batch_sizes=tuple(args.batch_sizes), seq_lengths=tuple(args.seq_lengths),
                              image_sizes=tuple(args.image_sizes), detector_size=args.detector_size,
                              repeats=args.repeats, cpu_max_batch=args.cpu_max_batch,
-                             model_dir=str(args.model_dir or ""))
+                             model_dir=str(args.model_dir or ""), serving_cost=args.serving_cost)
     profile = run_profile(options)
     profile.save(args.out)
     print(f"profile: {args.out} ({len(profile.stages)} stage timings, {len(profile.transfers)} transfer timings)")
@@ -87,6 +87,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--repeats", type=int, default=5)
     profile.add_argument("--cpu-max-batch", type=int, default=16, help="largest batch timed on the CPU")
     profile.add_argument("--model-dir", type=Path, help="sentence-transformers model (default all-MiniLM-L6-v2)")
+    profile.add_argument("--no-serving-cost", dest="serving_cost", action="store_false",
+                         help="skip timing Triton's per-step costs on the embedded server (seconds)")
     profile.set_defaults(func=cmd_profile)
 
     plan = commands.add_parser("plan", help="choose placement, precision, instances and batching from a profile")

@@ -7,11 +7,12 @@ from tandem_serve.tuning.plan import PipelinePlan, PlanReport, feasible
 
 def _stage_table(plan: PipelinePlan) -> list[str]:
     lines = [f"  {'stage':<17}{'model':<17}{'device':<15}{'prec':<6}{'batch':>6}{'inst':>5}{'delay us':>9}"
-             f"{'ms/item':>9}{'xfer ms/item':>13}"]
+             f"{'ms/item':>9}{'xfer ms/item':>13}{'step ms/item':>13}"]
     for s in plan.stages:
         device = s.device + (f"+{s.cpu_instances}cpu" if s.cpu_share else "")
         lines.append(f"  {s.stage:<17}{s.model:<17}{device:<15}{s.precision:<6}{s.batch:>6}{s.instances:>5}"
-                     f"{s.queue_delay_us:>9}{s.cost_per_item_ms:>9.3f}{s.transfer_per_item_ms:>13.4f}")
+                     f"{s.queue_delay_us:>9}{s.cost_per_item_ms:>9.3f}{s.transfer_per_item_ms:>13.4f}"
+                     f"{s.serving_per_item_ms:>13.4f}")
     return lines
 
 
@@ -36,6 +37,10 @@ def _why(plan: PipelinePlan, alternatives: list[PipelinePlan]) -> list[str]:
 def format_report(report: PlanReport, top: int = 5) -> str:
     """The report as text: per pipeline the chosen plan, the runners-up, and the reasons."""
     out = [f"objective: {report.objective.describe()} (precisions within {report.objective.min_accuracy:g} of fp32)"]
+    serving = report.serving
+    out.append(f"Triton step cost: {serving.step_s * 1e3:.3f} ms per request + {serving.byte_s * (1 << 20) * 1e3:.3f} ms "
+               "per MiB it receives (measured), CPU time" if serving else
+               "Triton step cost: not in the profile (stage compute only; profile with the serving cost for it)")
     for pipeline, plan in report.chosen.items():
         alternatives = report.alternatives[pipeline]
         ok = "" if feasible(plan, report.objective) else "  (NO plan meets the latency bound: the fastest shown)"

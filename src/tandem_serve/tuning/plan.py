@@ -9,7 +9,10 @@ The model (documented in the README, section Placement):
 - pipeline throughput T = min(CPU cores / sum c, GPUs / sum g); a stage allowed on both devices
   may give a share f of its items to CPU instances when that raises T (Triton hands each batch to
   whichever instance is free, so the split follows the instances' speeds);
-- latency = sum over stages of (queue delay + seconds(b) + transfer); the p99 objective keeps
+- every stage is also one Triton ensemble step: the profile's measured serving cost (a step, plus the
+  bytes it receives from the previous step) is CPU time per item, charged to the shared cores; without
+  serving costs in the profile only the stages' compute counts;
+- latency = sum over stages of (queue delay + seconds(b) + transfer + step cost); the p99 objective keeps
   plans whose latency, doubled for queueing, stays under the bound.
 Every (placement, precision, batch size) combination is scored; the best wins.
 """
@@ -21,6 +24,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tandem_serve.tuning.profile import Profile, StageTiming
+from tandem_serve.tuning.serving_cost import ServingCost
 
 PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
     "text": [("text_embedding", ("tokenize", "token_embedding", "encoder")),
@@ -61,6 +65,7 @@ class StagePlan:
     cpu_instances: int = 0
     cost_per_item_ms: float = 0.0  # core-ms (CPU) or GPU-ms incl. transfers
     transfer_per_item_ms: float = 0.0
+    serving_per_item_ms: float = 0.0  # the ensemble step around the stage (CPU time, any device)
     latency_ms: float = 0.0
 
     @property
@@ -105,6 +110,7 @@ class PlanReport:
     chosen: dict[str, PipelinePlan] = field(default_factory=dict)
     alternatives: dict[str, list[PipelinePlan]] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    serving: ServingCost | None = None  # the profile's per-step costs the scores include
 
 
 class TimingTable:
@@ -144,6 +150,11 @@ class TimingTable:
         last = rows[-1]
         return last.pageable_s * nbytes / last.bytes
 
+    def step_seconds(self, in_bytes: float) -> float:
+        """One ensemble step per request that receives `in_bytes`; 0 where the profile has no serving costs."""
+        serving = self.profile.serving
+        return serving.step_seconds(in_bytes) if serving else 0.0
+
 
 def _cpu_batch(rows: list[StageTiming]) -> list[StageTiming]:
     """A CPU stage's batch: the smallest within 5 % of its best cost per item (larger only adds latency)."""
@@ -160,10 +171,11 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
             transfer += table.copy_seconds(timing.in_bytes * timing.batch)
         transfer += table.copy_seconds(timing.out_bytes * timing.batch)
     seconds = timing.seconds + transfer
+    step = table.step_seconds(timing.in_bytes)
     delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
-                     latency_ms=seconds * 1e3 + delay / 1e3)
+                     serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3)
 
 
 def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,
@@ -173,7 +185,8 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
     busiest = max(gpu_stages, key=lambda g: g.cost_per_item_ms).stage if gpu_stages else None
     gpu_instances = sum(2 if s.stage == busiest else 1 for s in gpu_stages)  # two overlap the busiest's Python work
     cores = max(1, cpus - gpu_instances)
-    sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3
+    serving = sum(s.serving_per_item_ms for s in stages) / 1e3  # every step's stub and server work, on the cores
+    sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
     cpu_bound = cores / sum_c if sum_c else math.inf
     gpu_bound = gpus / sum_g if sum_g else math.inf
@@ -190,7 +203,8 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
     final = []
     for index, s in enumerate(planned):
         if s.device == "cpu":
-            instances = max(1, round(cores * (s.cost_per_item_ms / 1e3) / sum_c)) if sum_c else 1
+            own = (s.cost_per_item_ms + s.serving_per_item_ms) / 1e3
+            instances = max(1, round(cores * own / sum_c)) if sum_c else 1
             final.append(replace(s, instances=min(instances, cores)))
         else:
             extra = {}
@@ -249,7 +263,7 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
 def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None) -> PlanReport:
     """The best plan for each pipeline in the profile."""
     table = TimingTable(profile)
-    report = PlanReport(objective)
+    report = PlanReport(objective, serving=profile.serving)
     seen = {(t.stage, t.device, t.precision): t.accuracy for t in profile.stages if t.accuracy is not None}
     for (stage, device, precision), accuracy in sorted(seen.items()):
         if precision == "int8" or accuracy < objective.min_accuracy:

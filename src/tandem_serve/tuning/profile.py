@@ -1,8 +1,9 @@
 """`tandem profile`: time every stage on every device and precision over batch and input sizes.
 
-A profile is JSON: the machine, one `StageTiming` per (stage, device, precision, batch, size) and
-one `TransferTiming` per host-to-device copy size. CPU stages are timed on one thread, so a
-timing is core-seconds: the planner shares the machine's cores between CPU stages from them.
+A profile is JSON: the machine, one `StageTiming` per (stage, device, precision, batch, size),
+one `TransferTiming` per host-to-device copy size, and what one more Triton ensemble step costs
+(`serving_cost.py`). CPU stages are timed on one thread, so a timing is core-seconds: the planner
+shares the machine's cores between CPU stages from them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
+
+from tandem_serve.tuning.serving_cost import ServingCost
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class ProfileOptions:
     repeats: int = 5
     cpu_max_batch: int = 16  # CPU stages beyond this batch size are skipped (they only get slower per call)
     model_dir: str = ""
+    serving_cost: bool = True  # also time Triton's per-step costs on the embedded server
 
     def resolved_devices(self) -> list[str]:
         if self.devices:
@@ -85,16 +88,19 @@ class Profile:
     stages: list[StageTiming] = field(default_factory=list)
     transfers: list[TransferTiming] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)  # model_dir / detector_weights profiled ("" or absent: shipped)
+    serving: ServingCost | None = None  # None: not measured (the plan then counts stage compute only)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"machine": self.machine, "stages": [asdict(s) for s in self.stages],
-                                    "transfers": [asdict(t) for t in self.transfers], "models": self.models}, indent=1))
+                                    "transfers": [asdict(t) for t in self.transfers], "models": self.models,
+                                    "serving": self.serving.to_json() if self.serving else None}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
         raw = json.loads(Path(path).read_text())
         return cls(raw["machine"], [StageTiming(**s) for s in raw["stages"]],
-                   [TransferTiming(**t) for t in raw["transfers"]], raw.get("models", {}))
+                   [TransferTiming(**t) for t in raw["transfers"]], raw.get("models", {}),
+                   ServingCost.from_json(raw.get("serving")))
 
 
 def machine_facts() -> dict:
@@ -188,4 +194,13 @@ def run_profile(options: ProfileOptions) -> Profile:
         if device.startswith("cuda"):
             logger.info("transfers to %s", device)
             profile.transfers.extend(transfer_timings(device, options.repeats))
+    if options.serving_cost:
+        from tandem_serve.triton.launcher import TritonStartError
+        from tandem_serve.tuning.serving_cost import measure_serving_cost
+
+        logger.info("Triton ensemble step costs (embedded server)")
+        try:
+            profile.serving = measure_serving_cost()
+        except TritonStartError as exc:
+            logger.warning("no serving costs in the profile (the plan counts stage compute only): %s", exc)
     return profile

@@ -49,6 +49,10 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int) -> mc.
     out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
     if stage.precision not in ("-", "int8") and "precision" in out.parameters:
         out.parameters["precision"].string_value = stage.precision
+    if stage.device == "cpu" or stage.cpu_share:  # the plan counts a CPU instance as one core
+        for key, value in (("cpu_threads", "1"), ("parallel", "false")):
+            if key in out.parameters:
+                out.parameters[key].string_value = value
     return out
 
 

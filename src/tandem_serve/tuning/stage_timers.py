@@ -47,7 +47,8 @@ def text_timings(options: ProfileOptions, devices: list[str]) -> list[StageTimin
     """tokenize and token_embedding (CPU), encoder and encoder_fused on every device and precision."""
     files = SentenceModelFiles.load(options.model_dir or None)
     hidden_size = files.bert.hidden_size
-    tokenizer = TextTokenizer(files.tokenizer_json, files.max_seq_length, 8, files.bert.pad_token_id)
+    tokenizer = TextTokenizer(files.tokenizer_json, files.max_seq_length, 8, files.bert.pad_token_id,
+                              parallel=False)  # core-seconds, like every CPU stage
     embedding = load_token_embedding(files)
     encoders = [(stage, device, precision) for stage in ("encoder", "encoder_fused") for device in devices
                 for precision in precisions_for(device, stage)]

@@ -14,6 +14,7 @@ from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
 from tandem_serve.paths import project_root
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.text.bert import parse_dtype
+from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import to_device
 from tandem_serve.vision.nms import candidates
 from tandem_serve.vision.yolo import YoloSpec, YoloV5
@@ -64,6 +65,7 @@ class DetectStage:
     def __init__(self, config: DetectorConfig, device: str | torch.device = "cpu"):
         self.config = config
         self.device = torch.device(device)
+        set_stage_threads(self.device, config.cpu_threads)
         self.model = load_detector(config, self.device)
         self.dtype = parse_dtype(config.precision) if self.device.type == "cuda" else torch.float32
         logger.info("detector on %s (%s), prefilter %.3f", self.device, self.dtype, config.prefilter_conf)
