@@ -172,9 +172,14 @@ def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> P
     return target
 
 
-def triton_trials(repository: Path, ensemble: str, concurrency: list[int], seconds: float, rounds: int) -> list:
+def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
+                  open_spec: list[LoadSpec]) -> tuple[list, list[LoadPoint]]:
+    """`tandem tune`'s trials (rounds=0: the configs as loaded), then the open-loop level on the best one."""
     with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
-        return Tuner(TuneOptions(server.grpc_url, ensemble, tuple(concurrency), seconds, rounds, admin_key=server.admin_key)).run()
+        tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
+                                  admin_key=server.admin_key, client_processes=args.client_processes))
+        trials = tuner.run()  # the server is left on the best configuration (unless a reload failed: logged)
+        return trials, measure(tuner.make, open_spec, processes=args.client_processes)
 
 
 def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
@@ -202,22 +207,23 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     micro = 16 if pipeline == "text" else 4
     ts_plugin = in_process(make_service(pipeline, model, True, micro), bodies, PLUGIN_BATCH, closed + open_spec)
     logger.info("%s: triton-shipped", name)
-    shipped = triton_trials(shipped_repository(pipeline, models, scratch / f"{name}-shipped"), ENSEMBLES[pipeline],
-                            args.concurrency, args.seconds, rounds=0)[0]
+    shipped_trials, shipped_open = triton_trials(shipped_repository(pipeline, models, scratch / f"{name}-shipped"),
+                                                 ENSEMBLES[pipeline], args, 0, open_spec)
+    shipped = shipped_trials[0]
     plugin = None
     plan_repo = args.plans / name / "triton" if args.plans else None
     if plan_repo is not None and plan_repo.is_dir():
         ensemble = json.loads((plan_repo.parent / "plan.json").read_text())["plans"][pipeline]["ensemble"]
         logger.info("%s: triton-plugin (%s planned, then tuned)", name, ensemble)
-        trials = triton_trials(plan_repo, ensemble, args.concurrency, args.seconds, args.tune_rounds)
-        plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials}
+        trials, plugin_open = triton_trials(plan_repo, ensemble, args, args.tune_rounds, open_spec)
+        plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials, "open": plugin_open}
         result["plugin_ensemble"] = ensemble
     else:
         logger.warning("%s: no plan under %s; triton-plugin skipped", name, plan_repo)
-    result["points"] = {"naive": naive, "ts-plugin": ts_plugin, "triton-shipped": shipped.points}
+    result["points"] = {"naive": naive, "ts-plugin": ts_plugin, "triton-shipped": shipped.points + shipped_open}
     if plugin:
         result["points"]["triton-planned"] = plugin["planned"].points
-        result["points"]["triton-plugin"] = plugin["tuned"].points
+        result["points"]["triton-plugin"] = plugin["tuned"].points + plugin["open"]
         result["tuned_by"] = plugin["tuned"].change
         result["stages"] = {"triton-shipped": shipped.stages, "triton-plugin": plugin["tuned"].stages}
     return result
@@ -273,6 +279,8 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--tune-rounds", type=int, default=1)
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not torch.cuda.is_available():

@@ -7,17 +7,25 @@ request's scheduled arrival (so a slow server is not hidden by a waiting client)
 finding `concurrency` requests already in flight is counted as dropped. GPU utilisation is
 sampled during the timed window when NVML (or nvidia-smi) is there; per-stage Triton statistics
 are read before and after.
+
+One Python process sends a few thousand small requests per second at most (tritonclient spends
+~0.2-0.3 ms of CPU on each): `measure(..., processes=N)` spreads every level over N spawned
+processes (each with its share of the concurrency or rate, the windows started together) and
+merges their latencies. `LoadPoint.client_cores` tells whether the load generator itself was busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import queue
 import random
 import shutil
 import subprocess
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -71,6 +79,7 @@ class LoadPoint:
     dropped: int = 0
     gpu_util: float | None = None  # mean % over the window
     first_error: str = ""
+    client_cores: float | None = None  # CPU of the load generator's processes / wall (in-process targets included)
     stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
 
     def record(self) -> dict:
@@ -88,6 +97,12 @@ class _Tally:
         self.errors = 0
         self.dropped = 0
         self.first_error = ""
+
+    @classmethod
+    def of(cls, latencies: list[float], errors: int, dropped: int, first_error: str) -> "_Tally":
+        tally = cls()
+        tally.latencies, tally.errors, tally.dropped, tally.first_error = latencies, errors, dropped, first_error
+        return tally
 
     def failed(self, exc: BaseException) -> None:
         self.errors += 1
@@ -163,16 +178,28 @@ def percentile_ms(ordered: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1e3
 
 
+async def _run_level(send: Send, spec: LoadSpec) -> tuple[_Tally, float, float]:
+    """The tally, wall seconds and this process's CPU seconds of one level."""
+    tally, cpu = _Tally(), time.process_time()
+    wall = await (_closed(send, spec, tally) if spec.mode == "closed" else _open(send, spec, tally))
+    return tally, wall, time.process_time() - cpu
+
+
+def _point(spec: LoadSpec, tallies: Sequence[_Tally], wall: float, cpu_s: float, gpu: float | None) -> LoadPoint:
+    ordered = sorted(x for t in tallies for x in t.latencies)
+    first_error = next((t.first_error for t in tallies if t.first_error), "")
+    return LoadPoint(spec.mode, spec.concurrency, spec.rate if spec.mode == "open" else 0.0, len(ordered) / wall,
+                     percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.9), percentile_ms(ordered, 0.99),
+                     len(ordered), sum(t.errors for t in tallies), sum(t.dropped for t in tallies), gpu, first_error,
+                     cpu_s / wall)
+
+
 async def measure_async(send: Send, spec: LoadSpec) -> LoadPoint:
     """One load level against `send` (inside a running event loop)."""
     spec.validate()
-    tally = _Tally()
     with GpuSampler() as gpu:
-        wall = await (_closed(send, spec, tally) if spec.mode == "closed" else _open(send, spec, tally))
-    ordered = sorted(tally.latencies)
-    return LoadPoint(spec.mode, spec.concurrency, spec.rate if spec.mode == "open" else 0.0, len(ordered) / wall,
-                     percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.9), percentile_ms(ordered, 0.99),
-                     len(ordered), tally.errors, tally.dropped, gpu.mean, tally.first_error)
+        tally, wall, cpu_s = await _run_level(send, spec)
+    return _point(spec, [tally], wall, cpu_s, gpu.mean)
 
 
 class GpuSampler:
@@ -318,25 +345,139 @@ class TritonSender:
                 return read_slot_outputs(self.protocol, self.pool, result, self.outputs, areas)
 
 
-def measure(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None = None) -> list[LoadPoint]:
+def _log(spec: LoadSpec, point: LoadPoint) -> None:
+    logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores", spec.mode, spec.label,
+                point.throughput, point.p50_ms, point.p99_ms, point.errors,
+                "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %", point.client_cores or 0.0)
+
+
+def _stages_since(stats: tuple[Any, str] | None, before: dict[str, StageStats]) -> list[StageStats]:
+    """Per-model statistics of the window that began at `before` (models that served requests in it)."""
+    if not stats:
+        return []
+    return [stats_delta(s, before.get(s.model)) for s in read_statistics(*stats)
+            if s.requests > (before[s.model].requests if s.model in before else 0)]
+
+
+def _stats_now(stats: tuple[Any, str] | None) -> dict[str, StageStats]:
+    return {s.model: s for s in read_statistics(*stats)} if stats else {}
+
+
+def measure(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None = None,
+            processes: int = 1) -> list[LoadPoint]:
     """Each load level in turn with one sender (an async context manager that is also `send`).
 
     With `stats` = (a tritonclient client, its protocol), each point carries the per-model statistics
-    of its window (warm-up included)."""
+    of its window (warm-up included). With `processes` > 1 the levels run in that many spawned
+    processes (`make_sender` must then be picklable, e.g. a functools.partial of TritonSender)."""
+    for spec in specs:
+        spec.validate()
+    if processes > 1:
+        return _measure_in_processes(make_sender, specs, stats, processes)
 
     async def run() -> list[LoadPoint]:
         points = []
         async with make_sender() as send:
             for spec in specs:
-                before = {s.model: s for s in read_statistics(*stats)} if stats else {}
+                before = _stats_now(stats)
                 point = await measure_async(send, spec)
-                if stats:
-                    point.stages = [stats_delta(s, before.get(s.model)) for s in read_statistics(*stats)
-                                    if s.requests > (before[s.model].requests if s.model in before else 0)]
-                logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s", spec.mode, spec.label,
-                            point.throughput, point.p50_ms, point.p99_ms, point.errors,
-                            "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %")
+                point.stages = _stages_since(stats, before)
+                _log(spec, point)
                 points.append(point)
         return points
 
     return asyncio.run(run())
+
+
+def share(spec: LoadSpec, processes: int, index: int) -> LoadSpec | None:
+    """Process `index`'s part of a level: its share of the senders (closed) or of the rate and the in-flight cap
+    (open); None where the level has fewer senders than processes and this one gets none."""
+    concurrency = spec.concurrency // processes + (1 if index < spec.concurrency % processes else 0)
+    if concurrency == 0:
+        return None
+    if spec.mode == "closed":
+        return dataclasses.replace(spec, concurrency=concurrency)
+    active = min(processes, spec.concurrency)
+    return dataclasses.replace(spec, concurrency=concurrency, rate=spec.rate / active, seed=spec.seed * 1000 + index)
+
+
+@dataclass
+class _LevelResult:
+    """What one process measured in one level (sent back to the parent)."""
+
+    latencies: list[float]
+    errors: int
+    dropped: int
+    first_error: str
+    wall: float
+    cpu_s: float
+
+
+def _worker(make_sender: Callable[[], Any], parts: list[LoadSpec | None], start: Any, end: Any, results: Any,
+            timeout_s: float) -> None:
+    """A load process: each level between two barriers shared with the parent; results (or an error) on the queue."""
+
+    async def run() -> list[_LevelResult]:
+        out = []
+        async with make_sender() as send:
+            for part in parts:
+                start.wait(timeout_s)
+                if part is None:
+                    out.append(_LevelResult([], 0, 0, "", 0.0, 0.0))
+                else:
+                    tally, wall, cpu_s = await _run_level(send, part)
+                    out.append(_LevelResult(tally.latencies, tally.errors, tally.dropped, tally.first_error, wall, cpu_s))
+                end.wait(timeout_s)
+        return out
+
+    try:
+        results.put(asyncio.run(run()))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent, which must not wait forever
+        start.abort()
+        end.abort()
+        results.put(f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None,
+                          processes: int) -> list[LoadPoint]:
+    context = multiprocessing.get_context("spawn")  # no fork: the parent may hold CUDA and gRPC state
+    start, end = context.Barrier(processes + 1), context.Barrier(processes + 1)
+    results = context.Queue()
+    timeout_s = 300.0 + max(s.seconds for s in specs)
+    workers = [context.Process(target=_worker, name=f"load-{k}", daemon=True,
+                               args=(make_sender, [share(s, processes, k) for s in specs], start, end, results, timeout_s))
+               for k in range(processes)]
+    for w in workers:
+        w.start()
+    levels: list[tuple[float | None, list[StageStats]]] = []
+    try:
+        for _ in specs:
+            before = _stats_now(stats)
+            start.wait(timeout_s)
+            with GpuSampler() as gpu:
+                end.wait(timeout_s)
+            levels.append((gpu.mean, _stages_since(stats, before)))
+    except threading.BrokenBarrierError:
+        pass  # a worker failed: its message is on the queue
+    try:
+        reports = [results.get(timeout=60) for _ in workers]
+    except queue.Empty:
+        codes = [w.exitcode for w in workers]
+        raise RuntimeError(f"a load process died without a report (exit codes {codes})") from None
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.terminate()
+    failures = [r for r in reports if isinstance(r, str)]
+    if failures:
+        raise RuntimeError(f"a load process failed: {failures[0]}")
+    points = []
+    for index, (spec, (gpu, stages)) in enumerate(zip(specs, levels)):
+        parts = [r[index] for r in reports]
+        tallies = [_Tally.of(p.latencies, p.errors, p.dropped, p.first_error) for p in parts]
+        point = _point(spec, tallies, max(p.wall for p in parts), sum(p.cpu_s for p in parts), gpu)
+        point.stages = stages
+        _log(spec, point)
+        points.append(point)
+    return points

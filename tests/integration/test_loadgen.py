@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -25,16 +26,18 @@ def _ensemble_successes(client, expected: int | None = None) -> int:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("protocol, shm", [("grpc", "none"), ("http", "none"), ("grpc", "system"), ("http", "system")])
-def test_closed_loop_requests_match_the_servers_count(triton, protocol, shm):
+@pytest.mark.parametrize("protocol, shm, processes", [("grpc", "none", 1), ("http", "none", 1), ("grpc", "system", 1),
+                                                     ("http", "system", 1), ("grpc", "system", 2)])
+def test_closed_loop_requests_match_the_servers_count(triton, protocol, shm, processes):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     stats = grpcclient.InferenceServerClient(triton.grpc_url)
     requests = triton_requests("text", 16, seed=5)
     before_shm = {n for n in os.listdir("/dev/shm") if n.startswith("tandem")}
     before = _ensemble_successes(stats)
     spec = LoadSpec("closed", concurrency=3, seconds=1.5, warm_up=1)
-    (point,) = measure(lambda: TritonSender(url, protocol, "text_embedding_fused", requests, OUTPUTS["text"], shm=shm, slots=3),
-                       [spec], stats=(stats, "grpc"))
+    sender = functools.partial(TritonSender, url, protocol, "text_embedding_fused", requests, OUTPUTS["text"], shm=shm,
+                               slots=3)
+    (point,) = measure(sender, [spec], stats=(stats, "grpc"), processes=processes)
     assert point.errors == 0 and point.completed > 0
     expected = before + point.completed + 3  # the server saw each timed and warm-up request
     assert _ensemble_successes(stats, expected) == expected

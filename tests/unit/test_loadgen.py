@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+from pathlib import Path
 
 import pytest
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.loadgen import LoadSpec, measure_async, percentile_ms
+from tandem_serve.loadgen import LoadSpec, measure, measure_async, percentile_ms, share
 
 
 class Target:
@@ -65,3 +68,50 @@ def test_percentiles_and_validation():
     for bad in (LoadSpec("sideways"), LoadSpec("open", rate=0), LoadSpec(concurrency=0), LoadSpec(seconds=0)):
         with pytest.raises(ConfigError):
             bad.validate()
+
+
+class SleepingSender:
+    """A picklable sender for spawned load processes: `seconds` per request; each process notes its pid and
+    the most requests it had in flight in `record/<pid>`; `fail` makes entering raise."""
+
+    def __init__(self, record: Path, seconds: float, fail: bool = False):
+        self.record, self.seconds, self.fail = record, seconds, fail
+        self.in_flight = self.most = 0
+
+    async def __aenter__(self) -> "SleepingSender":
+        if self.fail:
+            raise ConnectionError("cannot reach the server")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        (self.record / str(os.getpid())).write_text(str(self.most))
+
+    async def __call__(self, index: int) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(self.seconds)
+        self.in_flight -= 1
+
+
+def test_shares_split_senders_and_rate_between_processes():
+    closed = LoadSpec("closed", concurrency=5)
+    assert [share(closed, 2, k).concurrency for k in range(2)] == [3, 2]
+    assert share(LoadSpec("closed", concurrency=1), 3, 1) is None  # fewer senders than processes
+    opened = [share(LoadSpec("open", concurrency=64, rate=300.0, seed=1), 3, k) for k in range(3)]
+    assert [o.rate for o in opened] == [100.0] * 3 and len({o.seed for o in opened}) == 3
+    assert sum(o.concurrency for o in opened) == 64
+
+
+def test_levels_spread_over_processes_keep_the_total_concurrency(tmp_path):
+    sender = functools.partial(SleepingSender, tmp_path, 0.01)
+    specs = [LoadSpec("closed", concurrency=6, seconds=0.6, warm_up=1), LoadSpec("closed", concurrency=1, seconds=0.3)]
+    many, one = measure(sender, specs, processes=3)
+    assert sorted(int(f.read_text()) for f in tmp_path.iterdir()) == [2, 2, 2]  # three processes, two senders each
+    assert 6 / 0.01 * 0.5 <= many.throughput <= 6 / 0.01 * 1.05 and many.errors == 0
+    assert one.completed > 0 and one.throughput <= 1 / 0.01 * 1.05  # one sender: one process sends
+    assert many.client_cores is not None and many.client_cores > 0
+
+
+def test_a_failing_load_process_is_reported(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot reach the server"):
+        measure(functools.partial(SleepingSender, tmp_path, 0.01, True), [LoadSpec(seconds=0.2)], processes=2)

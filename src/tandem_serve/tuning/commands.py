@@ -58,7 +58,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, trials_json, write_best
 
     key = args.admin_key_file.read_text().strip() if args.admin_key_file else ""
-    options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms, key)
+    options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms, key,
+                          client_processes=args.client_processes)
     trials = Tuner(options).run()
     print(format_trials(trials))
     if args.out:
@@ -107,6 +108,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     tune.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
     tune.add_argument("--rounds", type=int, default=4)
+    tune.add_argument("--client-processes", type=int, default=1,
+                      help="load processes (one sends a few thousand requests/s at most; see client cores in the log)")
     tune.add_argument("--p99-ms", type=float)
     tune.add_argument("--out", type=Path, help="write the best configs (into existing model folders), tune.json, tune.png")
     tune.set_defaults(func=cmd_tune)

@@ -17,6 +17,7 @@ bound). Prints the trials, writes the best configs, plots the curves before and 
 from __future__ import annotations
 
 import json
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class TuneOptions:
     p99_ms: float | None = None
     admin_key: str = ""  # the model-repository API's key (`tandem serve triton` prints where it is)
     timeout_s: float = 120.0
+    client_processes: int = 1  # load processes (one Python process sends a few thousand requests/s at most)
 
 
 @dataclass
@@ -75,8 +77,8 @@ class Tuner:
         ensemble = self.config(options.ensemble)
         self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
         requests = triton_requests(pipeline_of(options.ensemble), 64, seed=3)
-        self.make = lambda: TritonSender(options.url, "grpc", options.ensemble, requests,
-                                         OUTPUTS[pipeline_of(options.ensemble)], timeout_s=30.0)
+        self.make = functools.partial(TritonSender, options.url, "grpc", options.ensemble, requests,
+                                      OUTPUTS[pipeline_of(options.ensemble)], timeout_s=30.0)  # picklable: processes
 
     def config(self, model: str) -> mc.ModelConfig:
         raw = self.client.get_model_config(model, as_json=True)["config"]
@@ -101,7 +103,7 @@ class Tuner:
         before = {s.model: s for s in read_statistics(self.client, "grpc")}
         began = time.perf_counter()
         points = measure(self.make, [LoadSpec("closed", c, seconds=self.options.seconds, warm_up=WARM_UP)
-                                     for c in self.options.concurrencies])
+                                     for c in self.options.concurrencies], processes=self.options.client_processes)
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
         stages = [stats_delta(s, before.get(s.model)) for s in after if s.model in self.models]
