@@ -10,7 +10,7 @@
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
-# Issue 7 (after wheels, model1, numpy1): suite-prep carry [".carry/model2"], then suite (SUITE_ARGS) per workload.
+# Issue 7 (after wheels, model1, numpy1): suite-prep carry [".carry/model2"], then ensembles and suite (SUITE_ARGS).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -82,6 +82,7 @@ latency)  # after wheels, model1, numpy1; carry [".carry/model2"]: where object_
 suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's models, a profile + plan per workload
     assemble_model
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"  # the profile's serving-cost probe starts the embedded Triton
     python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert; random_bert('base', Path('$base/models'))"
     quick="--batch-sizes 1 16 64 --repeats 3"
     for w in minilm bert-base yolov5s; do
@@ -98,6 +99,14 @@ suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm)
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/suite.log"
+    ;;
+ensembles)  # after suite-prep: the shipped ensembles side by side, 1 vs 4 load processes (bench/ensembles.py)
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    (cd bench && python3 ensembles.py --out "$out/ensembles-minilm.json" ${ENSEMBLES_ARGS:-}) 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -20
+    weights=$(python3 -c "from pathlib import Path; from tandem_serve.workloads import random_yolov5; print(random_yolov5('s', Path('$base/models')))")
+    (cd bench && python3 ensembles.py --out "$out/ensembles-yolov5s.json" --ensembles object_detection --concurrency 16 64 \
+        --detector-weights "$weights") 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -8
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
