@@ -104,9 +104,11 @@ ensembles)  # after suite-prep: the shipped ensembles side by side, 1 vs 4 load 
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     (cd bench && python3 ensembles.py --out "$out/ensembles-minilm.json" ${ENSEMBLES_ARGS:-}) 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -20
-    weights=$(python3 -c "from pathlib import Path; from tandem_serve.workloads import random_yolov5; print(random_yolov5('s', Path('$base/models')))")
-    (cd bench && python3 ensembles.py --out "$out/ensembles-yolov5s.json" --ensembles object_detection --concurrency 16 64 \
-        --detector-weights "$weights") 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -8
+    if [ "${ENSEMBLES_DETECTION:-1}" = 1 ]; then
+        weights=$(python3 -c "from pathlib import Path; from tandem_serve.workloads import random_yolov5; print(random_yolov5('s', Path('$base/models')))")
+        (cd bench && python3 ensembles.py --out "$out/ensembles-yolov5s.json" --ensembles object_detection --concurrency 16 64 \
+            --detector-weights "$weights") 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -8
+    fi
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
