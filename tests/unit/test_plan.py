@@ -98,11 +98,28 @@ def test_measured_ensemble_step_costs_favour_the_pipeline_with_fewer_steps_and_b
     received = {"tokenize": 0, "encoder_fused": 128 * 16}  # bytes per item each step receives
     step_ms = {stage: 0.5 + 1e-3 * b / MB * 1e3 for stage, b in received.items()}
     assert [s.serving_per_item_ms for s in plan.stages] == pytest.approx([step_ms["tokenize"], step_ms["encoder_fused"]])
-    cores = 8 - 2  # the GPU stage's two instances each keep a core
+    # one encoder instance is busy ~0.64 ms per item (0.14 compute + 0.5 step): four (the cap) to keep up, a core each
+    assert plan.stages[1].instances == 4
+    cores = 8 - 4
     assert plan.throughput == pytest.approx(cores / ((0.05 + sum(step_ms.values())) / 1e3), rel=1e-6)
     saved = tmp_path / "profile.json"
     profile.save(saved)
     assert Profile.load(saved).serving == profile.serving
+
+
+def test_gpu_instances_follow_their_step_cost_and_bound_the_pipeline():
+    # a cheap GPU stage behind a per-item step cost of 2 ms: one instance serves 1/(2 ms + compute) items/s at most
+    profile = detection_profile(gpu_ms=0.2, cpu_ms=10_000.0, image_bytes=10_000, gb_per_s=25.0, cpus=64)  # no CPU share
+    profile.serving = ServingCost(step_s=2e-3, byte_s=0.0, payload_bytes=MB, latencies_s={})
+    plan = make_plan(profile, Objective()).chosen["detection"]
+    detector = next(s for s in plan.stages if s.stage == "detector")
+    assert detector.device == "cuda:0" and detector.instances == 4 and not detector.cpu_share  # capped at 4
+    per_instance = 1e3 / (detector.cost_per_item_ms + detector.serving_per_item_ms)
+    assert plan.throughput == pytest.approx(4 * per_instance, rel=1e-6)  # the instances, not the GPU, bound it
+    assert plan.throughput < plan.gpu_bound and plan.throughput < plan.cpu_bound and plan.bottleneck == "GPU-instance"
+    legacy = make_plan(detection_profile(gpu_ms=0.2, cpu_ms=10.0, image_bytes=10_000, gb_per_s=25.0, cpus=64),
+                       Objective()).chosen["detection"]
+    assert next(s for s in legacy.stages if s.stage == "detector").instances == 2  # no step costs: compute only
 
 
 def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_kinds(tmp_path):

@@ -6,7 +6,10 @@ The model (documented in the README, section Placement):
 - a GPU stage costs g = seconds(b) / b GPU-seconds per item plus the transfer of what crosses
   between host and device (the profile's pageable copy time for b items' bytes, in and out);
   the GPU stages share each GPU;
-- pipeline throughput T = min(CPU cores / sum c, GPUs / sum g); a stage allowed on both devices
+- a GPU instance is one Python stub running one batch at a time, busy (g + its step cost) per item: a GPU
+  stage gets enough instances (each taking a core, at most MAX_GPU_INSTANCES) for the rate the other
+  bounds allow, and instances / (g + step) bounds it;
+- pipeline throughput T = min(CPU cores / sum c, GPUs / sum g, the instance bounds); a stage allowed on both devices
   may give a share f of its items to CPU instances when that raises T (Triton hands each batch to
   whichever instance is free, so the split follows the instances' speeds);
 - every stage is also one Triton ensemble step: the profile's measured serving cost (a step, plus the
@@ -37,6 +40,7 @@ MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding",
 SPLITTABLE = {"encoder", "encoder_fused", "detector"}  # stages that may run on both devices at once
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
+MAX_GPU_INSTANCES = 4  # per GPU stage and GPU (`tandem tune` may add more)
 NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the lower latency wins
 
 
@@ -89,10 +93,12 @@ class PipelinePlan:
     latency_ms: float
     cpu_bound: float
     gpu_bound: float
+    instance_bound: float = math.inf  # what the GPU stages' instances (one batch at a time each) can serve
 
     @property
     def bottleneck(self) -> str:
-        return "CPU" if self.cpu_bound <= self.gpu_bound else "GPU"
+        bounds = {"CPU": self.cpu_bound, "GPU": self.gpu_bound, "GPU-instance": self.instance_bound}
+        return min(bounds, key=bounds.get)
 
     def placement(self) -> str:
         parts = []
@@ -178,18 +184,29 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
                      serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3)
 
 
+def _instance_seconds(stage: StagePlan) -> float:
+    """Seconds one instance of a GPU stage is busy per item: its compute and copies plus its ensemble step."""
+    return (stage.cost_per_item_ms + stage.serving_per_item_ms) / 1e3
+
+
 def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,
           split_options: dict[int, StagePlan]) -> PipelinePlan:
     """Throughput bounds, instance counts and an optional CPU share for a splittable GPU stage."""
     gpu_stages = [s for s in stages if s.device.startswith("cuda")]
     busiest = max(gpu_stages, key=lambda g: g.cost_per_item_ms).stage if gpu_stages else None
-    gpu_instances = sum(2 if s.stage == busiest else 1 for s in gpu_stages)  # two overlap the busiest's Python work
-    cores = max(1, cpus - gpu_instances)
+    counts = {s.stage: 2 if s.stage == busiest else 1 for s in gpu_stages}  # two overlap the busiest's Python work
     serving = sum(s.serving_per_item_ms for s in stages) / 1e3  # every step's stub and server work, on the cores
     sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
-    cpu_bound = cores / sum_c if sum_c else math.inf
     gpu_bound = gpus / sum_g if sum_g else math.inf
+    for _ in range(2):  # a GPU instance is one stub process doing one batch at a time: enough of them, a core each
+        cores = max(1, cpus - sum(counts.values()))
+        cpu_bound = cores / sum_c if sum_c else math.inf
+        wanted = min(cpu_bound, gpu_bound)
+        counts = {g.stage: max(counts[g.stage], min(MAX_GPU_INSTANCES, math.ceil(wanted * _instance_seconds(g))))
+                  for g in gpu_stages}
+    cores = max(1, cpus - sum(counts.values()))
+    cpu_bound = cores / sum_c if sum_c else math.inf
     planned = list(stages)
     for index, cpu_variant in split_options.items():
         g_e, c_e = planned[index].cost_per_item_ms / 1e3, cpu_variant.cost_per_item_ms / 1e3
@@ -199,7 +216,9 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
             sum_c, sum_g = sum_c + share * c_e, sum_g - share * g_e
             cpu_bound, gpu_bound = cores / sum_c, (gpus / sum_g if sum_g > 0 else math.inf)
             planned[index] = replace(planned[index], cpu_share=round(share, 3))
-    throughput = min(cpu_bound, gpu_bound)
+    instance_bound = min((counts[g.stage] / (_instance_seconds(g) * (1 - g.cpu_share)) for g in planned
+                          if g.device.startswith("cuda") and g.cpu_share < 1), default=math.inf)
+    throughput = min(cpu_bound, gpu_bound, instance_bound)
     final = []
     for index, s in enumerate(planned):
         if s.device == "cpu":
@@ -212,9 +231,9 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
                 cpu_variant = split_options[index]
                 extra = {"cpu_instances": max(1, math.ceil(s.cpu_share * throughput * cpu_variant.cost_per_item_ms / 1e3)),
                          "latency_ms": max(s.latency_ms, cpu_variant.latency_ms)}  # items on the CPU take longer
-            final.append(replace(s, instances=2 if s.stage == busiest else 1, **extra))
+            final.append(replace(s, instances=counts[s.stage], **extra))
     latency = sum(s.latency_ms for s in final)
-    return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound)
+    return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound, instance_bound)
 
 
 def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None) -> list[PipelinePlan]:
