@@ -17,6 +17,7 @@ merges their latencies. `LoadPoint.client_cores` tells whether the load generato
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import queue
@@ -25,7 +26,6 @@ import shutil
 import subprocess
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -97,12 +97,6 @@ class _Tally:
         self.errors = 0
         self.dropped = 0
         self.first_error = ""
-
-    @classmethod
-    def of(cls, latencies: list[float], errors: int, dropped: int, first_error: str) -> "_Tally":
-        tally = cls()
-        tally.latencies, tally.errors, tally.dropped, tally.first_error = latencies, errors, dropped, first_error
-        return tally
 
     def failed(self, exc: BaseException) -> None:
         self.errors += 1
@@ -401,32 +395,16 @@ def share(spec: LoadSpec, processes: int, index: int) -> LoadSpec | None:
     return dataclasses.replace(spec, concurrency=concurrency, rate=spec.rate / active, seed=spec.seed * 1000 + index)
 
 
-@dataclass
-class _LevelResult:
-    """What one process measured in one level (sent back to the parent)."""
-
-    latencies: list[float]
-    errors: int
-    dropped: int
-    first_error: str
-    wall: float
-    cpu_s: float
-
-
 def _worker(make_sender: Callable[[], Any], parts: list[LoadSpec | None], start: Any, end: Any, results: Any,
             timeout_s: float) -> None:
     """A load process: each level between two barriers shared with the parent; results (or an error) on the queue."""
 
-    async def run() -> list[_LevelResult]:
+    async def run() -> list[tuple[_Tally, float, float]]:
         out = []
         async with make_sender() as send:
             for part in parts:
                 start.wait(timeout_s)
-                if part is None:
-                    out.append(_LevelResult([], 0, 0, "", 0.0, 0.0))
-                else:
-                    tally, wall, cpu_s = await _run_level(send, part)
-                    out.append(_LevelResult(tally.latencies, tally.errors, tally.dropped, tally.first_error, wall, cpu_s))
+                out.append((_Tally(), 0.0, 0.0) if part is None else await _run_level(send, part))
                 end.wait(timeout_s)
         return out
 
@@ -474,9 +452,8 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
         raise RuntimeError(f"a load process failed: {failures[0]}")
     points = []
     for index, (spec, (gpu, stages)) in enumerate(zip(specs, levels)):
-        parts = [r[index] for r in reports]
-        tallies = [_Tally.of(p.latencies, p.errors, p.dropped, p.first_error) for p in parts]
-        point = _point(spec, tallies, max(p.wall for p in parts), sum(p.cpu_s for p in parts), gpu)
+        tallies, walls, cpu_s = zip(*(r[index] for r in reports))  # (tally, wall, CPU seconds) per process
+        point = _point(spec, tallies, max(walls), sum(cpu_s), gpu)
         point.stages = stages
         _log(spec, point)
         points.append(point)
