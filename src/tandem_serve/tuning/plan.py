@@ -185,7 +185,7 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
 
 
 def _instance_seconds(stage: StagePlan) -> float:
-    """Seconds one instance of a GPU stage is busy per item: its compute and copies plus its ensemble step."""
+    """Seconds an instance of the stage is busy per item: its compute and copies plus its ensemble step."""
     return (stage.cost_per_item_ms + stage.serving_per_item_ms) / 1e3
 
 
@@ -222,8 +222,7 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
     final = []
     for index, s in enumerate(planned):
         if s.device == "cpu":
-            own = (s.cost_per_item_ms + s.serving_per_item_ms) / 1e3
-            instances = max(1, round(cores * own / sum_c)) if sum_c else 1
+            instances = max(1, round(cores * _instance_seconds(s) / sum_c)) if sum_c else 1
             final.append(replace(s, instances=min(instances, cores)))
         else:
             extra = {}

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tandem_serve.tuning.serving_cost import ServingCost
+from tandem_serve.tuning.serving_cost import ServingCost, measure_serving_cost
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,6 @@ def run_profile(options: ProfileOptions) -> Profile:
             profile.transfers.extend(transfer_timings(device, options.repeats))
     if options.serving_cost:
         from tandem_serve.triton.launcher import TritonStartError
-        from tandem_serve.tuning.serving_cost import measure_serving_cost
 
         logger.info("Triton ensemble step costs (embedded server)")
         try:
