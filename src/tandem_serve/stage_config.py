@@ -79,12 +79,16 @@ class EncoderConfig:
     fuse_token_embedding: bool = False  # true: takes INPUT_IDS and embeds on its own device
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
     cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
+    # On a GPU, batches up to this many texts replay CUDA graphs captured at load (text/graphs.py); 0: eager
+    cuda_graph_max_batch: int = 64
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError("parameter 'precision' must be fp32, fp16 or bf16")
         if self.cpu_threads < 0:
             raise ConfigError("parameter 'cpu_threads' must be >= 0")
+        if self.cuda_graph_max_batch < 0:
+            raise ConfigError("parameter 'cuda_graph_max_batch' must be >= 0 (0: no CUDA graphs)")
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,16 @@ class DetectorConfig:
     max_candidates: int = 2000  # per image, highest scores first
     output_on_device: bool = True  # Triton: CANDIDATES stay on the GPU for the next step (CUDA IPC), not copied here
     cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
+    # On a GPU, batches up to this many texts replay CUDA graphs captured at load (text/graphs.py); 0: eager
+    cuda_graph_max_batch: int = 64
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError("parameter 'precision' must be fp32, fp16 or bf16")
         if self.cpu_threads < 0:
             raise ConfigError("parameter 'cpu_threads' must be >= 0")
+        if self.cuda_graph_max_batch < 0:
+            raise ConfigError("parameter 'cuda_graph_max_batch' must be >= 0 (0: no CUDA graphs)")
         if not 0 <= self.prefilter_conf < 1:
             raise ConfigError("parameter 'prefilter_conf' must lie in [0, 1)")
         if self.max_candidates < 1:

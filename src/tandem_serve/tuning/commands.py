@@ -59,7 +59,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     key = args.admin_key_file.read_text().strip() if args.admin_key_file else ""
     options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms, key,
-                          client_processes=args.client_processes)
+                          client_processes=args.client_processes, protocol=args.protocol, http_url=args.http_url,
+                          shm=args.shm)
     trials = Tuner(options).run()
     print(format_trials(trials))
     if args.out:
@@ -110,6 +111,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--rounds", type=int, default=4)
     tune.add_argument("--client-processes", type=int, default=1,
                       help="load processes (one sends a few thousand requests/s at most; see client cores in the log)")
+    tune.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                      help="the load's protocol (configs are always read and loaded over gRPC, --url)")
+    tune.add_argument("--http-url", default="localhost:8000", help="Triton HTTP address, for --protocol http")
+    tune.add_argument("--shm", choices=["none", "system", "cuda"], default="none",
+                      help="send inputs and read outputs through shared-memory regions (registered for the run)")
     tune.add_argument("--p99-ms", type=float)
     tune.add_argument("--out", type=Path, help="write the best configs (into existing model folders), tune.json, tune.png")
     tune.set_defaults(func=cmd_tune)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from tandem_serve.model_files import SentenceModelFiles
-from tandem_serve.stage_config import DetectorConfig
+from tandem_serve.stage_config import DetectorConfig, EncoderConfig
 from tandem_serve.text.bert import load_sentence_encoder, load_token_embedding, parse_dtype
+from tandem_serve.text.graphs import GraphedEncoder
 from tandem_serve.text.tokenize import TextTokenizer
 from tandem_serve.tuning.profile import (
     WORDS,
@@ -37,10 +39,15 @@ def quantized_int8(module: torch.nn.Module) -> torch.nn.Module:
     return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def _encoder(files: SentenceModelFiles, device: str, precision: str, fused: bool) -> torch.nn.Module:
+def _encoder(files: SentenceModelFiles, device: str, precision: str, fused: bool) -> Callable[..., torch.Tensor]:
+    """The encoder as it serves: on a GPU through CUDA graphs up to the default batch (captured on first use)."""
     if precision == "int8":
         return quantized_int8(load_sentence_encoder(files, "cpu", torch.float32, fused=fused))
-    return load_sentence_encoder(files, device, parse_dtype(precision), fused=fused)
+    module = load_sentence_encoder(files, device, parse_dtype(precision), fused=fused)
+    max_batch = EncoderConfig().cuda_graph_max_batch
+    if not device.startswith("cuda") or not max_batch:
+        return module
+    return GraphedEncoder(module, torch.device(device), max_batch, files.max_seq_length, files.bert.pad_token_id, fused)
 
 
 def text_timings(options: ProfileOptions, devices: list[str]) -> list[StageTiming]:

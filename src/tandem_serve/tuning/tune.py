@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tandem_serve.errors import ConfigError
 from tandem_serve.loadgen import LoadPoint, LoadSpec, TritonSender, measure
 from tandem_serve.stats import StageStats, read_statistics, stats_delta
 from tandem_serve.triton.launcher import GRPC_ADMIN_HEADER
@@ -52,6 +53,9 @@ class TuneOptions:
     admin_key: str = ""  # the model-repository API's key (`tandem serve triton` prints where it is)
     timeout_s: float = 120.0
     client_processes: int = 1  # load processes (one Python process sends a few thousand requests/s at most)
+    protocol: str = "grpc"  # the load's protocol; configs are always read and loaded over gRPC (`url`)
+    http_url: str = ""  # Triton HTTP address, for protocol "http"
+    shm: str = "none"  # none | system | cuda: the load's tensors through shared-memory regions
 
 
 @dataclass
@@ -77,8 +81,12 @@ class Tuner:
         ensemble = self.config(options.ensemble)
         self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
         requests = triton_requests(pipeline_of(options.ensemble), 64, seed=3)
-        self.make = functools.partial(TritonSender, options.url, "grpc", options.ensemble, requests,
-                                      OUTPUTS[pipeline_of(options.ensemble)], timeout_s=30.0)  # picklable: processes
+        if options.protocol == "http" and not options.http_url:
+            raise ConfigError("protocol 'http' needs the server's HTTP address (http_url)")
+        load_url = options.http_url if options.protocol == "http" else options.url
+        self.make = functools.partial(TritonSender, load_url, options.protocol, options.ensemble, requests,
+                                      OUTPUTS[pipeline_of(options.ensemble)], shm=options.shm,
+                                      timeout_s=30.0)  # picklable: processes
 
     def config(self, model: str) -> mc.ModelConfig:
         raw = self.client.get_model_config(model, as_json=True)["config"]
@@ -103,7 +111,8 @@ class Tuner:
         before = {s.model: s for s in read_statistics(self.client, "grpc")}
         began = time.perf_counter()
         points = measure(self.make, [LoadSpec("closed", c, seconds=self.options.seconds, warm_up=WARM_UP)
-                                     for c in self.options.concurrencies], processes=self.options.client_processes)
+                                     for c in self.options.concurrencies],
+                         stats=(self.client, "grpc"), processes=self.options.client_processes)
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
         stages = [stats_delta(s, before.get(s.model)) for s in after if s.model in self.models]
