@@ -4,17 +4,20 @@ Workloads (`--workloads`): minilm (all-MiniLM-L6-v2), bert-base (BERT-base-sized
 (YOLOv5s-sized, random weights with YOLOv5's bias prior). Texts follow `workloads.LENGTH_MIX`; images are
 JPEGs of `workloads.IMAGE_SIZES`. One item per request. Measured in one run on one machine:
   naive           a plain TorchServe-style handler in-process (pre -> infer -> post on the whole batch, pageable
-                  copies), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
+                  copies, eager PyTorch), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
   ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies), same batcher, batchSize 32
   triton-shipped  the usual Triton recipe, untuned: Python tokenizer/preprocess + GPU model (+ NMS) ensemble,
-                  the shipped configs (KIND_AUTO, fp32) pointed at the workload's model
+                  the shipped configs (KIND_AUTO, fp32, eager: no CUDA graphs) pointed at the workload's model
   triton-plugin   the plan from `tandem plan` (`--plans DIR`, DIR/<workload>/triton), after `tandem tune`'s search
   ceiling         the network alone on GPU-resident pre-tokenized / pre-processed inputs at its best batch size
-Closed loop at each `--concurrency` (the project's async load generator, gRPC), then open loop at 90 % of
+                  (text: the better of eager and CUDA-graph replay at each batch)
+Closed loop at each `--concurrency` (the project's async load generator; `--protocol grpc|http`, `--shm
+none|system|cuda` for the Triton systems), then open loop at 90 % of
 the naive baseline's best throughput for p99 under the same offered load. Prints a Markdown table,
 writes DIR/suite.json, DIR/suite.md and a latency-throughput plot per workload.
 
     python bench/suite.py --out DIR --plans PLANS [--workloads minilm bert-base yolov5s] [--seconds 3]
+                          [--protocol grpc] [--shm none]
 """
 
 from __future__ import annotations
@@ -102,11 +105,11 @@ class InProcessBatcher:
 
 
 def make_service(pipeline: str, model: Path, pipelined: bool, micro_batch: int) -> Any:
-    """The TorchServe handler's service on GPU 0, fp16, for the workload's model."""
+    """The TorchServe handler's service on GPU 0, fp16, for the workload's model (naive: eager, no CUDA graphs)."""
     settings = {"micro_batch_size": micro_batch, "pipelined": pipelined, "cpu_threads": 8 if pipelined else 1}
     if pipeline == "text":
-        config = {"handler": {"model_dir": str(model), "encoder": {"precision": "fp16", "fuse_token_embedding": True},
-                              "pipeline": settings}}
+        encoder = {"precision": "fp16", "fuse_token_embedding": True, "cuda_graph_max_batch": 64 if pipelined else 0}
+        config = {"handler": {"model_dir": str(model), "encoder": encoder, "pipeline": settings}}
         return TextEmbeddingService(model, config, gpu_id=0)
     config = {"handler": {"detector": {"precision": "fp16", "weights": str(model)}, "pipeline": settings}}
     return ObjectDetectionService(model.parent, config, gpu_id=0)
@@ -123,21 +126,29 @@ def ceiling(pipeline: str, model: Path) -> dict:
     from tandem_serve.tuning.profile import median_seconds
 
     device = "cuda:0"
-    results = {}
+    results: dict[int, float] = {}
+    by_mode: dict[str, dict[int, float]] = {}
     if pipeline == "text":
         from tandem_serve.model_files import SentenceModelFiles
         from tandem_serve.text.bert import load_sentence_encoder
+        from tandem_serve.text.graphs import GraphedEncoder
         from tandem_serve.text.tokenize import TextTokenizer
 
         files = SentenceModelFiles.load(model)
         encoder = load_sentence_encoder(files, device, torch.float16, fused=True)
+        batches = (1, 8, 32, 64, 128, 256)
+        graphed = GraphedEncoder(encoder, torch.device(device), max(batches), files.max_seq_length,
+                                 files.bert.pad_token_id, fused=True)  # captured on first use of each bucket
         tokenizer = TextTokenizer(files.tokenizer_json, files.max_seq_length, 8, files.bert.pad_token_id)
-        for batch in (1, 8, 32, 64, 128, 256):
+        for batch in batches:
             groups = [tokenizer(mixed_length_texts(batch, seed=s)) for s in range(4)]  # four batches of the mix
             tensors = [(torch.from_numpy(g.input_ids).to(device), torch.from_numpy(g.attention_mask).to(device)) for g in groups]
             with torch.inference_mode():
-                seconds = statistics.mean(median_seconds(lambda t=t: encoder(*t), device, 10) for t in tensors)
-            results[batch] = batch / seconds
+                for label, run in (("eager", encoder), ("graphs", graphed)):
+                    seconds = statistics.mean(median_seconds(lambda t=t: run(*t), device, 10) for t in tensors)
+                    by_mode.setdefault(label, {})[batch] = batch / seconds
+            results[batch] = max(by_mode["eager"][batch], by_mode["graphs"][batch])
+        del graphed
     else:
         from tandem_serve.stage_config import DetectorConfig
         from tandem_serve.vision.detector import DetectStage
@@ -149,7 +160,7 @@ def ceiling(pipeline: str, model: Path) -> dict:
         del stage
     best = max(results, key=results.get)
     logger.info("ceiling: %s", {b: round(v) for b, v in results.items()})
-    return {"items_per_s": results[best], "batch": best, "by_batch": results}
+    return {"items_per_s": results[best], "batch": best, "by_batch": results, "by_mode": by_mode}
 
 
 def in_process(service: Any, bodies: list[dict], batch_size: int, specs: list[LoadSpec]) -> list[LoadPoint]:
@@ -168,6 +179,8 @@ def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> P
             shutil.copytree(model, target / model.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
             config = read_config(target / model.name / "config.pbtxt")
             apply_model_files(config, models, hidden)
+            if "cuda_graph_max_batch" in config.parameters:  # the usual recipe runs PyTorch eagerly
+                config.parameters["cuda_graph_max_batch"].string_value = "0"
             write_config(config, target / model.name / "config.pbtxt")
     return target
 
@@ -177,7 +190,8 @@ def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rou
     """`tandem tune`'s trials (rounds=0: the configs as loaded), then the open-loop level on the best one."""
     with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
-                                  admin_key=server.admin_key, client_processes=args.client_processes))
+                                  admin_key=server.admin_key, client_processes=args.client_processes,
+                                  protocol=args.protocol, http_url=server.http_url, shm=args.shm))
         trials = tuner.run()  # the server is left on the best configuration (unless a reload failed: logged)
         return trials, measure(tuner.make, open_spec, processes=args.client_processes)
 
@@ -279,6 +293,9 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--tune-rounds", type=int, default=1)
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="the Triton systems' protocol")
+    parser.add_argument("--shm", choices=["none", "system", "cuda"], default="none",
+                        help="the Triton systems' inputs and outputs through shared memory regions")
     parser.add_argument("--client-processes", type=int, default=4,
                         help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()
@@ -300,7 +317,8 @@ def main() -> int:
     labels = ["naive", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
     table = markdown(rows, labels)
     header = (f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; closed loop at concurrency {args.concurrency}, "
-              f"{args.seconds:g} s per level, one item per request; texts: words per text {LENGTH_MIX}; "
+              f"{args.seconds:g} s per level, one item per request; Triton systems over {args.protocol}, shm "
+              f"{args.shm}, {args.client_processes} load process(es); texts: words per text {LENGTH_MIX}; "
               f"images: JPEG {IMAGE_SIZES}.")
     sys.stdout.write(header + "\n\n" + table + "\n")
     (args.out / "suite.md").write_text(header + "\n\n" + table + "\n")
