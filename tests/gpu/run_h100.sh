@@ -10,7 +10,8 @@
 #   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
 # Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
-# Issue 7 (after wheels, model1, numpy1): suite-prep carry [".carry/model2"], then ensembles and suite (SUITE_ARGS).
+# Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
+# (SUITE_ARGS, one workload per call).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -49,6 +50,13 @@ gpu)  # on a machine where `test` already assembled the model: the GPU tier only
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
     python3 -m pytest $tiers -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    ;;
+graphs)  # after wheels, model1, numpy1; carry [".carry/model2"]: the text GPU tests (CUDA graphs vs eager, Triton)
+    assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    export TANDEM_RESULTS="$out/gpu_results.json" PYTHONUNBUFFERED=1
+    python3 -m pytest tests/gpu/test_text_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
     ;;
 bench)  # after `test`: the benchmarks (TANDEM_TEXT_BENCH=0 skips the Triton placement bench)
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1

@@ -63,6 +63,11 @@ class GraphedEncoder:
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.dtype = next(module.parameters()).dtype
+        # every bucket's inputs and mask are views of the start of two flat buffers: one bucket runs at a time
+        most = max(self.batches, default=0) * max(self.lengths, default=0)
+        width = 1 if fused else module.config.hidden_size
+        self._inputs = torch.empty(most * width, dtype=torch.int64 if fused else self.dtype, device=self.device)
+        self._mask = torch.empty(most, dtype=torch.int64, device=self.device)
 
     def covers(self, batch: int, length: int) -> bool:
         """Whether a batch of this shape runs through a bucket (else eagerly)."""
@@ -103,12 +108,11 @@ class GraphedEncoder:
         return slot
 
     def _new_bucket(self, batch: int, length: int) -> _Bucket:
-        if self.fused:
-            inputs = torch.full((batch, length), self.pad_id, dtype=torch.int64, device=self.device)
-        else:
-            hidden = self.module.config.hidden_size
-            inputs = torch.zeros((batch, length, hidden), dtype=self.dtype, device=self.device)
-        mask = torch.zeros((batch, length), dtype=torch.int64, device=self.device)
+        shape = (batch, length) if self.fused else (batch, length, self.module.config.hidden_size)
+        inputs = self._inputs[: batch * length * (1 if self.fused else shape[2])].view(shape)
+        inputs.fill_(self.pad_id if self.fused else 0)
+        mask = self._mask[: batch * length].view(batch, length)
+        mask.zero_()
         mask[:, 0] = 1
         slot = _Bucket(inputs, mask)
         if not self.capture:
@@ -120,6 +124,6 @@ class GraphedEncoder:
                 self.module(inputs, mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
         slot.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(slot.graph, pool=self.pool):
+        with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
             slot.output = self.module(inputs, mask)
         return slot
