@@ -4,15 +4,21 @@ At small batches the eager encoder is bound by Python and kernel launches, not b
 one MiniLM text took 3 ms eagerly). A batch is padded up to the next bucket of a ladder (1, 2, 3, 4, 6,
 8, 12, ...: at most 50 % padding), copied into that bucket's static buffers and its graph replayed.
 Padding changes no kept row: padded positions are masked out of attention and pooling, and padded rows
-keep one token so that they stay finite; they are dropped from the result. Batches beyond the largest
-bucket run eagerly.
+keep one token so that they stay finite; they are dropped from the result.
+
+Graphs only pay where launches dominate: a bucket whose replay takes longer than the eager forward of
+the smallest shape (the launch floor, measured once) is released and its batches run eagerly, unpadded
+(eager time is about max(floor, GPU time), and the padded GPU time already exceeds the floor). So do
+batches beyond the largest bucket.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,6 +50,8 @@ class _Bucket:
     mask: torch.Tensor
     output: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
+    replay_s: float = 0.0  # measured after capture
+    eager: bool = False  # the replay was slower than the eager floor: run such batches eagerly
 
 
 class GraphedEncoder:
@@ -68,9 +76,10 @@ class GraphedEncoder:
         width = 1 if fused else module.config.hidden_size
         self._inputs = torch.empty(most * width, dtype=torch.int64 if fused else self.dtype, device=self.device)
         self._mask = torch.empty(most, dtype=torch.int64, device=self.device)
+        self.floor_s: float | None = None  # the eager forward of the smallest bucket, measured before the first capture
 
     def covers(self, batch: int, length: int) -> bool:
-        """Whether a batch of this shape runs through a bucket (else eagerly)."""
+        """Whether a bucket holds a batch of this shape (replayed, or eager where its replay was the slower)."""
         return bucket(batch, self.batches) is not None and bucket(length, self.lengths) is not None
 
     @torch.inference_mode()
@@ -80,9 +89,11 @@ class GraphedEncoder:
         shapes = sorted(((b, n) for b in self.batches for n in self.lengths), key=lambda s: s[0] * s[1], reverse=True)
         for shape in shapes:
             self._bucket(*shape)
-        logger.info("encoder: %d CUDA graph(s) for batches %s x lengths %s in %.1f s", len(shapes), self.batches,
-                    self.lengths, time.perf_counter() - began)
-        return len(shapes)
+        kept = sum(1 for slot in self.buckets.values() if slot.graph is not None)
+        logger.info("encoder: %d of %d CUDA graph(s) kept for batches %s x lengths %s (the others replay slower than "
+                    "the %.2f ms eager floor and run eagerly), in %.1f s", kept, len(shapes), self.batches, self.lengths,
+                    (self.floor_s or 0.0) * 1e3, time.perf_counter() - began)
+        return kept
 
     @torch.inference_mode()
     def __call__(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,6 +102,8 @@ class GraphedEncoder:
         if None in shape:
             return self.module(inputs, mask)
         slot = self._bucket(*shape)
+        if slot.eager:
+            return self.module(inputs, mask)
         slot.inputs.fill_(self.pad_id if self.fused else 0)
         slot.inputs[:batch, :length].copy_(inputs)
         slot.mask.zero_()
@@ -123,7 +136,27 @@ class GraphedEncoder:
             for _ in range(2):
                 self.module(inputs, mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.floor_s is None:
+            first = min(self.lengths)
+            floor_inputs = self._inputs[: first * (1 if self.fused else inputs.shape[2])].view(1, first, *inputs.shape[2:])
+            floor_mask = self._mask[:first].view(1, first)
+            self.floor_s = self._seconds(lambda: self.module(floor_inputs, floor_mask))  # row 0 of this bucket, read only
         slot.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
             slot.output = self.module(inputs, mask)
+        slot.replay_s = self._seconds(slot.graph.replay)
+        if slot.replay_s >= self.floor_s:
+            slot.graph, slot.output, slot.eager = None, None, True
         return slot
+
+    def _seconds(self, run: Callable[[], object], repeats: int = 5) -> float:
+        """Median wall time of `run` on this device, after one call."""
+        run()
+        samples = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(self.device)
+            began = time.perf_counter()
+            run()
+            torch.cuda.synchronize(self.device)
+            samples.append(time.perf_counter() - began)
+        return statistics.median(samples)
