@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing
+import os
 import queue
 import random
 import shutil
@@ -80,6 +81,7 @@ class LoadPoint:
     gpu_util: float | None = None  # mean % over the window
     first_error: str = ""
     client_cores: float | None = None  # CPU of the load generator's processes / wall (in-process targets included)
+    host_cores_busy: float | None = None  # whole machine: cores busy over the window (server, stubs and load), /proc/stat
     stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
 
     def record(self) -> dict:
@@ -191,9 +193,37 @@ def _point(spec: LoadSpec, tallies: Sequence[_Tally], wall: float, cpu_s: float,
 async def measure_async(send: Send, spec: LoadSpec) -> LoadPoint:
     """One load level against `send` (inside a running event loop)."""
     spec.validate()
-    with GpuSampler() as gpu:
+    with GpuSampler() as gpu, HostCpu() as host:
         tally, wall, cpu_s = await _run_level(send, spec)
-    return _point(spec, [tally], wall, cpu_s, gpu.mean)
+    point = _point(spec, [tally], wall, cpu_s, gpu.mean)
+    point.host_cores_busy = host.cores
+    return point
+
+
+def host_busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU jiffies of the whole machine since boot, from /proc/stat; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])  # user..steal (guest time is already counted in user)
+
+
+class HostCpu:
+    """Cores of this machine busy while the block runs (all processes), from /proc/stat; None where unreadable."""
+
+    def __enter__(self) -> "HostCpu":
+        self.cores: float | None = None
+        self._start = host_busy_jiffies()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = host_busy_jiffies()
+        if self._start is not None and end is not None and end[1] > self._start[1]:
+            busy = (end[0] - self._start[0]) / (end[1] - self._start[1])
+            self.cores = busy * (os.cpu_count() or 1)
 
 
 class GpuSampler:
@@ -340,9 +370,10 @@ class TritonSender:
 
 
 def _log(spec: LoadSpec, point: LoadPoint) -> None:
-    logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores", spec.mode, spec.label,
+    logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores%s", spec.mode, spec.label,
                 point.throughput, point.p50_ms, point.p99_ms, point.errors,
-                "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %", point.client_cores or 0.0)
+                "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %", point.client_cores or 0.0,
+                "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy")
 
 
 def _stages_since(stats: tuple[Any, str] | None, before: dict[str, StageStats]) -> list[StageStats]:
@@ -427,14 +458,14 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
                for k in range(processes)]
     for w in workers:
         w.start()
-    levels: list[tuple[float | None, list[StageStats]]] = []
+    levels: list[tuple[float | None, float | None, list[StageStats]]] = []
     try:
         for _ in specs:
             before = _stats_now(stats)
             start.wait(timeout_s)
-            with GpuSampler() as gpu:
+            with GpuSampler() as gpu, HostCpu() as host:
                 end.wait(timeout_s)
-            levels.append((gpu.mean, _stages_since(stats, before)))
+            levels.append((gpu.mean, host.cores, _stages_since(stats, before)))
     except threading.BrokenBarrierError:
         pass  # a worker failed: its message is on the queue
     try:
@@ -451,10 +482,10 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
     if failures:
         raise RuntimeError(f"a load process failed: {failures[0]}")
     points = []
-    for index, (spec, (gpu, stages)) in enumerate(zip(specs, levels)):
+    for index, (spec, (gpu, host_cores, stages)) in enumerate(zip(specs, levels)):
         tallies, walls, cpu_s = zip(*(r[index] for r in reports))  # (tally, wall, CPU seconds) per process
         point = _point(spec, tallies, max(walls), sum(cpu_s), gpu)
-        point.stages = stages
+        point.host_cores_busy, point.stages = host_cores, stages
         _log(spec, point)
         points.append(point)
     return points

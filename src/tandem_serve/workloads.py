@@ -45,10 +45,15 @@ def pipeline_of(ensemble: str) -> str:
     return "text" if ensemble.startswith("text") else "detection"
 
 
-def triton_requests(pipeline: str, count: int, seed: int = 0) -> list[list[tuple[str, np.ndarray]]]:
-    """Inputs of `count` one-item requests to a pipeline's ensemble, as (name, array) pairs."""
+def triton_requests(pipeline: str, count: int, seed: int = 0, items: int = 1) -> list[list[tuple[str, np.ndarray]]]:
+    """Inputs of `count` requests of `items` texts (text) or one image each to a pipeline's ensemble, as (name, array)
+    pairs."""
     if pipeline == "text":
-        return [[("text", np.array([[t.encode("utf-8")]], dtype=object))] for t in mixed_length_texts(count, seed)]
+        texts = [t.encode("utf-8") for t in mixed_length_texts(count * items, seed)]
+        return [[("text", np.array(texts[i:i + items], dtype=object).reshape(items, 1))]
+                for i in range(0, len(texts), items)]
+    if items != 1:
+        raise ValueError("detection requests carry one image each")
     return [[("image", np.frombuffer(data, np.uint8)[None])] for data in mixed_size_jpegs(count, seed)]
 
 

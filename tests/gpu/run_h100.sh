@@ -93,7 +93,7 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"  # the profile's serving-cost probe starts the embedded Triton
     python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert; random_bert('base', Path('$base/models'))"
     quick="--batch-sizes 1 16 64 --repeats 3"
-    for w in minilm bert-base yolov5s; do
+    for w in ${PREP_WORKLOADS:-minilm bert-base yolov5s}; do
         case "$w" in
         minilm) args="--pipelines text --seq-lengths 32" ;;
         bert-base) args="--pipelines text --seq-lengths 32 --model-dir $base/models/bert-base-random" ;;
@@ -107,6 +107,12 @@ suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm)
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/suite.log"
+    ;;
+items)  # after suite-prep (PREP_WORKLOADS=minilm is enough): 1, 4 and 16 texts per request vs the ceiling
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    (cd bench && python3 items_per_request.py --repository "$base/plans/minilm/triton" --out "$out/items-minilm.json" ${ITEMS_ARGS:-}) \
+        2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -16
     ;;
 ensembles)  # after suite-prep: the shipped ensembles side by side, 1 vs 4 load processes (bench/ensembles.py)
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -59,6 +59,21 @@ def test_sender_returns_the_models_answers(triton, reference):
     assert_cosines(np.stack(asyncio.run(ask())), reference(texts))
 
 
+def test_requests_of_several_texts_get_one_embedding_per_text(triton, reference):
+    import asyncio
+
+    texts = mixed_length_texts(12, seed=6)
+
+    async def ask():
+        async with TritonSender(triton.grpc_url, "grpc", "text_embedding_fused", triton_requests("text", 3, seed=6, items=4),
+                                OUTPUTS["text"]) as send:
+            return [(await send(i))["embedding"] for i in range(3)]
+
+    answers = asyncio.run(ask())
+    assert [a.shape[0] for a in answers] == [4, 4, 4]
+    assert_cosines(np.concatenate(answers), reference(texts))
+
+
 def test_open_loop_and_a_failing_target_are_reported_not_raised(triton):
     requests = triton_requests("text", 8, seed=1)
     good, missing = measure(lambda: TritonSender(triton.grpc_url, "grpc", "text_embedding_fused", requests, OUTPUTS["text"]),

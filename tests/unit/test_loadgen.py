@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.loadgen import LoadSpec, measure, measure_async, percentile_ms, share
+from tandem_serve.loadgen import HostCpu, LoadSpec, measure, measure_async, percentile_ms, share
 
 
 class Target:
@@ -115,3 +115,22 @@ def test_levels_spread_over_processes_keep_the_total_concurrency(tmp_path):
 def test_a_failing_load_process_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="cannot reach the server"):
         measure(functools.partial(SleepingSender, tmp_path, 0.01, True), [LoadSpec(seconds=0.2)], processes=2)
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_host_cpu_counts_the_cores_other_processes_keep_busy():
+    """A child spinning on one core for the whole block reads as about one busy core (the machine's other load on top)."""
+    import multiprocessing
+
+    with HostCpu() as host:
+        child = multiprocessing.get_context("spawn").Process(target=_spin, args=(1.5,))
+        child.start()
+        child.join()
+    assert host.cores is not None and 0.6 <= host.cores <= (os.cpu_count() or 1)

@@ -89,7 +89,7 @@ class GraphedEncoder:
         shapes = sorted(((b, n) for b in self.batches for n in self.lengths), key=lambda s: s[0] * s[1], reverse=True)
         for shape in shapes:
             self._bucket(*shape)
-        kept = sum(1 for slot in self.buckets.values() if slot.graph is not None)
+        kept = sum(1 for slot in self.buckets.values() if not slot.eager)
         logger.info("encoder: %d of %d CUDA graph(s) kept for batches %s x lengths %s (the others replay slower than "
                     "the %.2f ms eager floor and run eagerly), in %.1f s", kept, len(shapes), self.batches, self.lengths,
                     (self.floor_s or 0.0) * 1e3, time.perf_counter() - began)
@@ -145,8 +145,9 @@ class GraphedEncoder:
         with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
             slot.output = self.module(inputs, mask)
         slot.replay_s = self._seconds(slot.graph.replay)
-        if slot.replay_s >= self.floor_s:
-            slot.graph, slot.output, slot.eager = None, None, True
+        # slower than eager: such batches run eagerly. The graph stays alive: releasing the only graph of a shared
+        # pool frees the pool, and the next capture into it fails (torch 2.11: CUDACachingAllocator use_count assert)
+        slot.eager = slot.replay_s >= self.floor_s
         return slot
 
     def _seconds(self, run: Callable[[], object], repeats: int = 5) -> float:
