@@ -40,6 +40,7 @@ import torch
 from _common import machine
 from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
 from tandem_serve.paths import project_root
+from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.tuning.plots import plot_curves
@@ -58,6 +59,7 @@ logger = logging.getLogger("bench.suite")
 WORKLOADS = {"minilm": "text", "bert-base": "text", "yolov5s": "detection"}
 ENSEMBLES = {"text": "text_embedding_fused", "detection": "object_detection"}
 NAIVE_BATCH, PLUGIN_BATCH, BATCH_DELAY_S = 8, 32, 0.005
+LABELS = ["naive", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
 
 
 class InProcessBatcher:
@@ -285,10 +287,68 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def stage_lines(name: str, r: dict) -> list[str]:
+    """Where the plugin's time goes: per composing model at concurrency 1 and at its best closed level."""
+    series = r["points"].get("triton-plugin") or []
+    closed = [p for p in series if p.mode == "closed" and not p.errors]
+    if not closed:
+        return []
+    levels = {p.concurrency: p for p in (at(series, "closed", 1), max(closed, key=lambda p: p.throughput)) if p}
+    ensemble = r.get("plugin_ensemble", "")
+    lines = []
+    for point in levels.values():
+        busy = "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy"
+        for s in point.stages:
+            if s.model != ensemble:
+                lines.append(f"| {name} | c{point.concurrency}: {point.throughput:.0f}/s, p50 {point.p50_ms:.1f} ms, "
+                             f"GPU {point.gpu_util or 0:.0f} %{busy} | {s.model} | {s.mean_batch:.1f} | {s.queue_ms:.2f} | "
+                             f"{s.compute_ms:.2f} |")
+    return lines
+
+
+def stage_table(results: dict[str, dict]) -> str:
+    lines = [line for name, r in results.items() for line in stage_lines(name, r)]
+    if not lines:
+        return ""
+    return ("Where the plugin's time goes (Triton's statistics of each level's window; compute = a batch's input, "
+            "infer and output, per request):\n\n| workload | level | model | mean batch | queue ms | compute ms |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def point_of(record: dict) -> LoadPoint:
+    """A LoadPoint back from its JSON record."""
+    stages = [StageStats(**{k: v for k, v in s.items() if k != "mean_batch"}) for s in record.get("stages", [])]
+    return LoadPoint(**{**record, "stages": stages})
+
+
+def render(paths: list[Path], out: Path) -> int:
+    """The table of several suite.json files (e.g. one workload per run) in one suite.md."""
+    results, headers = {}, []
+    for path in paths:
+        data = json.loads(path.read_text())
+        args = data["args"]
+        headers.append(f"- {path.name}: {data['machine']}; concurrency {args.get('concurrency')}, {args.get('seconds')} s "
+                       f"per level; Triton systems over {args.get('protocol', 'grpc')}, shm {args.get('shm', 'none')}, "
+                       f"{args.get('client_processes')} load process(es)")
+        for name, r in data["workloads"].items():
+            label = name if args.get("protocol", "grpc") == "grpc" and args.get("shm", "none") == "none" else \
+                f"{name} ({args.get('protocol')}, shm {args.get('shm')})"
+            results[label] = {**r, "points": {l: [point_of(p) for p in pts] for l, pts in r["points"].items()}}
+    rows = [summary(name, r) for name, r in results.items()]
+    text = ("\n".join(headers) + f"\n\nOne item per request; texts: words per text {LENGTH_MIX}; images: JPEG {IMAGE_SIZES}."
+            "\n\n" + markdown(rows, LABELS) + "\n\n" + stage_table(results))
+    sys.stdout.write(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.md").write_text(text)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plans", type=Path, help="DIR/<workload>/ from `tandem plan --out` per workload")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="SUITE_JSON",
+                        help="measure nothing: render these suite.json files (one run each) into one OUT/suite.md")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -300,6 +360,8 @@ def main() -> int:
                         help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.from_json:
+        return render(args.from_json, args.out)
     if not torch.cuda.is_available():
         logger.error("the suite measures a GPU; none is visible")
         return 2
@@ -314,8 +376,7 @@ def main() -> int:
                          for label, pts in results[name]["points"].items()},
                         args.out / f"suite-{name}.png", f"{name} ({machine()['gpu']})")
             torch.cuda.empty_cache()
-    labels = ["naive", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
-    table = markdown(rows, labels)
+    table = markdown(rows, LABELS) + "\n\n" + stage_table(results)
     header = (f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; closed loop at concurrency {args.concurrency}, "
               f"{args.seconds:g} s per level, one item per request; Triton systems over {args.protocol}, shm "
               f"{args.shm}, {args.client_processes} load process(es); texts: words per text {LENGTH_MIX}; "
