@@ -84,7 +84,7 @@ class GraphedEncoder:
 
     @torch.inference_mode()
     def capture_all(self) -> int:
-        """Capture every bucket now (largest first, so that the shared pool grows once); returns how many."""
+        """Capture every bucket now (largest first, so that the shared pool grows once); returns how many replay."""
         began = time.perf_counter()
         shapes = sorted(((b, n) for b in self.batches for n in self.lengths), key=lambda s: s[0] * s[1], reverse=True)
         for shape in shapes:
