@@ -156,7 +156,7 @@ def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
     assert tokenizer.parameters["parallel"].string_value == "false"  # the plan's instances are one core each
     values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
     assert values["batchSize"] == 32 and values["deviceType"] == "gpu"
-    assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16"}
+    assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16", "cuda_graph_max_batch": 64}
     assert len(written) == 2 + 3 + 2
 
 
