@@ -5,7 +5,8 @@ Workloads (`--workloads`): minilm (all-MiniLM-L6-v2), bert-base (BERT-base-sized
 JPEGs of `workloads.IMAGE_SIZES`. One item per request. Measured in one run on one machine:
   naive           a plain TorchServe-style handler in-process (pre -> infer -> post on the whole batch, pageable
                   copies, eager PyTorch), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
-  ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies), same batcher, batchSize 32
+  ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies, CUDA graphs), same batcher,
+                  batchSize 32
   triton-shipped  the usual Triton recipe, untuned: Python tokenizer/preprocess + GPU model (+ NMS) ensemble,
                   the shipped configs (KIND_AUTO, fp32, eager: no CUDA graphs) pointed at the workload's model
   triton-plugin   the plan from `tandem plan` (`--plans DIR`, DIR/<workload>/triton), after `tandem tune`'s search
@@ -125,7 +126,7 @@ def bodies_of(pipeline: str, count: int) -> list[dict]:
 
 def ceiling(pipeline: str, model: Path) -> dict:
     """The best items/s of the network alone on GPU-resident inputs, over batch sizes."""
-    from tandem_serve.tuning.profile import median_seconds
+    from tandem_serve.timing import median_seconds
 
     device = "cuda:0"
     results: dict[int, float] = {}
@@ -187,6 +188,11 @@ def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> P
     return target
 
 
+def planned_ensemble(repository: Path, pipeline: str) -> str:
+    """The ensemble `tandem plan` chose for `pipeline`, from the plan.json beside its triton/ folder."""
+    return json.loads((repository.parent / "plan.json").read_text())["plans"][pipeline]["ensemble"]
+
+
 def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
                   open_spec: list[LoadSpec]) -> tuple[list, list[LoadPoint]]:
     """`tandem tune`'s trials (rounds=0: the configs as loaded), then the open-loop level on the best one."""
@@ -229,7 +235,7 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     plugin = None
     plan_repo = args.plans / name / "triton" if args.plans else None
     if plan_repo is not None and plan_repo.is_dir():
-        ensemble = json.loads((plan_repo.parent / "plan.json").read_text())["plans"][pipeline]["ensemble"]
+        ensemble = planned_ensemble(plan_repo, pipeline)
         logger.info("%s: triton-plugin (%s planned, then tuned)", name, ensemble)
         trials, plugin_open = triton_trials(plan_repo, ensemble, args, args.tune_rounds, open_spec)
         plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials, "open": plugin_open}

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
-def _module(protocol: str) -> Any:
+def tritonclient_module(protocol: str) -> Any:
     """tritonclient.grpc or tritonclient.http."""
     if protocol == "grpc":
         import tritonclient.grpc as module
@@ -26,7 +26,7 @@ def _module(protocol: str) -> Any:
 
 def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60.0) -> Any:
     """A tritonclient InferenceServerClient for `protocol` ('grpc' or 'http')."""
-    module = _module(protocol)
+    module = tritonclient_module(protocol)
     url = url or DEFAULT_URLS[protocol]
     if protocol == "grpc":
         return module.InferenceServerClient(url)
@@ -36,7 +36,7 @@ def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60
 def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") -> Any:
     """An InferInput of shape [n, 1] holding UTF-8 bytes."""
     data = _text_array(texts)
-    infer_input = _module(protocol).InferInput(name, list(data.shape), "BYTES")
+    infer_input = tritonclient_module(protocol).InferInput(name, list(data.shape), "BYTES")
     infer_input.set_data_from_numpy(data)
     return infer_input
 
@@ -79,7 +79,7 @@ class TensorClient:
         the pool's slot (a CUDA tensor into a CUDA pool is copied device to device); outputs as numpy arrays."""
         from tandem_serve.shm import ShmPool, numpy_datatype
 
-        module = _module(self.protocol)
+        module = tritonclient_module(self.protocol)
         tensors = [module.InferInput(name, list(array.shape), numpy_datatype(array)) for name, array in inputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if self.pool is None:
@@ -112,7 +112,7 @@ def bind_slot(protocol: str, pool: "ShmPool", slot: int, tensors: list, arrays: 
     areas = pool.output_areas(slot, len(outputs))
     requested = []
     for name, area in zip(outputs, areas):
-        output = _module(protocol).InferRequestedOutput(name)
+        output = tritonclient_module(protocol).InferRequestedOutput(name)
         output.set_shared_memory(pool.output_name, area.byte_size, area.offset)
         requested.append(output)
     return requested, areas

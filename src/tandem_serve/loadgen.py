@@ -5,8 +5,8 @@ in-process handler). Closed loop: `concurrency` senders issue requests back to b
 requests arrive at `rate` per second whatever the server does; each latency is counted from the
 request's scheduled arrival (so a slow server is not hidden by a waiting client), and an arrival
 finding `concurrency` requests already in flight is counted as dropped. GPU utilisation is
-sampled during the timed window when NVML (or nvidia-smi) is there; per-stage Triton statistics
-are read before and after.
+sampled during the timed window when NVML (or nvidia-smi) is there, the machine's busy cores are
+read from /proc/stat, and per-stage Triton statistics are read before and after.
 
 One Python process sends a few thousand small requests per second at most (tritonclient spends
 ~0.2-0.3 ms of CPU on each): `measure(..., processes=N)` spreads every level over N spawned
@@ -341,18 +341,11 @@ class TritonSender:
         finally:
             await self.client.close()
 
-    def _module(self) -> Any:
-        if self.protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        return module
-
     async def __call__(self, index: int) -> dict[str, np.ndarray]:
-        from tandem_serve.client import bind_slot, read_slot_outputs
+        from tandem_serve.client import bind_slot, read_slot_outputs, tritonclient_module
         from tandem_serve.shm import numpy_datatype
 
-        module = self._module()
+        module = tritonclient_module(self.protocol)
         pairs = self.requests[index % len(self.requests)]
         inputs = [module.InferInput(name, list(array.shape), numpy_datatype(array)) for name, array in pairs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s * 1e6)}

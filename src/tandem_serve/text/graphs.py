@@ -15,12 +15,12 @@ batches beyond the largest bucket.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from tandem_serve.timing import median_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -140,24 +140,13 @@ class GraphedEncoder:
             first = min(self.lengths)
             floor_inputs = self._inputs[: first * (1 if self.fused else inputs.shape[2])].view(1, first, *inputs.shape[2:])
             floor_mask = self._mask[:first].view(1, first)
-            self.floor_s = self._seconds(lambda: self.module(floor_inputs, floor_mask))  # row 0 of this bucket, read only
+            # row 0 of this bucket, read only
+            self.floor_s = median_seconds(lambda: self.module(floor_inputs, floor_mask), self.device, 5)
         slot.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
             slot.output = self.module(inputs, mask)
-        slot.replay_s = self._seconds(slot.graph.replay)
+        slot.replay_s = median_seconds(slot.graph.replay, self.device, 5)
         # slower than eager: such batches run eagerly. The graph stays alive: releasing the only graph of a shared
         # pool frees the pool, and the next capture into it fails (torch 2.11: CUDACachingAllocator use_count assert)
         slot.eager = slot.replay_s >= self.floor_s
         return slot
-
-    def _seconds(self, run: Callable[[], object], repeats: int = 5) -> float:
-        """Median wall time of `run` on this device, after one call."""
-        run()
-        samples = []
-        for _ in range(repeats):
-            torch.cuda.synchronize(self.device)
-            began = time.perf_counter()
-            run()
-            torch.cuda.synchronize(self.device)
-            samples.append(time.perf_counter() - began)
-        return statistics.median(samples)

@@ -12,14 +12,14 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
+from tandem_serve.timing import median_seconds
 from tandem_serve.tuning.serving_cost import ServingCost, measure_serving_cost
 
 logger = logging.getLogger(__name__)
@@ -108,24 +108,6 @@ def machine_facts() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"cpus": os.cpu_count() or 1, "gpus": gpus, "torch": torch.__version__, "host": os.uname().nodename,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median wall time of fn() (device synchronised), after one warm-up."""
-    fn()
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 @contextlib.contextmanager

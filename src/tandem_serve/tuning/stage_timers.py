@@ -15,13 +15,13 @@ from tandem_serve.stage_config import DetectorConfig, EncoderConfig
 from tandem_serve.text.bert import load_sentence_encoder, load_token_embedding, parse_dtype
 from tandem_serve.text.graphs import GraphedEncoder
 from tandem_serve.text.tokenize import TextTokenizer
+from tandem_serve.timing import median_seconds
 from tandem_serve.tuning.profile import (
     WORDS,
     Progress,
     ProfileOptions,
     StageTiming,
     cpu_threads,
-    median_seconds,
     precisions_for,
 )
 
