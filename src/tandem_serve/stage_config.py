@@ -50,10 +50,16 @@ class TokenizerConfig:
     model_dir: str = ""  # empty: the packaged all-MiniLM-L6-v2
     pad_multiple: int = 8
     parallel: bool = True  # encode a batch on all cores; false: on one (for several instances side by side)
+    # Larger inputs get a per-request INVALID_ARG / 400: texts are tokenized in full before truncation
+    # (64 KiB took ~19 ms on one core, 1 MiB ~0.5 s), so a few huge texts would stall every client.
+    max_text_bytes: int = 65_536  # UTF-8 bytes per text
+    max_request_bytes: int = 524_288  # UTF-8 bytes of all texts of one request
 
     def validate(self) -> None:
         if self.pad_multiple < 1:
             raise ConfigError("parameter 'pad_multiple' must be >= 1")
+        if self.max_text_bytes < 1 or self.max_request_bytes < self.max_text_bytes:
+            raise ConfigError("parameters 'max_text_bytes' >= 1 and 'max_request_bytes' >= 'max_text_bytes' required")
 
 
 @dataclass(frozen=True)

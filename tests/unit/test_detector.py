@@ -60,3 +60,10 @@ def test_output_layout_and_candidate_padding(pixels):
         stage.check(torch.zeros(1, 3, 64, 64))
     with pytest.raises(InvalidInputError, match="multiple of 32"):
         stage.check(torch.zeros(1, 3, 50, 50, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 0), (1, 3, 64, 32), (1, 1, 64, 64), (3, 64, 64), (1, 3, 48, 48)])
+def test_pixels_of_an_impossible_shape_are_invalid_input(shape):
+    with pytest.raises(InvalidInputError, match="PIXELS must be uint8"):
+        DetectStage.check(torch.zeros(shape, dtype=torch.uint8))
+    assert DetectStage.check(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 3, 64, 64)

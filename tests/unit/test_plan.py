@@ -83,6 +83,18 @@ def test_token_embedding_moves_onto_the_gpu_when_shipping_hidden_states_costs_mo
     assert any("encoder_fused cuda:0 bf16" in line for line in report.rejected)
 
 
+def test_the_tokenizer_takes_one_request_per_execution(tmp_path):
+    """It reads the clients' BYTES: the plan never batches requests there, and renders it so (preferred [1], no delay)."""
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
+    tokenize = report.chosen["text"].stages[0]
+    assert tokenize.stage == "tokenize" and tokenize.batch == 1 and tokenize.queue_delay_us == 0
+    render(report, tmp_path)
+    config = read_config(tmp_path / "triton" / "tokenizer" / "config.pbtxt")
+    assert list(config.dynamic_batching.preferred_batch_size) == [1]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0  # the shipped queue bound is kept
+
+
 def test_token_embedding_stays_on_the_cpu_when_the_copy_is_free_and_the_gpu_is_the_bottleneck():
     plan = make_plan(text_profile(hidden_gb_per_s=1e6), Objective()).chosen["text"]
     assert plan.ensemble == "text_embedding" and plan.bottleneck == "GPU"

@@ -67,3 +67,13 @@ def test_serial_tokenizer_matches_the_parallel_one(model_files, tokenizer):
     for got, expected in zip(serial.tokenize_groups(groups), tokenizer.tokenize_groups(groups)):
         assert np.array_equal(got.input_ids, expected.input_ids)
         assert np.array_equal(got.attention_mask, expected.attention_mask)
+
+
+def test_text_size_limits_name_the_item_and_the_parameter():
+    from tandem_serve.text.tokenize import check_text_sizes
+
+    check_text_sizes([b"x" * 10, "é" * 5], max_text_bytes=10, max_request_bytes=20)  # 10 and 10 UTF-8 bytes: fine
+    with pytest.raises(InvalidInputError, match=r"TEXT\[1\] has 12 bytes; at most 10 per text .*max_text_bytes"):
+        check_text_sizes([b"ok", "é" * 6], max_text_bytes=10, max_request_bytes=100)
+    with pytest.raises(InvalidInputError, match=r"texts have 24 bytes; at most 20 per request .*max_request_bytes"):
+        check_text_sizes([b"x" * 8] * 3, max_text_bytes=10, max_request_bytes=20)

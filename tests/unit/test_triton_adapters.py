@@ -76,3 +76,36 @@ def test_config_dims_that_disagree_with_the_model_fail_initialize():
 
     with pytest.raises(ConfigError, match=r"output EMBEDDING dims \[768\] do not match the model \(\[384\]\)"):
         _init(EncoderModel, "encoder_fused", mutate=widen_output)
+
+
+def test_oversized_texts_fail_alone_with_the_limit_named():
+    tokenizer = _init(TokenizerModel, "tokenizer", max_text_bytes="64", max_request_bytes="100")
+    responses = tokenizer.execute([
+        Request(TEXT=np.array([[b"fits"]], dtype=object)),
+        Request(TEXT=np.array([[b"x" * 65]], dtype=object)),
+        Request(TEXT=np.array([[b"y" * 60], [b"z" * 60]], dtype=object)),
+    ])
+    assert responses[0].error is None
+    assert responses[1].error.code() == "INVALID_ARG" and "TEXT[0] has 65 bytes; at most 64" in responses[1].error.message()
+    assert responses[2].error.code() == "INVALID_ARG" and "120 bytes; at most 100 per request" in responses[2].error.message()
+
+
+def test_attention_mask_values_and_hidden_length_are_checked(models):
+    encoder = models[2]
+    ones = torch.ones(1, 8, dtype=torch.int64)
+    twos = Request(HIDDEN=torch.zeros(1, 8, 384, dtype=torch.float16), ATTENTION_MASK=2 * ones)
+    long = Request(HIDDEN=torch.zeros(1, 257, 384, dtype=torch.float16), ATTENTION_MASK=torch.ones(1, 257, dtype=torch.int64))
+    good = Request(HIDDEN=torch.zeros(1, 8, 384, dtype=torch.float16), ATTENTION_MASK=ones)
+    bad_mask, too_long, fine = encoder.execute([twos, long, good])
+    assert bad_mask.error.code() == "INVALID_ARG" and "ATTENTION_MASK values must be 0 or 1" in bad_mask.error.message()
+    assert too_long.error.code() == "INVALID_ARG" and "length 257 exceeds max_seq_length 256" in too_long.error.message()
+    assert fine.error is None and fine.output("EMBEDDING").shape == (1, 384)
+
+
+def test_preprocess_output_dims_must_match_its_image_size():
+    from tandem_serve.triton.vision_models import ImagePreprocessModel
+
+    model = _init(ImagePreprocessModel, "image_preprocess")
+    assert model.stage.config.image_size == 640
+    with pytest.raises(ConfigError, match=r"PIXELS dims \[3, 640, 640\] do not match the model \(\[3, 320, 320\]\).*detector"):
+        _init(ImagePreprocessModel, "image_preprocess", image_size="320")

@@ -187,9 +187,11 @@ def check_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
 
 def check_attention_mask(attention_mask: torch.Tensor, expected_shape: torch.Size | tuple[int, ...]) -> None:
-    """Raise InvalidInputError unless the mask matches `expected_shape` and keeps >= 1 token per row."""
+    """Raise InvalidInputError unless the mask matches `expected_shape`, holds only 0 and 1 and keeps >= 1 token per row."""
     if tuple(attention_mask.shape) != tuple(expected_shape):
         raise InvalidInputError(f"ATTENTION_MASK shape {list(attention_mask.shape)} does not match {list(expected_shape)}")
+    if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise InvalidInputError("ATTENTION_MASK values must be 0 or 1")
     if attention_mask.numel() and not bool((attention_mask != 0).any(dim=1).all()):
         raise InvalidInputError("ATTENTION_MASK has a row with no token to attend to")
 

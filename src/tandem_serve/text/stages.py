@@ -24,7 +24,7 @@ from tandem_serve.text.bert import (
     parse_dtype,
 )
 from tandem_serve.text.graphs import GraphedEncoder
-from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, decode_utf8
+from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, check_text_sizes, decode_utf8
 from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import to_device
 
@@ -35,6 +35,7 @@ class TokenizeStage:
     """UTF-8 texts -> padded INPUT_IDS / ATTENTION_MASK per request."""
 
     def __init__(self, config: TokenizerConfig):
+        self.config = config
         self.files = SentenceModelFiles.load(config.model_dir or None)
         self.tokenizer = TextTokenizer(
             self.files.tokenizer_json, self.files.max_seq_length, config.pad_multiple, self.files.bert.pad_token_id,
@@ -42,10 +43,12 @@ class TokenizeStage:
         )
         logger.info("tokenizer: %s, max_seq_length %d", self.files.root, self.files.max_seq_length)
 
-    @staticmethod
-    def decode(raw: np.ndarray) -> list[str]:
-        """A request's TEXT tensor (bytes objects) -> strings; invalid UTF-8 raises InvalidInputError."""
-        return decode_utf8(np.asarray(raw, dtype=object).reshape(-1).tolist())
+    def decode(self, raw: np.ndarray | Sequence[bytes | str]) -> list[str]:
+        """A request's TEXT tensor (bytes objects) or texts -> strings; invalid UTF-8 or texts over the
+        configured byte limits raise InvalidInputError."""
+        items = np.asarray(raw, dtype=object).reshape(-1).tolist()
+        check_text_sizes(items, self.config.max_text_bytes, self.config.max_request_bytes)
+        return decode_utf8(items)
 
     def __call__(self, requests: Sequence[list[str]]) -> list[TokenizedBatch]:
         return self.tokenizer.tokenize_groups(requests)
@@ -104,6 +107,8 @@ class EncoderStage:
         else:
             if inputs.dim() != 3 or inputs.shape[2] != self.hidden_size or inputs.shape[1] == 0:
                 raise InvalidInputError(f"HIDDEN must be [batch, length>0, {self.hidden_size}], got {list(inputs.shape)}")
+            if inputs.shape[1] > self.files.max_seq_length:
+                raise InvalidInputError(f"HIDDEN length {inputs.shape[1]} exceeds max_seq_length {self.files.max_seq_length}")
             check_attention_mask(attention_mask, inputs.shape[:2])
             if not bool(torch.isfinite(inputs).all()):
                 raise InvalidInputError("HIDDEN contains NaN or Inf")

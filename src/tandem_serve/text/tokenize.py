@@ -42,6 +42,20 @@ def decode_utf8(items: Sequence[bytes | str]) -> list[str]:
     return texts
 
 
+def check_text_sizes(items: Sequence[bytes | str], max_text_bytes: int, max_request_bytes: int) -> None:
+    """Raise InvalidInputError when a text, or a request's texts together, exceed their UTF-8 byte limits."""
+    total = 0
+    for index, item in enumerate(items):
+        size = len(item.encode("utf-8")) if isinstance(item, str) else len(item)
+        if size > max_text_bytes:
+            raise InvalidInputError(f"TEXT[{index}] has {size} bytes; at most {max_text_bytes} per text "
+                                    "(tokenizer parameter max_text_bytes)")
+        total += size
+    if total > max_request_bytes:
+        raise InvalidInputError(f"the request's texts have {total} bytes; at most {max_request_bytes} per request "
+                                "(tokenizer parameter max_request_bytes)")
+
+
 def padded_length(longest: int, pad_multiple: int, max_length: int) -> int:
     """Round `longest` up to a multiple of `pad_multiple`, never beyond `max_length`."""
     rounded = -(-longest // pad_multiple) * pad_multiple

@@ -28,6 +28,7 @@ from tandem_serve.stage_config import (
     TokenizerConfig,
     parse_stage_config,
 )
+from tandem_serve.text.tokenize import check_text_sizes
 from tandem_serve.torchserve.replies import NPY, Reply, accepts
 from tandem_serve.torchserve.request_parsing import parse_image, parse_texts
 
@@ -161,6 +162,7 @@ class TextEmbeddingService(PipelineService[list]):
             token_embedding=_with_model_dir(
                 _parse(TokenEmbeddingConfig, sections.get("token_embedding"), "handler.token_embedding"), weights, model_dir),
         )
+        self.limits = configs.tokenizer
         self.device = select_device(self.config.device, gpu_id)
         self.stages = TextEmbeddingStages(configs, self.device)
         settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
@@ -169,7 +171,9 @@ class TextEmbeddingService(PipelineService[list]):
         logger.info("text embedding handler on %s, %s", self.device, settings)
 
     def parse(self, request: Mapping[str, Any]) -> list[str]:
-        return parse_texts(request, self.config.max_texts)
+        texts = parse_texts(request, self.config.max_texts)
+        check_text_sizes(texts, self.limits.max_text_bytes, self.limits.max_request_bytes)
+        return texts
 
     def encode(self, result: np.ndarray, headers: Mapping[str, str]) -> Reply:
         if accepts(headers, NPY):

@@ -16,7 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from tandem_serve.errors import InvalidInputError
+from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.stage_config import parse_stage_config
 
@@ -99,6 +99,14 @@ def tensor_dims(config: dict[str, Any], section: str, name: str) -> list[int]:
         if tensor["name"] == name:
             return [int(d) for d in tensor["dims"]]
     raise KeyError(f"{section} {name!r} not declared in the model config")
+
+
+def expect_dims(config: dict[str, Any], section: str, name: str, expected: list[int], fix: str = "") -> None:
+    """Fail initialize when the config's dims of a tensor disagree with what the stage produces or takes."""
+    declared = tensor_dims(config, section, name)
+    if declared != expected:
+        raise ConfigError(f"{config['name']}: {section} {name} dims {declared} do not match the model ({expected}); "
+                          + (fix or "edit config.pbtxt (and the ensembles) for this model directory"))
 
 
 def input_tensor(request: Any, name: str) -> torch.Tensor:

@@ -8,22 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tandem_serve.errors import ConfigError
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
 from tandem_serve.triton import backend
 
 logger = logging.getLogger(__name__)
-
-
-def _expect_dims(config: dict[str, Any], section: str, name: str, expected: list[int]) -> None:
-    """Fail initialize when the config's dims disagree with the model files."""
-    declared = backend.tensor_dims(config, section, name)
-    if declared != expected:
-        raise ConfigError(
-            f"{config['name']}: {section} {name} dims {declared} do not match the model ({expected}); "
-            "edit config.pbtxt (and the ensembles) for this model directory"
-        )
 
 
 class TokenizerModel:
@@ -51,7 +40,7 @@ class TokenEmbeddingModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, TokenEmbeddingConfig)
         self.stage = TokenEmbeddingStage(settings)
-        _expect_dims(config, "output", "HIDDEN", [-1, self.stage.files.bert.hidden_size])
+        backend.expect_dims(config, "output", "HIDDEN", [-1, self.stage.files.bert.hidden_size])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -72,8 +61,8 @@ class EncoderModel:
         self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
         hidden = self.stage.hidden_size
         if not settings.fuse_token_embedding:
-            _expect_dims(config, "input", "HIDDEN", [-1, hidden])
-        _expect_dims(config, "output", "EMBEDDING", [hidden])
+            backend.expect_dims(config, "input", "HIDDEN", [-1, hidden])
+        backend.expect_dims(config, "output", "EMBEDDING", [hidden])
         logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.device)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -17,7 +17,11 @@ class ImagePreprocessModel:
     """IMAGE (encoded bytes) -> PIXELS, LETTERBOX."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.stage = PreprocessStage(backend.stage_settings(args, ImagePreprocessConfig)[1])
+        config, settings = backend.stage_settings(args, ImagePreprocessConfig)
+        size = settings.image_size
+        backend.expect_dims(config, "output", "PIXELS", [3, size, size],
+                            f"set PIXELS dims to [3, {size}, {size}] here and in the detector's config")
+        self.stage = PreprocessStage(settings)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(

@@ -38,6 +38,9 @@ MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding",
                   "encoder_fused": "encoder_fused", "image_preprocess": "image_preprocess", "detector": "detector",
                   "nms": "nms"}
 SPLITTABLE = {"encoder", "encoder_fused", "detector"}  # stages that may run on both devices at once
+# Stages that read the clients' BYTES take one request per execution: Triton's Python backend fails a whole
+# batch when one request's string data is malformed, so such a stage never batches clients together.
+ONE_REQUEST_STAGES = {"tokenize"}
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
 MAX_GPU_INSTANCES = 4  # per GPU stage and GPU (`tandem tune` may add more)
@@ -168,6 +171,13 @@ def _cpu_batch(rows: list[StageTiming]) -> list[StageTiming]:
     return [next(t for t in sorted(rows, key=lambda t: t.batch) if t.seconds / t.batch <= CPU_BATCH_SLACK * best)]
 
 
+def _batch_choices(stage: str, device: str, rows: list[StageTiming]) -> list[StageTiming]:
+    """The batch sizes the plan may give a stage: one request for ONE_REQUEST_STAGES, one batch for a CPU stage."""
+    if stage in ONE_REQUEST_STAGES:
+        return [min(rows, key=lambda t: t.batch)]
+    return _cpu_batch(rows) if device == "cpu" else rows
+
+
 def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: TimingTable) -> StagePlan:
     """Cost per item of one stage at one batch size, transfers included for a GPU stage."""
     on_gpu = timing.device.startswith("cuda")
@@ -178,7 +188,10 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
         transfer += table.copy_seconds(timing.out_bytes * timing.batch)
     seconds = timing.seconds + transfer
     step = table.step_seconds(timing.in_bytes)
-    delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
+    if stage in ONE_REQUEST_STAGES:
+        delay = 0
+    else:
+        delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
                      serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3)
@@ -248,8 +261,8 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
         options = [table.options(stage, size, objective.min_accuracy) for stage in stage_names]
         if any(not o for o in options):
             continue
-        choices = [[(key, t) for key, rows in o.items() for t in (_cpu_batch(rows) if key[0] == "cpu" else rows)]
-                   for o in options]
+        choices = [[(key, t) for key, rows in o.items() for t in _batch_choices(stage, key[0], rows)]
+                   for stage, o in zip(stage_names, options)]
         for combo in itertools.product(*choices):
             stages, split, previous_on_gpu = [], {}, False
             for index, (stage, ((device, precision), timing)) in enumerate(zip(stage_names, combo)):

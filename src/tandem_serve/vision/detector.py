@@ -72,8 +72,10 @@ class DetectStage:
 
     @staticmethod
     def check(pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % 32:
-            raise InvalidInputError(f"PIXELS must be uint8 [batch, 3, S, S] with S a multiple of 32, got {list(pixels.shape)}")
+        if (pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % 32
+                or pixels.shape[2] < 32):
+            raise InvalidInputError(f"PIXELS must be uint8 [batch, 3, S, S] with S a positive multiple of 32, "
+                                    f"got {list(pixels.shape)}")
         if pixels.dtype != torch.uint8:
             raise InvalidInputError(f"PIXELS must be uint8, got {pixels.dtype}")
         return pixels
