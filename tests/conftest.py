@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.triton.keys import KEYS_ENV
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 
 
@@ -44,8 +45,12 @@ def restore_torch_threads():
 
 @pytest.fixture(scope="session")
 def triton(request, tmp_path_factory):
-    """One real embedded Triton for the session; its log tail is printed when a test failed."""
-    yield from _serve(request, EmbeddedTriton(TritonOptions(workspace=tmp_path_factory.mktemp("triton"), startup_timeout_s=300)))
+    """One real embedded Triton for the session; its log tail is printed when a test failed.
+
+    Its keys file is where clients look by default ($TANDEM_TRITON_KEYS), as for `tandem serve triton`."""
+    server = EmbeddedTriton(TritonOptions(workspace=tmp_path_factory.mktemp("triton"), startup_timeout_s=300))
+    os.environ[KEYS_ENV] = str(server.keys_file)
+    yield from _serve(request, server)
 
 
 def _serve(request, server):

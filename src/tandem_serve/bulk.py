@@ -36,6 +36,7 @@ class BulkOptions:
     shm: str = "none"
     in_flight: int = 8  # concurrent requests (one client each)
     progress: bool = True
+    shm_key: str | None = None  # the shared-memory API's key (None: the default keys file's)
 
 
 class Progress:
@@ -183,7 +184,8 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
     if resuming:
         logger.info("resuming %s: %d of %d chunk(s) left", out, left, chunks)
     progress = Progress(total, "texts", options.progress, already=min(total, int(done[:chunks].sum()) * batch))
-    clients = _ThreadClients(lambda: TextEmbeddingClient(options.url, options.protocol, model, shm=options.shm))
+    clients = _ThreadClients(lambda: TextEmbeddingClient(options.url, options.protocol, model, shm=options.shm,
+                                                                 shm_key=options.shm_key))
     failures: list[str] = []
 
     def task(index: int, lines: list[bytes]) -> Callable[[], tuple[int, int]]:
@@ -246,7 +248,8 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
         logger.info("resuming %s: %d of %d image(s) already done", out, len(finished), len(files))
     todo = [f for f in files if _rel(f, folder) not in finished]
     progress = Progress(len(files), "images", options.progress, already=len(files) - len(todo))
-    clients = _ThreadClients(lambda: ObjectDetectionClient(options.url, options.protocol, model, shm=options.shm))
+    clients = _ThreadClients(lambda: ObjectDetectionClient(options.url, options.protocol, model, shm=options.shm,
+                                                                   shm_key=options.shm_key))
     lock = threading.Lock()
     counts = {"images": len(files), "detected": 0, "errors": 0}
 

@@ -21,21 +21,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tandem_serve.cli")
 
 
-def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[int, int, int]) -> None:
+def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[int, int, int, int],
+                        default_workspace: Path | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
     parser.add_argument("--http-port", type=int, default=default_ports[0], help="0 picks a free port")
     parser.add_argument("--grpc-port", type=int, default=default_ports[1], help="0 picks a free port")
     parser.add_argument("--metrics-port", type=int, default=default_ports[2], help="0 picks a free port")
     parser.add_argument("--model-repository", action="append", type=Path, default=[],
                         help="a model repository (repeatable; default: the project's model_repository/ and ensembles/)")
-    parser.add_argument("--workspace", type=Path, help="directory for the backend copy and server.log (kept)")
+    parser.add_argument("--workspace", type=Path, default=default_workspace,
+                        help="directory for the backend copy, keys.json and server.log (kept)"
+                             + (" (default %(default)s)" if default_workspace else "; default a temporary one"))
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     parser.add_argument("--stub-pythonpath", action="append", type=Path, default=None,
                         help="directory put first on the Python-backend stubs' path only (repeatable), "
                              "e.g. one holding numpy<2; default $TANDEM_STUB_PYTHONPATH")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--health-port", type=int, default=default_ports[3],
+                        help="the launcher's health endpoint: /live, /ready, /status (0 picks a free port)")
+    parser.add_argument("--no-supervise", action="store_true",
+                        help="do not reload models whose stubs die (model control then stays off)")
     parser.add_argument("--model-control", action="store_true",
-                        help="explicit model control (load with config overrides, for `tandem tune`); admin key required")
+                        help="explicit model control without supervision (supervision implies it); admin key required")
 
 
 def _triton_options(args: argparse.Namespace) -> "TritonOptions":
@@ -45,6 +52,7 @@ def _triton_options(args: argparse.Namespace) -> "TritonOptions":
         model_repositories=args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
         log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout, model_control=args.model_control,
+        health_port=args.health_port, supervise=not args.no_supervise,
         **({"stub_python_path": args.stub_pythonpath} if args.stub_pythonpath else {}),
     )
 
@@ -53,9 +61,12 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
     """Run the embedded Triton until Ctrl-C / SIGTERM."""
     from tandem_serve.triton.launcher import EmbeddedTriton
 
+    if args.workspace is not None:
+        args.workspace.mkdir(parents=True, exist_ok=True)
     return _serve_until_signal(EmbeddedTriton(_triton_options(args)), lambda server: [
-        f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics port {server.metrics_port}",
-        f"Server log: {server.log_path}; admin key for restricted APIs: {server.workspace / 'admin-key'}"])
+        f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics port {server.metrics_port}"
+        + (f"  health {server.health_url}/ready" if server.health_url else ""),
+        f"Server log: {server.log_path}; keys for the restricted APIs (admin, shared memory): {server.keys_file}"])
 
 
 def _serve_until_signal(server: "ServerProcess", banner: Callable[[Any], list[str]]) -> int:
@@ -117,14 +128,27 @@ def _check_shm(args: argparse.Namespace) -> None:
         raise ValueError("--shm applies to Triton only; TorchServe's REST API has no shared-memory protocol")
 
 
+def _torchserve_key_file(args: argparse.Namespace) -> Path:
+    from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
+
+    return args.key_file or DEFAULT_WORKSPACE / "key_file.json"
+
+
+def _shm_key(args: argparse.Namespace) -> str | None:
+    """The shared-memory key from --key-file (a Triton keys.json), else None (the default keys file's)."""
+    from tandem_serve.triton.keys import TritonKeys
+
+    return TritonKeys.read(args.key_file).shm if getattr(args, "key_file", None) else None
+
+
 def cmd_infer_text(args: argparse.Namespace) -> int:
     _check_shm(args)
     if args.server == "torchserve":
         from tandem_serve.torchserve.client import TorchServeClient
 
-        embeddings = TorchServeClient(args.url, args.key_file).embed(args.text, model=args.model)
+        embeddings = TorchServeClient(args.url, _torchserve_key_file(args)).embed(args.text, model=args.model)
     else:
-        with TextEmbeddingClient(args.url, args.protocol, args.model, shm=args.shm) as client:
+        with TextEmbeddingClient(args.url, args.protocol, args.model, shm=args.shm, shm_key=_shm_key(args)) as client:
             embeddings = client.embed(args.text)
     for text, vector in zip(args.text, embeddings):
         if args.json:
@@ -143,11 +167,12 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
     if args.server == "torchserve":
         from tandem_serve.torchserve.client import TorchServeClient
 
-        found = TorchServeClient(args.url, args.key_file).detect(data, args.conf, args.iou, args.max_det, model=args.model)
+        found = TorchServeClient(args.url, _torchserve_key_file(args)).detect(data, args.conf, args.iou, args.max_det,
+                                                                              model=args.model)
     else:
         from tandem_serve.client import ObjectDetectionClient
 
-        with ObjectDetectionClient(args.url, args.protocol, args.model, shm=args.shm) as client:
+        with ObjectDetectionClient(args.url, args.protocol, args.model, shm=args.shm, shm_key=_shm_key(args)) as client:
             found = client.detect(data, args.conf, args.iou, args.max_det)
     print(f"{args.file}: {len(found.boxes)} detection(s)")
     for box, score, cls in zip(found.boxes, found.scores, found.classes):
@@ -161,7 +186,7 @@ def _bulk_options(args: argparse.Namespace) -> "BulkOptions":
     from tandem_serve.bulk import BulkOptions
 
     return BulkOptions(url=args.url, protocol=args.protocol, shm=args.shm, in_flight=args.in_flight,
-                       progress=not args.quiet)
+                       progress=not args.quiet, shm_key=_shm_key(args))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -193,6 +218,8 @@ def _add_bulk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Triton address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
     parser.add_argument("--shm", choices=("none", "system", "cuda"), default="none", help="shared memory for each request")
     parser.add_argument("--in-flight", type=int, default=8, help="concurrent requests (default 8)")
+    parser.add_argument("--key-file", type=Path, help="with --shm: the server's keys.json "
+                                                      "(default $TANDEM_TRITON_KEYS or the `tandem serve triton` workspace's)")
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -204,14 +231,17 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="Triton's protocol")
     parser.add_argument("--url", help="server address (Triton: localhost:8001 gRPC / localhost:8000 HTTP; "
                                       "TorchServe: http://127.0.0.1:8080)")
-    parser.add_argument("--key-file", type=Path, default=DEFAULT_WORKSPACE / "key_file.json",
-                        help="TorchServe's key_file.json (default: the `tandem serve torchserve` workspace's)")
+    parser.add_argument("--key-file", type=Path,
+                        help="TorchServe: its key_file.json (default: the `tandem serve torchserve` workspace's, "
+                             f"{DEFAULT_WORKSPACE / 'key_file.json'}); Triton with --shm: its keys.json "
+                             "(default $TANDEM_TRITON_KEYS or the `tandem serve triton` workspace's)")
     parser.add_argument("--shm", choices=("none", "system", "cuda"), default="none",
                         help="Triton: pass inputs and outputs through system or CUDA shared memory (same host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
+    from tandem_serve.triton.keys import DEFAULT_WORKSPACE as DEFAULT_TRITON_WORKSPACE
 
     parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton and TorchServe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -220,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start Triton or TorchServe on the project's models")
     servers = serve.add_subparsers(dest="server", required=True)
     triton = servers.add_parser("triton", help="the embedded Triton Inference Server (nvidia-pytriton's binary)")
-    _add_server_options(triton, (8000, 8001, 8002))
+    _add_server_options(triton, (8000, 8001, 8002, 8003), DEFAULT_TRITON_WORKSPACE)
     triton.set_defaults(func=cmd_serve_triton)
 
     torchserve = servers.add_parser("torchserve", help="TorchServe on the tandem archives (needs Java 11+)")
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive.set_defaults(func=cmd_archive)
 
     demo = commands.add_parser("demo", help="start Triton, embed sentences, detect shapes in a generated image, report")
-    _add_server_options(demo, (0, 0, 0))
+    _add_server_options(demo, (0, 0, 0, 0))
     demo.add_argument("--out", type=Path, default=Path("demo-detections.png"), help="annotated demo image (PNG)")
     demo.set_defaults(func=cmd_demo)
 

@@ -33,6 +33,15 @@ def triton_client(url: str | None, protocol: str = "grpc", timeout_s: float = 60
     return module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
 
 
+def shm_headers(protocol: str, key: str | None = None) -> dict[str, str] | None:
+    """The headers that authorize shared-memory registration: `key`, else the one in the default keys file
+    (`tandem serve triton` writes it; `$TANDEM_TRITON_KEYS` points elsewhere), else none."""
+    from tandem_serve.triton.keys import SHM_HEADER, client_shm_key, header_for
+
+    key = key if key is not None else client_shm_key()
+    return header_for(protocol, SHM_HEADER, key) if key else None
+
+
 def text_input(texts: Sequence[str | bytes], protocol: str, name: str = "text") -> Any:
     """An InferInput of shape [n, 1] holding UTF-8 bytes."""
     data = _text_array(texts)
@@ -48,15 +57,17 @@ class TensorClient:
     """
 
     def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, shm: str = "none",
-                 shm_slots: int = 4, shm_bytes: int = 1 << 20):
+                 shm_slots: int = 4, shm_bytes: int = 1 << 20, shm_key: str | None = None):
         from tandem_serve.shm import KINDS, ShmPool
 
         if shm not in KINDS:
             raise ValueError(f"shm must be one of {KINDS}, got {shm!r}")
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        self.shm_headers = shm_headers(protocol, shm_key) if shm != "none" else None
         self.client = triton_client(url, protocol, timeout_s)
         try:
-            self.pool = None if shm == "none" else ShmPool(self.client, shm, shm_slots, shm_bytes, shm_bytes)
+            self.pool = None if shm == "none" else ShmPool(self.client, shm, shm_slots, shm_bytes, shm_bytes,
+                                                           headers=self.shm_headers)
         except BaseException:
             self.client.close()
             raise
@@ -91,7 +102,8 @@ class TensorClient:
         if needed <= self.pool.input_bytes:
             return self._infer_in(self.pool, tensors, inputs, outputs, kwargs)
         # Larger than a slot: a one-off region pair for this request, removed right after.
-        with ShmPool(self.client, self.pool.kind, 1, needed, self.pool.output_bytes, self.pool.device_id) as once:
+        with ShmPool(self.client, self.pool.kind, 1, needed, self.pool.output_bytes, self.pool.device_id,
+                     headers=self.shm_headers) as once:
             return self._infer_in(once, tensors, inputs, outputs, kwargs)
 
     def _infer_in(self, pool: "ShmPool", tensors: list, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str],
@@ -141,8 +153,8 @@ class TextEmbeddingClient(TensorClient):
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0,
-                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 1 << 20):
-        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes)
+                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 1 << 20, shm_key: str | None = None):
+        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes, shm_key)
         self.max_batch_size = self._max_batch_size()
 
     def _max_batch_size(self) -> int:
@@ -167,8 +179,8 @@ class ObjectDetectionClient(TensorClient):
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "object_detection", timeout_s: float = 60.0,
-                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 4 << 20):
-        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes)
+                 shm: str = "none", shm_slots: int = 4, shm_bytes: int = 4 << 20, shm_key: str | None = None):
+        super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes, shm_key)
 
     def detect(self, data: bytes, conf_threshold: float | None = None, iou_threshold: float | None = None,
                max_det: int | None = None) -> "Detections":

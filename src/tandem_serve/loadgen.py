@@ -296,7 +296,7 @@ class TritonSender:
 
     def __init__(self, url: str, protocol: str, model: str, requests: Sequence[Sequence[tuple[str, np.ndarray]]],
                  outputs: Sequence[str], shm: str = "none", slots: int = 64, timeout_s: float = 60.0,
-                 output_bytes: int = 1 << 16):
+                 output_bytes: int = 1 << 16, shm_key: str | None = None):
         from tandem_serve.shm import KINDS
 
         if shm not in KINDS:
@@ -306,13 +306,14 @@ class TritonSender:
         self.url, self.protocol, self.model, self.shm = url, protocol, model, shm
         self.requests, self.outputs, self.slots, self.timeout_s = list(requests), list(outputs), slots, timeout_s
         self.output_bytes = output_bytes
+        self.shm_key = shm_key  # None: the default keys file's (client.shm_headers)
         self.client: Any = None
         self.pool: Any = None
         self._setup_client: Any = None
         self._free: asyncio.Semaphore | None = None
 
     async def __aenter__(self) -> "TritonSender":
-        from tandem_serve.client import triton_client
+        from tandem_serve.client import shm_headers, triton_client
         from tandem_serve.shm import ShmPool
 
         if self.protocol == "grpc":
@@ -328,7 +329,8 @@ class TritonSender:
         if self.shm != "none":  # regions are server-wide: registered once through a synchronous client
             self._setup_client = triton_client(self.url, self.protocol, self.timeout_s)
             input_bytes = max(ShmPool.input_size([a for _, a in r]) for r in self.requests)
-            self.pool = ShmPool(self._setup_client, self.shm, self.slots, input_bytes, self.output_bytes * len(self.outputs))
+            self.pool = ShmPool(self._setup_client, self.shm, self.slots, input_bytes, self.output_bytes * len(self.outputs),
+                                headers=shm_headers(self.protocol, self.shm_key))
             self._free = asyncio.Semaphore(self.slots)
         return self
 

@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,19 +45,47 @@ def die_with_parent() -> None:
         pass
 
 
+def private_child() -> None:
+    """In the child before exec: die with the parent, and create files readable by this user only (umask 077)."""
+    die_with_parent()
+    os.umask(0o077)
+
+
 def process_group_members(pgid: int) -> list[int]:
-    """Pids of live processes in process group `pgid` (Linux /proc)."""
+    """Pids of live (not zombie) processes in process group `pgid`."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter(["pid", "status"]):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            if os.getpgid(process.info["pid"]) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.info["pid"])
+        except (ProcessLookupError, PermissionError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
     return members
+
+
+def scrub_arguments(pid: int, secrets: list[str]) -> bool:
+    """Overwrite `secrets` in a child's command line (what /proc/<pid>/cmdline shows other users) with 'x'.
+
+    For values the program copied while parsing its options (tritonserver's restricted-API keys): it no
+    longer reads them there. Needs ptrace access to the child (same user; the parent under Yama's default).
+    Returns False, changing nothing, when the process cannot be written.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5), fields 48 and 49)
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
+            memory.seek(start)
+            arguments = memory.read(end - start)
+            for secret in secrets:
+                needle = secret.encode()
+                offset = arguments.find(needle)
+                while offset >= 0:
+                    memory.seek(start + offset)
+                    memory.write(b"x" * len(needle))
+                    offset = arguments.find(needle, offset + len(needle))
+        return all(secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes() for secret in secrets)
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def kill_process_group(pgid: int, what: str, wait_s: float = 5.0) -> None:

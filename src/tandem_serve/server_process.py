@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tandem_serve.processes import die_with_parent
+from tandem_serve.processes import die_with_parent, private_child
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +27,18 @@ class ServerProcess:
         self._own_workspace = workspace is None
         self.workspace = Path(workspace or tempfile.mkdtemp(prefix=prefix)).resolve()
 
-    def _spawn(self, command: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> None:
-        """Start `command` in a new session (its group id is its pid), output to `log_path`, dying with us."""
+    def _spawn(self, command: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None,
+               private: bool = True) -> None:
+        """Start `command` in a new session (its group id is its pid), output to `log_path` (mode 0600), dying
+        with us; `private`: with umask 077, so that what it and its children create is theirs alone."""
         logger.info("starting %s (log: %s)", self.name, log_path)
         logger.debug("command: %s", " ".join(command))
-        with open(log_path, "ab") as log:
+        descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.chmod(log_path, 0o600)
+        with os.fdopen(descriptor, "ab") as log:
             self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=private_child if private else die_with_parent)
 
     def _wait_until(self, ready: Callable[[], bool], timeout_s: float, transient: tuple[type[BaseException], ...]) -> None:
         """Poll `ready` until true while the child lives; raise `start_error` with the log tail otherwise."""

@@ -46,12 +46,14 @@ class ShmPool:
     """Input and output regions of `slots` x `input_bytes` / `output_bytes`, registered with `client`."""
 
     def __init__(self, client: Any, kind: str = "system", slots: int = 4, input_bytes: int = 1 << 20,
-                 output_bytes: int = 1 << 20, device_id: int = 0, prefix: str = "tandem"):
+                 output_bytes: int = 1 << 20, device_id: int = 0, prefix: str = "tandem",
+                 headers: dict[str, str] | None = None):
         if kind not in ("system", "cuda"):
             raise ValueError(f"shared-memory kind must be 'system' or 'cuda', got {kind!r}")
         if slots < 1 or input_bytes < ALIGN or output_bytes < ALIGN:
             raise ValueError("slots >= 1 and region parts of at least 64 bytes required")
         self.client, self.kind, self.device_id = client, kind, device_id
+        self.headers = headers  # the shared-memory key's header, where the server restricts the API (keys.py)
         self.slots, self.input_bytes, self.output_bytes = slots, _aligned(input_bytes), _aligned(output_bytes)
         base = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         self.input_name, self.output_name = f"{base}-in", f"{base}-out"
@@ -81,11 +83,12 @@ class ShmPool:
         if self.kind == "system":
             handle = self._module.create_shared_memory_region(name, f"/{name}", byte_size)
             self._handles[name] = handle
-            self.client.register_system_shared_memory(name, f"/{name}", byte_size)
+            self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
         else:
             handle = self._module.create_shared_memory_region(name, byte_size, self.device_id)
             self._handles[name] = handle
-            self.client.register_cuda_shared_memory(name, self._module.get_raw_handle(handle), self.device_id, byte_size)
+            self.client.register_cuda_shared_memory(name, self._module.get_raw_handle(handle), self.device_id, byte_size,
+                                                    headers=self.headers)
         self._registered.append(name)
 
     def close(self) -> None:
@@ -109,7 +112,7 @@ class ShmPool:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                unregister(name)
+                unregister(name, headers=self.headers)
                 return
             except Exception as exc:  # noqa: BLE001 - decide below
                 if "in use" in str(exc) and time.monotonic() < deadline:

@@ -25,7 +25,8 @@ def no_cuda_leaks(triton):
     before = len(cudashm.allocated_shared_memory_regions())
     yield
     assert len(cudashm.allocated_shared_memory_regions()) == before
-    status = grpcclient.InferenceServerClient(triton.grpc_url).get_cuda_shared_memory_status()
+    status = grpcclient.InferenceServerClient(triton.grpc_url).get_cuda_shared_memory_status(
+        headers=triton.keys.shm_headers("grpc"))
     assert not [r for r in status.regions if r.startswith("tandem")], list(status.regions)
 
 

@@ -12,7 +12,6 @@ from tritonclient.utils import InferenceServerException
 
 from tandem_serve.client import TextEmbeddingClient, text_input
 from tandem_serve.stats import read_statistics
-from tandem_serve.triton.launcher import ADMIN_HEADER
 
 INVALID = {"grpc": "StatusCode.INVALID_ARGUMENT", "http": "400"}
 
@@ -120,15 +119,29 @@ def test_stage_level_bad_tensors_fail_per_request(triton):
         assert good.embed(["still serving"]).shape == (1, 384)
 
 
-def test_admin_apis_need_the_key_and_model_control_is_off(triton):
+def test_control_apis_need_the_admin_key(triton):
+    """Model control is explicit (the supervisor reloads failed models) but closed without the admin key."""
     client = httpclient.InferenceServerClient(triton.http_url)
     with pytest.raises(InferenceServerException) as info:
         client.get_model_repository_index()
     assert "restricted" in info.value.message().lower() or "403" in str(info.value.status())
-    headers = {ADMIN_HEADER: triton.admin_key}
+    headers = triton.keys.admin_headers("http")
     index = client.get_model_repository_index(headers=headers)
     assert {m["name"] for m in index} >= {"tokenizer", "encoder", "text_embedding"}
-    with pytest.raises(InferenceServerException, match="(?i)polling|explicit|not allowed|model control"):
-        client.load_model("encoder", headers=headers)
-    with pytest.raises(InferenceServerException):
-        client.update_log_settings({"log_verbose_level": 1})
+    for call in (lambda: client.load_model("nms"), lambda: client.unload_model("nms"),
+                 lambda: client.update_log_settings({"log_verbose_level": 1}),
+                 lambda: client.load_model("nms", headers=triton.keys.shm_headers("http"))):  # the shm key is not it
+        with pytest.raises(InferenceServerException, match="(?i)restricted"):
+            call()
+    assert client.is_model_ready("nms") and client.is_server_ready()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_texts_over_the_byte_limits_are_invalid_arg(triton, protocol):
+    client = _raw_client(triton, protocol)
+    error = _infer_error(client, "text_embedding_fused", [text_input(["fine", "x" * 65_537], protocol)])
+    assert error.status() == INVALID[protocol]
+    assert "TEXT[1] has 65537 bytes; at most 65536 per text" in error.message()
+    error = _infer_error(client, "text_embedding", [text_input(["y" * 60_000] * 9, protocol)])
+    assert error.status() == INVALID[protocol] and "at most 524288 per request" in error.message()
+    assert client.is_server_ready()

@@ -23,24 +23,22 @@ from tandem_serve.triton.launcher import (
 from tandem_serve.processes import process_group_members
 
 
-def test_command_binds_loopback_and_restricts_admin_apis(tmp_path):
+def test_command_binds_loopback_and_keys_every_control_api(tmp_path):
     server = EmbeddedTriton(TritonOptions(workspace=tmp_path))
     command = server.command(TritonDistribution.find())
-    assert "--model-control-mode=none" in command
+    assert "--model-control-mode=explicit" in command  # for the supervisor's reloads, behind the admin key
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
         assert flag in command
-    restriction = f"model-repository,logging,trace:tandem-admin-key={server.admin_key}"
-    assert f"--http-restricted-api={restriction}" in command
-    assert f"--grpc-restricted-protocol={restriction}" in command
+    for restriction in (f"model-repository,logging,trace:tandem-admin-key={server.keys.admin}",
+                        f"shared-memory:tandem-shm-key={server.keys.shm}"):
+        assert f"--http-restricted-api={restriction}" in command
+        assert f"--grpc-restricted-protocol={restriction}" in command
+    assert server.keys.admin != server.keys.shm
     assert [c for c in command if c.startswith("--model-repository=")] == [
         f"--model-repository={p.resolve()}" for p in default_repositories()
     ]
-
-
-def test_non_loopback_host_also_restricts_shared_memory(tmp_path):
-    server = EmbeddedTriton(TritonOptions(workspace=tmp_path, host="0.0.0.0"))
-    restricted = next(c for c in server.command(TritonDistribution.find()) if c.startswith("--http-restricted-api="))
-    assert "shared-memory" in restricted
+    unsupervised = EmbeddedTriton(TritonOptions(workspace=tmp_path, supervise=False)).command(TritonDistribution.find())
+    assert "--model-control-mode=none" in unsupervised
 
 
 def _tokenizer_only_repository(root: Path, model_dir: str) -> Path:
@@ -111,7 +109,8 @@ def test_stubs_of_a_killed_launcher_are_swept(tmp_path):
     import subprocess
     import time
 
-    from tandem_serve.triton.launcher import orphaned_stubs, sweep_orphaned_stubs
+    from tandem_serve.triton.launcher import is_tandem_stub, sweep_orphaned_stubs
+    from tandem_serve.triton.stubs import orphaned_stubs
 
     before = _stub_regions()
     repo = _tokenizer_only_repository(tmp_path, "")
@@ -124,13 +123,13 @@ def test_stubs_of_a_killed_launcher_are_swept(tmp_path):
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while not orphaned_stubs():  # tritonserver is dying; its stub becomes an orphan
+        while not orphaned_stubs(is_tandem_stub):  # tritonserver is dying; its stub becomes an orphan
             assert time.monotonic() < deadline, "expected an orphaned stub"
             time.sleep(0.2)
         assert _stub_regions() - before
         assert sweep_orphaned_stubs() >= 1
         deadline = time.monotonic() + 10
-        while orphaned_stubs():
+        while orphaned_stubs(is_tandem_stub):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert _stub_regions() - before == set()

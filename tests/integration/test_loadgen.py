@@ -43,7 +43,8 @@ def test_closed_loop_requests_match_the_servers_count(triton, protocol, shm, pro
     assert _ensemble_successes(stats, expected) == expected
     assert {s.model for s in point.stages} >= {"text_embedding_fused", "tokenizer", "encoder_fused"}
     assert {n for n in os.listdir("/dev/shm") if n.startswith("tandem")} == before_shm
-    assert not [r for r in stats.get_system_shared_memory_status().regions if r.startswith("tandem")]
+    assert not [r for r in stats.get_system_shared_memory_status(headers=triton.keys.shm_headers("grpc")).regions
+                if r.startswith("tandem")]
 
 
 def test_sender_returns_the_models_answers(triton, reference):

@@ -35,7 +35,7 @@ def no_leaks(triton):
     yield
     assert _shm_entries() == before
     client = grpcclient.InferenceServerClient(triton.grpc_url)
-    registered = [r.name for r in client.get_system_shared_memory_status().regions.values()]
+    registered = [r.name for r in client.get_system_shared_memory_status(headers=triton.keys.shm_headers("grpc")).regions.values()]
     assert not [name for name in registered if name.startswith("tandem")], registered
     assert client.is_server_ready()
 
@@ -81,7 +81,8 @@ def test_input_larger_than_a_slot_uses_a_one_off_region(triton, reference, no_le
 
 
 def test_write_beyond_a_slot_is_refused(triton, no_leaks):
-    with ShmPool(grpcclient.InferenceServerClient(triton.grpc_url), "system", slots=2, input_bytes=128) as pool:
+    with ShmPool(grpcclient.InferenceServerClient(triton.grpc_url), "system", slots=2, input_bytes=128,
+                 headers=triton.keys.shm_headers("grpc")) as pool:
         with pytest.raises(ValueError, match="exceed the 128-byte shared-memory slot"):
             pool.write_inputs(1, [np.zeros(100, np.float32)])
 
@@ -91,10 +92,11 @@ def region(triton):
     """A raw 4 KiB system region registered with the server, removed afterwards."""
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     handle = shm.create_shared_memory_region("tandem-test-raw", "/tandem-test-raw", 4096)
-    client.register_system_shared_memory("tandem-test-raw", "/tandem-test-raw", 4096)
+    headers = triton.keys.shm_headers("grpc")
+    client.register_system_shared_memory("tandem-test-raw", "/tandem-test-raw", 4096, headers=headers)
     yield client, handle
     try:
-        client.unregister_system_shared_memory("tandem-test-raw")
+        client.unregister_system_shared_memory("tandem-test-raw", headers=headers)
     finally:
         shm.destroy_shared_memory_region(handle)
 
@@ -137,7 +139,7 @@ def _wire(text: str) -> grpcclient.InferInput:
 
 def test_region_unregistered_mid_flight(triton, no_leaks):
     """Requests racing an unregister: it is refused while in use, or the requests fail with a message; the server stays ready."""
-    pool = ShmPool(grpcclient.InferenceServerClient(triton.grpc_url), "system", slots=1)
+    pool = ShmPool(grpcclient.InferenceServerClient(triton.grpc_url), "system", slots=1, headers=triton.keys.shm_headers("grpc"))
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     results: queue.Queue = queue.Queue()
     try:
@@ -147,7 +149,7 @@ def test_region_unregistered_mid_flight(triton, no_leaks):
             tensor.set_shared_memory(pool.input_name, placed.byte_size, placed.offset)
             client.async_infer("text_embedding", [tensor], callback=lambda result, error: results.put((result, error)))
         try:
-            client.unregister_system_shared_memory(pool.input_name)
+            client.unregister_system_shared_memory(pool.input_name, headers=pool.headers)
         except InferenceServerException as exc:  # Triton refuses while requests use it
             assert "currently in use" in exc.message()
         outcomes = [results.get(timeout=120) for _ in range(20)]

@@ -70,13 +70,15 @@ def test_the_rendered_plan_is_served_by_triton_and_tuned(planned, reference, tmp
         with pytest.raises(InferenceServerException, match="(?i)unauthori|denied|permission|restricted"):
             admin.load_model("tokenizer")  # model control stays behind the admin key
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, concurrencies=(1, 2), seconds=1.5, rounds=1,
-                                  admin_key=server.admin_key, protocol="http", http_url=server.http_url, shm="system"))
+                                  admin_key=server.admin_key, protocol="http", http_url=server.http_url, shm="system",
+                                  shm_key=server.keys.shm))
         trials = tuner.run()  # the load over HTTP with system shared memory; configs over gRPC
         assert len(trials) >= 2 and trials[0].kept and all(t.points[0].errors == 0 for t in trials)
         assert all(p.throughput > 0 for t in trials for p in t.points)
         composing = {s.model for s in trials[0].stages}
         assert all({s.model for s in p.stages} >= composing | {ensemble} for t in trials for p in t.points)
-        assert not [r for r in admin.get_system_shared_memory_status().regions if r.startswith("tandem")]
+        status = admin.get_system_shared_memory_status(headers=server.keys.shm_headers("grpc"))
+        assert not [r for r in status.regions if r.startswith("tandem")]
         table = format_trials(trials)
         assert "as loaded" in table and "best:" in table
         best = best_trial(trials)

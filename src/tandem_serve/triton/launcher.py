@@ -1,10 +1,18 @@
-"""Start the `tritonserver` binary of the nvidia-pytriton wheel on our model repositories.
+"""Start the `tritonserver` binary of the nvidia-pytriton wheel on our model repositories, supervised.
 
 The server gets a per-run workspace holding the Python backend with the stub built for the
 running interpreter, and an environment (PYTHONPATH, LD_LIBRARY_PATH) in which the stubs import
-this interpreter's packages. It binds 127.0.0.1 by default, keeps model control off and puts the
-model-repository, logging and trace APIs behind a per-run key (shared memory too when bound to a
-non-loopback address). Use `EmbeddedTriton` as a context manager.
+this interpreter's packages. Safe defaults:
+- it binds 127.0.0.1 (another address logs a warning);
+- the model-repository, logging and trace APIs need the admin key, the shared-memory API its
+  own key (`keys.py`; both in `<workspace>/keys.json`, mode 0600), and the keys are wiped from
+  the server's command line once it has parsed them (/proc/<pid>/cmdline is readable by every
+  local user);
+- the server and its stubs run with umask 077, and the supervisor narrows the stubs' /dev/shm
+  regions (created 0644 by Triton) to 0600;
+- model control is explicit but behind the admin key: the supervisor (`supervisor.py`) reloads a
+  model whose stub died, and the launcher's health endpoint (/live, /ready, /status) says so.
+Use `EmbeddedTriton` as a context manager.
 """
 
 from __future__ import annotations
@@ -12,16 +20,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import secrets
-import signal
 import shutil
 import sys
 import sysconfig
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem_serve.health import HealthServer, HealthStatus
 from tandem_serve.paths import default_repositories
 from tandem_serve.processes import (
     client_host,
@@ -30,16 +38,18 @@ from tandem_serve.processes import (
     kill_process_group,
     log_tail,
     process_group_members,
+    scrub_arguments,
     stop_process,
 )
 from tandem_serve.server_process import ServerProcess
+from tandem_serve.triton.keys import KEYS_FILE, TritonKeys
+from tandem_serve.triton.stubs import Stub, all_stubs, kill_stubs, orphaned_stubs, unlink_region
+from tandem_serve.triton.supervisor import SupervisorOptions, TritonSupervisor
 
 logger = logging.getLogger(__name__)
 
-ADMIN_HEADER = "tandem-admin-key"  # HTTP header; over gRPC Triton expects it prefixed (GRPC_ADMIN_HEADER)
-GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 STUB_PATH_ENV = "TANDEM_STUB_PYTHONPATH"
-RESTRICTED_APIS = ("model-repository", "logging", "trace")
+DEAD_STUB_GRACE_S = 5.0  # stop waits this long, not stop_timeout_s, after a stub died (Triton would wait on it)
 
 
 class TritonStartError(RuntimeError):
@@ -59,6 +69,7 @@ class TritonOptions:
     http_port: int = 0  # 0: a free port
     grpc_port: int = 0
     metrics_port: int = 0
+    health_port: int | None = 0  # the launcher's health endpoint (0: a free port; None: none)
     startup_timeout_s: float = 300.0
     stop_timeout_s: float = 45.0
     log_verbose: int = 0
@@ -67,8 +78,11 @@ class TritonOptions:
     # launching environment has numpy 2, which this stub build cannot use for TYPE_STRING).
     stub_python_path: list[Path] = field(default_factory=lambda: _paths_from_env(STUB_PATH_ENV))
     extra_args: list[str] = field(default_factory=list)
-    # Explicit model control (load/unload with config overrides; `tandem tune` needs it). The API stays
-    # behind the admin key like the rest of the model-repository API.
+    # Reload models whose stubs die, reclaim dead clients' shared-memory registrations (supervisor.py).
+    supervise: bool = True
+    supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
+    # Explicit model control without supervision (`tandem tune` needs it; supervision implies it).
+    # The API stays behind the admin key like the rest of the model-repository API.
     model_control: bool = False
 
 
@@ -121,78 +135,19 @@ def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) 
     return env
 
 
-def stub_shm_regions(pids: list[int]) -> list[str]:
-    """The /dev/shm region names that Python-backend stubs among `pids` were started with."""
-    regions = []
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
-            regions.append(argv[2].decode())
-    return regions
-
-
-def reap_process_group(pgid: int) -> None:
-    """Kill what is left of the server's process group (orphaned stubs) and unlink their shm."""
-    regions = stub_shm_regions(process_group_members(pgid))
-    kill_process_group(pgid, "tritonserver")
-    for region in regions:
-        Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def orphaned_stubs() -> list[int]:
-    """Pids of Python-backend stubs started from a tandem workspace whose tritonserver is gone.
-
-    That happens when the process that launched the server is SIGKILLed: the server dies with it
-    (PR_SET_PDEATHSIG) but its stubs are re-parented and live on, each holding a /dev/shm region.
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        argv = _cmdline(int(entry.name))
-        if not argv or not argv[0].endswith(b"/backends/python/triton_python_backend_stub"):
-            continue
-        workspace = Path(argv[0].decode(errors="replace")).parents[2]
-        if not ((workspace / "admin-key").exists() or workspace.name.startswith("tandem-triton-")):
-            continue  # not started by this launcher
-        parent = _cmdline(_parent(int(entry.name)))
-        if parent and parent[0].endswith(b"tritonserver"):
-            continue  # its server still runs
-        found.append(int(entry.name))
-    return found
+def is_tandem_stub(stub: Stub) -> bool:
+    """Whether a stub runs from a workspace this launcher made (its backend dir holds our keys file)."""
+    workspace = stub.executable.parents[2]
+    return (workspace / KEYS_FILE).exists() or workspace.name.startswith("tandem-triton-")
 
 
 def sweep_orphaned_stubs() -> int:
-    """Kill orphaned tandem stubs and unlink their shared-memory regions; returns how many were found."""
-    pids = orphaned_stubs()
-    regions = stub_shm_regions(pids)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for region in regions:
-        Path("/dev/shm", region.lstrip("/")).unlink(missing_ok=True)
-    if pids:
-        logger.warning("removed %d orphaned Python-backend stub(s) left by a killed launcher", len(pids))
-    return len(pids)
+    """Kill the stubs of tandem servers that are gone and remove their regions; returns how many were found."""
+    orphans = orphaned_stubs(is_tandem_stub)
+    kill_stubs(orphans)
+    if orphans:
+        logger.warning("removed %d orphaned Python-backend stub(s) left by a killed launcher", len(orphans))
+    return len(orphans)
 
 
 class EmbeddedTriton(ServerProcess):
@@ -204,12 +159,14 @@ class EmbeddedTriton(ServerProcess):
     def __init__(self, options: TritonOptions | None = None):
         self.options = options or TritonOptions()
         super().__init__(self.options.workspace, "tandem-triton-")
-        self.admin_key = secrets.token_urlsafe(24)
+        self.keys = TritonKeys.generate()
         self.log_path = self.workspace / "server.log"
         self.host = self.options.host
         self.http_port = self.options.http_port or free_port(self._client_host)
         self.grpc_port = self.options.grpc_port or free_port(self._client_host)
         self.metrics_port = self.options.metrics_port or free_port(self._client_host)
+        self.supervisor: TritonSupervisor | None = None
+        self.health: HealthServer | None = None
 
     @property
     def _client_host(self) -> str:
@@ -223,17 +180,28 @@ class EmbeddedTriton(ServerProcess):
     def grpc_url(self) -> str:
         return f"{self._client_host}:{self.grpc_port}"
 
+    @property
+    def admin_key(self) -> str:
+        return self.keys.admin
+
+    @property
+    def keys_file(self) -> Path:
+        return self.workspace / KEYS_FILE
+
+    @property
+    def health_url(self) -> str | None:
+        return None if self.health is None else f"http://{self._client_host}:{self.health.port}"
+
     def command(self, dist: TritonDistribution) -> list[str]:
         """The tritonserver command line."""
         repositories = self.options.model_repositories or default_repositories()
-        restricted = list(RESTRICTED_APIS) + ([] if is_loopback(self.host) else ["shared-memory"])
-        restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
+        explicit = self.options.supervise or self.options.model_control
+        restrictions = self.keys.restrictions()
         return [
             str(dist.binary),
             *[f"--model-repository={Path(r).resolve()}" for r in repositories],
             f"--backend-directory={self.workspace / 'backends'}",
-            *(["--model-control-mode=explicit", "--load-model=*"] if self.options.model_control
-              else ["--model-control-mode=none"]),
+            *(["--model-control-mode=explicit", "--load-model=*"] if explicit else ["--model-control-mode=none"]),
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--exit-timeout-secs=30",  # 10 s was not always enough to unload on the H100
@@ -243,13 +211,15 @@ class EmbeddedTriton(ServerProcess):
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            f"--http-restricted-api={restriction}",
-            f"--grpc-restricted-protocol={restriction}",
+            *[f"--http-restricted-api={r}" for r in restrictions],
+            *[f"--grpc-restricted-protocol={r}" for r in restrictions],
             f"--log-verbose={self.options.log_verbose}",
             *self.options.extra_args,
         ]
 
     def _prepare_workspace(self, dist: TritonDistribution) -> None:
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.workspace.chmod(0o700)  # the log may hold request data at high verbosity; the keys live here
         backend = self.workspace / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
@@ -262,46 +232,99 @@ class EmbeddedTriton(ServerProcess):
         package_link = backend / "tandem_serve"
         if not package_link.exists():
             package_link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
-        key_file = self.workspace / "admin-key"
-        key_file.write_text(self.admin_key)
-        key_file.chmod(0o600)
+        self.keys.write(self.keys_file)
 
     def start(self) -> "EmbeddedTriton":
         """Start the server and wait until it is ready; raise TritonStartError with the log tail."""
         dist = TritonDistribution.find()
         sweep_orphaned_stubs()
         self._prepare_workspace(dist)
-        command = self.command(dist)
-        self._spawn(command, stub_environment(dist, self.options.stub_python_path), self.log_path)
+        if not is_loopback(self.host):
+            logger.warning("tritonserver binds %s: reachable from other hosts. Inference is open to them; the "
+                           "restricted APIs need the keys in %s", self.host, self.keys_file)
+        self._spawn(self.command(dist), stub_environment(dist, self.options.stub_python_path), self.log_path,
+                    private=True)
         try:
+            self._hide_keys()
             self._wait_ready()
+            self._start_supervision()
         except BaseException:
             self.stop()
             raise
-        logger.info("tritonserver ready: HTTP %s, gRPC %s, metrics %s:%d",
-                    self.http_url, self.grpc_url, self._client_host, self.metrics_port)
+        logger.info("tritonserver ready: HTTP %s, gRPC %s, metrics %s:%d%s", self.http_url, self.grpc_url,
+                    self._client_host, self.metrics_port, f", health {self.health_url}" if self.health else "")
         return self
 
-    def _wait_ready(self) -> None:
-        url = f"http://{self.http_url}/v2/health/ready"
+    def _hide_keys(self) -> None:
+        """Wipe the keys from the server's command line once it has parsed its options (its first log line)."""
+        assert self.process is not None
+        deadline = time.monotonic() + 30
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if self.log_path.stat().st_size > 0:
+                break
+            time.sleep(0.01)
+        if self.process.poll() is None and not scrub_arguments(self.process.pid, [self.keys.admin, self.keys.shm]):
+            logger.warning("could not wipe the keys from tritonserver's command line (no ptrace access to it): "
+                           "other local users can read them in /proc/%d/cmdline", self.process.pid)
 
-        def ready() -> bool:
-            with urllib.request.urlopen(url, timeout=2) as response:
+    def _start_supervision(self) -> None:
+        assert self.process is not None
+        if self.options.supervise:
+            self.supervisor = TritonSupervisor(self.process.pid, self.http_url, self.keys, self.options.supervisor).start()
+        if self.options.health_port is not None:
+            self.health = HealthServer(self.health_status, self.host, self.options.health_port).start()
+
+    def health_status(self) -> HealthStatus:
+        """The supervisor's view, or (unsupervised) whether the process runs and Triton says it is ready."""
+        if self.supervisor is not None:
+            return self.supervisor.status()
+        live = self.is_alive()
+        ready = live and self._triton_ready()
+        return HealthStatus(live=live, ready=ready, server="tritonserver", reason="" if ready else "not ready")
+
+    def _triton_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
                 return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
 
-        self._wait_until(ready, self.options.startup_timeout_s, (urllib.error.URLError, ConnectionError, TimeoutError))
+    def _wait_ready(self) -> None:
+        self._wait_until(self._triton_ready, self.options.startup_timeout_s, ())
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
         return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
-        """SIGINT, then SIGKILL after stop_timeout_s; reap leftover stubs; drop a temporary workspace."""
+        """Stop supervising, SIGINT, then SIGKILL after stop_timeout_s (DEAD_STUB_GRACE_S after a stub died);
+        reap leftover stubs and every stub region of this server; drop a temporary workspace."""
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        dead_stub = False
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            dead_stub = self.supervisor.unclean()
+            regions = self.supervisor.regions()
+            self.supervisor = None
+        else:
+            regions = set()
         process, self.process = self.process, None
         if process is None:
             return
-        stop_process(process, "tritonserver", self.options.stop_timeout_s)
-        reap_process_group(process.pid)  # start_new_session: the group id is the server's pid
+        grace = min(self.options.stop_timeout_s, DEAD_STUB_GRACE_S) if dead_stub else self.options.stop_timeout_s
+        stop_process(process, "tritonserver", grace)
+        reap_process_group(process.pid, regions)  # start_new_session: the group id is the server's pid
         if process.returncode != 0 and self._own_workspace:
             logger.warning("tritonserver exited with %s; log kept at %s", process.returncode, self.log_path)
         self._drop_workspace(keep=process.returncode != 0)
+
+
+def reap_process_group(pgid: int, regions: set[str] = frozenset()) -> None:
+    """Kill what is left of the server's process group (orphaned stubs), unlink their regions and `regions`."""
+    members = set(process_group_members(pgid))
+    regions = set(regions) | {s.region for s in all_stubs() if s.pid in members}
+    kill_process_group(pgid, "tritonserver")
+    for region in regions:
+        unlink_region(region)

@@ -55,12 +55,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from tandem_serve.tuning.plots import plot_curves
+    from tandem_serve.triton.keys import TritonKeys, default_keys_file
     from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, trials_json, write_best
 
-    key = args.admin_key_file.read_text().strip() if args.admin_key_file else ""
-    options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms, key,
-                          client_processes=args.client_processes, protocol=args.protocol, http_url=args.http_url,
-                          shm=args.shm)
+    keys = TritonKeys.read(args.keys_file or default_keys_file())
+    options = TuneOptions(args.url, args.ensemble, tuple(args.concurrency), args.seconds, args.rounds, args.p99_ms,
+                          keys.admin, client_processes=args.client_processes, protocol=args.protocol,
+                          http_url=args.http_url, shm=args.shm, shm_key=keys.shm)
     trials = Tuner(options).run()
     print(format_trials(trials))
     if args.out:
@@ -105,7 +106,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tune = commands.add_parser("tune", help="closed-loop tuning of an ensemble's stages on a running Triton")
     tune.add_argument("--url", default="localhost:8001", help="Triton gRPC address (server started with --model-control)")
     tune.add_argument("--ensemble", default="text_embedding")
-    tune.add_argument("--admin-key-file", type=Path, help="the server's admin key (tandem serve prints its path)")
+    tune.add_argument("--keys-file", type=Path,
+                      help="the server's keys.json (default $TANDEM_TRITON_KEYS or `tandem serve triton`'s; it prints the path)")
     tune.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     tune.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
     tune.add_argument("--rounds", type=int, default=4)

@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tandem_serve.errors import ConfigError
 from tandem_serve.loadgen import LoadPoint, LoadSpec, TritonSender, measure
 from tandem_serve.stats import StageStats, read_statistics, stats_delta
-from tandem_serve.triton.launcher import GRPC_ADMIN_HEADER
+from tandem_serve.triton.keys import ADMIN_HEADER, header_for
 from tandem_serve.tuning.render import config_json, write_config
 from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests
 
@@ -56,6 +56,7 @@ class TuneOptions:
     protocol: str = "grpc"  # the load's protocol; configs are always read and loaded over gRPC (`url`)
     http_url: str = ""  # Triton HTTP address, for protocol "http"
     shm: str = "none"  # none | system | cuda: the load's tensors through shared-memory regions
+    shm_key: str | None = None  # the shared-memory API's key (None: the default keys file's)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Tuner:
     def __init__(self, options: TuneOptions):
         self.options = options
         self.client = grpcclient.InferenceServerClient(options.url)
-        self.headers = {GRPC_ADMIN_HEADER: options.admin_key} if options.admin_key else None
+        self.headers = header_for("grpc", ADMIN_HEADER, options.admin_key) if options.admin_key else None
         ensemble = self.config(options.ensemble)
         self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
         requests = triton_requests(pipeline_of(options.ensemble), 64, seed=3)
@@ -86,7 +87,7 @@ class Tuner:
         load_url = options.http_url if options.protocol == "http" else options.url
         self.make = functools.partial(TritonSender, load_url, options.protocol, options.ensemble, requests,
                                       OUTPUTS[pipeline_of(options.ensemble)], shm=options.shm,
-                                      timeout_s=30.0)  # picklable: processes
+                                      timeout_s=30.0, shm_key=options.shm_key)  # picklable: processes
 
     def config(self, model: str) -> mc.ModelConfig:
         raw = self.client.get_model_config(model, as_json=True)["config"]
