@@ -109,10 +109,11 @@ def cmd_serve_torchserve(args: argparse.Namespace) -> int:
         model_store=args.store, host=args.host, inference_port=args.inference_port, management_port=args.management_port,
         metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
         grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
-        token_expiration_min=args.token_expiration_min,
+        token_expiration_min=args.token_expiration_min, health_port=args.health_port,
     )
     return _serve_until_signal(EmbeddedTorchServe(options), lambda server: [
-        f"TorchServe ready: inference {server.inference_url}  management {server.management_url}",
+        f"TorchServe ready: inference {server.inference_url}  management {server.management_url}  "
+        f"metrics {server.metrics_url}/metrics  health {server.health_url}/ready",
         f"Tokens (Authorization: Bearer <inference key>): {server.key_file}; logs: {server.workspace / 'logs'}"])
 
 
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("grpc-management", 7071)):
         torchserve.add_argument(f"--{name}-port", type=int, default=port, help="0 picks a free port")
     torchserve.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the generated tokens")
+    torchserve.add_argument("--health-port", type=int, default=8083,
+                            help="the launcher's health endpoint: /live, /ready, /status, no token (0 picks a free port)")
     torchserve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for ready workers")
     torchserve.set_defaults(func=cmd_serve_torchserve)
 

@@ -4,6 +4,14 @@
 class InvalidInputError(ValueError):
     """A request's input is malformed; only that request fails (INVALID_ARG / HTTP 400)."""
 
+    http_status = 400
+
+
+class UnsupportedMediaTypeError(InvalidInputError):
+    """A request's body comes in a content type the endpoint does not take (HTTP 415)."""
+
+    http_status = 415
+
 
 class ModelFilesError(FileNotFoundError):
     """A model directory or one of its files is missing or unreadable."""

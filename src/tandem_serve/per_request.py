@@ -21,6 +21,16 @@ class Failure:
 
     message: str
     invalid: bool
+    http_status: int = 0  # 0: 400 when invalid, else 500
+
+    @classmethod
+    def of_input(cls, stage: str, exc: InvalidInputError) -> "Failure":
+        """The client's fault, with the HTTP status its error class names (400, or 415 for a content type)."""
+        return cls(f"{stage}: {exc}", invalid=True, http_status=exc.http_status)
+
+    @property
+    def status(self) -> int:
+        return self.http_status or (400 if self.invalid else 500)
 
 
 def process_requests(
@@ -38,12 +48,12 @@ def process_requests(
             items.append(decode(request))
             positions.append(index)
         except InvalidInputError as exc:
-            results[index] = Failure(f"{stage}: {exc}", invalid=True)
+            results[index] = Failure.of_input(stage, exc)
     if items:
         try:
             outputs = compute(items)
         except InvalidInputError as exc:
-            outputs = [Failure(f"{stage}: {exc}", invalid=True)] * len(items)
+            outputs = [Failure.of_input(stage, exc)] * len(items)
         except Exception as exc:  # noqa: BLE001 - reported per request, never a crash
             logger.exception("%s failed on a batch of %d requests", stage, len(items))
             outputs = [Failure(f"{stage}: internal error ({type(exc).__name__})", invalid=False)] * len(items)

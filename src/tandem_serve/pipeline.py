@@ -204,7 +204,7 @@ class MicroBatchPipeline(Generic[Item, Prepared, Result]):
                 prepared.append(self.stages.prepare(items[index]))
                 positions.append(index)
             except InvalidInputError as exc:
-                results[index] = Failure(f"{self.name}: {exc}", invalid=True)
+                results[index] = Failure.of_input(self.name, exc)
         if not prepared:
             return None
         rows = sum(self.stages.rows(items[index]) for index in positions)
@@ -284,7 +284,7 @@ class MicroBatchPipeline(Generic[Item, Prepared, Result]):
     def _fail(self, indices: Sequence[int], exc: Exception, results: list) -> None:
         """Fail the listed requests that have no result yet."""
         if isinstance(exc, InvalidInputError):
-            failure = Failure(f"{self.name}: {exc}", invalid=True)
+            failure = Failure.of_input(self.name, exc)
         else:
             logger.error("%s: a micro-batch of %d request(s) failed", self.name, len(indices), exc_info=exc)
             failure = Failure(f"{self.name}: internal error ({type(exc).__name__})", invalid=False)

@@ -40,6 +40,36 @@ def test_parse_texts_rejects(request_dict, message):
         parse_texts(request_dict, max_texts=4)
 
 
+JSON_TYPE = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("request_dict, headers, status, message", [
+    ({"body": b'{"text": ['}, JSON_TYPE, 400, "malformed JSON body: Expecting value: line 1 column 11"),
+    ({"body": b'{"text": "hi"}'}, {"content-type": "application/xml"}, 415, "'application/xml' is not accepted"),
+    ({"body": b"<text>hi</text>"}, {"content-type": "text/xml"}, 415, "is not accepted"),
+    ({"a": "b"}, {"content-type": "application/x-www-form-urlencoded"}, 400, "without a field 'text'"),
+    ({"body": b""}, {}, 400, "empty request"),  # an empty POST, or a GET
+    ({"body": ""}, {"content-type": "text/plain"}, 400, "empty request"),
+    ({"body": b""}, JSON_TYPE, 400, "empty request"),
+    ({"data": b"x"}, {"content-type": "multipart/form-data; boundary=z"}, 400, "without a field 'text'"),
+])
+def test_strict_parsing_by_content_type(request_dict, headers, status, message):
+    with pytest.raises(InvalidInputError, match=message) as info:
+        parse_texts(request_dict, 4, headers)
+    assert info.value.http_status == status
+
+
+def test_content_types_that_are_taken():
+    assert parse_texts({"body": {"text": ["a"]}}, 4, {"content-type": "application/json; charset=utf-8"}) == ["a"]
+    assert parse_texts({"body": "x"}, 4, {"content-type": "text/plain; charset=utf-8"}) == ["x"]
+    assert parse_texts({"body": {"text": ""}}, 4, JSON_TYPE) == [""]  # an empty text is a text; an empty body is not
+    assert parse_image({"body": b"\x89PNG"}, {"content-type": "image/png"})[0] == b"\x89PNG"
+    for kind in ("application/json", "text/plain"):
+        with pytest.raises(InvalidInputError, match="is not accepted") as info:
+            parse_image({"body": b"\x89PNG"}, {"content-type": kind})
+        assert info.value.http_status == 415
+
+
 def test_parse_image():
     assert parse_image({"body": b"\x89PNG"}) == (b"\x89PNG", None, None, None)
     assert parse_image({"data": b"jpg", "conf_threshold": b"0.5", "max_det": "7"}) == (b"jpg", 0.5, None, 7)

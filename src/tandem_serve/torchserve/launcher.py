@@ -1,11 +1,13 @@
 """Start a real TorchServe (the `torchserve` wheel's Java frontend) on a model store, safely configured.
 
 Every address (REST inference/management/metrics and gRPC) binds 127.0.0.1 unless told
-otherwise, token authorization stays on (clients read the generated key file), the model
-management API stays off (models load from the store at start only) and `allowed_urls` admits
-nothing but the store. Each run gets a workspace: config.properties, the key file, logs, and
-TorchServe's temporary files (its pid file, worker sockets, extracted archives).
-Use `EmbeddedTorchServe` as a context manager.
+otherwise (another address logs a warning), token authorization stays on (clients read the
+generated key file), the model management API stays off (models load from the store at start
+only), `allowed_urls` admits nothing but the store, and metrics are in Prometheus format. Java and
+its workers run with umask 077 in a workspace of mode 0700: config.properties, the key file, logs,
+and TorchServe's temporary files (its pid file, worker sockets, extracted archives).
+TorchServe's /ping needs the inference token; the launcher's health endpoint (/live, /ready,
+/status; `health.py`) answers probes without one. Use `EmbeddedTorchServe` as a context manager.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem_serve.processes import client_host, free_port, kill_process_group, log_tail, process_group_members
+from tandem_serve.health import HealthServer, HealthStatus
+from tandem_serve.processes import (
+    client_host,
+    free_port,
+    is_loopback,
+    kill_process_group,
+    log_tail,
+    process_group_members,
+)
 from tandem_serve.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
@@ -52,6 +62,7 @@ class TorchServeOptions:
     startup_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
     token_expiration_min: int = 60  # TorchServe's default; the key file is rewritten on renewal
+    health_port: int | None = 0  # the launcher's health endpoint (0: a free port; None: none)
     extra_properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -93,6 +104,7 @@ class EmbeddedTorchServe(ServerProcess):
         reach = client_host(self.host)
         self.ports = {name: getattr(options, f"{name}_port") or free_port(reach)
                       for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+        self.health: HealthServer | None = None
 
     @property
     def inference_url(self) -> str:
@@ -101,6 +113,14 @@ class EmbeddedTorchServe(ServerProcess):
     @property
     def management_url(self) -> str:
         return f"http://{client_host(self.host)}:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.ports['metrics']}"
+
+    @property
+    def health_url(self) -> str | None:
+        return None if self.health is None else f"http://{client_host(self.host)}:{self.health.port}"
 
     @property
     def key_file(self) -> Path:
@@ -129,6 +149,7 @@ class EmbeddedTorchServe(ServerProcess):
             "enable_envvars_config": "false",
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",
+            "metrics_mode": "prometheus",  # /metrics on the metrics address, for scrapers (no token needed there)
             "initial_worker_port": str(20000 + os.getpid() % 20000),  # worker sockets differ between runs
             **self.options.extra_properties,
         }
@@ -149,8 +170,13 @@ class EmbeddedTorchServe(ServerProcess):
         java = check_requirements()
         if not Path(self.options.model_store).is_dir():
             raise TorchServeStartError(f"model store {self.options.model_store} does not exist (build it with `tandem archive`)")
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.workspace.chmod(0o700)
         temp = self.workspace / "tmp"
         temp.mkdir(parents=True, exist_ok=True)
+        if not is_loopback(self.host):
+            logger.warning("TorchServe binds %s: reachable from other hosts (every API needs a token from %s)",
+                           self.host, self.key_file)
         (self.workspace / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
         env = dict(os.environ, TEMP=str(temp), TMPDIR=str(temp), LOG_LOCATION=str(self.workspace / "logs"),
                    METRICS_LOCATION=str(self.workspace / "logs"), JAVA_HOME=str(Path(java).resolve().parents[1]))
@@ -158,32 +184,44 @@ class EmbeddedTorchServe(ServerProcess):
         self._spawn(self.command(java), env, self.log_path, cwd=self.workspace)
         try:
             self._wait_ready()
+            if self.options.health_port is not None:
+                self.health = HealthServer(self.health_status, self.host, self.options.health_port).start()
         except BaseException:
             self.stop()
             raise
-        logger.info("TorchServe ready: inference %s, management %s; tokens in %s",
-                    self.inference_url, self.management_url, self.key_file)
+        logger.info("TorchServe ready: inference %s, management %s%s; tokens in %s", self.inference_url,
+                    self.management_url, f", health {self.health_url}" if self.health else "", self.key_file)
         return self
+
+    def health_status(self) -> HealthStatus:
+        """Live while Java runs; ready while /ping says Healthy and every model has a READY worker."""
+        live = self.is_alive()
+        models: dict[str, dict] = {}
+        reason = "" if live else "TorchServe is not running"
+        try:
+            ping = self._get(f"{self.inference_url}/ping", "inference")
+            for model in self._get(f"{self.management_url}/models", "management")["models"]:  # type: ignore[index]
+                workers = self._get(f"{self.management_url}/models/{model['modelName']}", "management")[0]["workers"]  # type: ignore[index]
+                states = [w.get("status") for w in workers]
+                models[model["modelName"]] = {"workers": len(states), "ready": states.count("READY"), "states": states}
+            healthy = ping.get("status") == "Healthy"  # type: ignore[union-attr]
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError, TypeError,
+                FileNotFoundError) as exc:
+            healthy, reason = False, reason or f"TorchServe did not answer: {exc}"
+        # a model serves while one worker is READY (TorchServe routes around a restarting one); /status shows the rest
+        broken = sorted(name for name, m in models.items() if not m["ready"])
+        if live and not reason:
+            reason = "" if healthy and not broken else f"no ready worker: {', '.join(broken)}" if broken else "ping failed"
+        return HealthStatus(live=live, ready=live and healthy and bool(models) and not broken, server="torchserve",
+                            models=models, reason=reason)
 
     def _get(self, url: str, kind: str) -> object:
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.key(kind)}"})
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
 
-    def _ready_models(self) -> bool:
-        models = self._get(f"{self.management_url}/models", "management")["models"]  # type: ignore[index]
-        if not models:
-            return False
-        for model in models:
-            described = self._get(f"{self.management_url}/models/{model['modelName']}", "management")
-            workers = described[0].get("workers", [])  # type: ignore[index]
-            if not workers or any(w.get("status") != "READY" for w in workers):
-                return False
-        return True
-
     def _wait_ready(self) -> None:
-        self._wait_until(lambda: self.key_file.is_file() and self._ready_models(), self.options.startup_timeout_s,
-                         (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError))
+        self._wait_until(lambda: self.key_file.is_file() and self.health_status().ready, self.options.startup_timeout_s, ())
 
     def log_tail(self, lines: int = 60) -> str:
         """The frontend's log and the model workers' log, last lines of each."""
@@ -191,6 +229,9 @@ class EmbeddedTorchServe(ServerProcess):
 
     def stop(self) -> None:
         """SIGTERM to the whole group (Java stops its workers), SIGKILL after stop_timeout_s; drop a temporary workspace."""
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         process, self.process = self.process, None
         if process is None:
             return

@@ -14,7 +14,7 @@ from tandem_serve.torchserve.request_parsing import json_bytes
 
 JSON = "application/json"
 NPY = "application/x-npy"
-_ERROR_TYPES = {400: "InvalidInput", 500: "InternalServerError"}
+_ERROR_TYPES = {400: "InvalidInput", 415: "UnsupportedMediaType", 500: "InternalServerError"}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Turn TorchServe request dicts (one per request in a batch) into pipeline items.
+"""Turn TorchServe request dicts (one per request in a batch) into pipeline items, strictly.
 
 TorchServe hands a handler, per request, a dict of the body ("body" or "data") or of the
-multipart form fields; a JSON body arrives parsed, a text/plain body as str, anything else as
-bytes. Every function raises InvalidInputError with a message meant for the client.
+multipart form fields, and the request's headers. It parses a JSON body itself, but a body that
+fails to parse arrives as the raw bytes, and a body of any other content type as bytes or str:
+taken at face value, malformed JSON or an XML document would be embedded as text. So the content
+type decides: what an endpoint does not take gets 415, a malformed or empty body 400, each with a
+message meant for the client (InvalidInputError).
 """
 
 from __future__ import annotations
@@ -10,17 +13,26 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from tandem_serve.errors import InvalidInputError
+from tandem_serve.errors import InvalidInputError, UnsupportedMediaTypeError
 
 BODY_KEYS = ("body", "data")
 IMAGE_KEYS = ("data", "body", "image", "file")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")  # fields arrive as keys of the request
+TEXT_TYPES = ("application/json", "text/plain", *FORM_TYPES)
+IMAGE_TYPES = ("image/*", "application/octet-stream", "multipart/form-data")
+
+
+def media_type(headers: Mapping[str, str] | None) -> str:
+    """The request's content type without parameters, lower case; '' when it sent none."""
+    return (headers or {}).get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def _body(request: Mapping[str, Any]) -> Any:
     for key in BODY_KEYS:
-        if request.get(key) is not None:
-            return request[key]
-    raise InvalidInputError("empty request: send the input as the request body")
+        value = request.get(key)
+        if value is not None and value != b"" and value != "":
+            return value
+    raise InvalidInputError("empty request: POST the input as the request body")
 
 
 def _as_text(value: Any, where: str) -> str:
@@ -34,11 +46,33 @@ def _as_text(value: Any, where: str) -> str:
     raise InvalidInputError(f"{where} must be a string, got {type(value).__name__}")
 
 
-def parse_texts(request: Mapping[str, Any], max_texts: int) -> list[str]:
-    """Texts of one request: JSON {"text": str | [str, ...]}, a JSON list or string, or a plain-text body."""
-    body = {"text": request["text"]} if request.get("text") is not None else _body(request)  # multipart field
-    if isinstance(body, (bytes, bytearray)):
-        body = _as_text(body, "the body")
+def _json_body(body: Any) -> Any:
+    """A JSON body as TorchServe parsed it; raw bytes or str mean it did not parse: say where."""
+    if not isinstance(body, (bytes, bytearray, str)):
+        return body
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"malformed JSON body: {exc}") from None
+
+
+def parse_texts(request: Mapping[str, Any], max_texts: int, headers: Mapping[str, str] | None = None) -> list[str]:
+    """Texts of one request: JSON {"text": str | [str, ...]}, a JSON list or string, a text/plain body (also
+    when no content type is sent), or a form field `text` (multipart or urlencoded); anything else gets 415."""
+    kind = media_type(headers)
+    if kind in FORM_TYPES or request.get("text") is not None:
+        if request.get("text") is None:
+            raise InvalidInputError("form request without a field 'text'")
+        body: Any = {"text": request["text"]}
+    elif kind in ("", "text/plain", "application/json"):
+        body = _body(request)
+        if kind == "application/json":
+            body = _json_body(body)
+        elif kind == "text/plain" or isinstance(body, (bytes, bytearray, str)):
+            body = _as_text(body, "the body")
+        # else: no content type and an already decoded JSON value (callers in-process): taken as it is
+    else:
+        raise UnsupportedMediaTypeError(f"content type {kind!r} is not accepted here; send one of {list(TEXT_TYPES)}")
     if isinstance(body, dict):
         if "text" not in body:
             raise InvalidInputError(f'JSON body needs a "text" field, got keys {sorted(body)[:5]}')
@@ -61,8 +95,14 @@ def _number(request: Mapping[str, Any], name: str, kind: type) -> float | int | 
         raise InvalidInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r:.40}") from None
 
 
-def parse_image(request: Mapping[str, Any]) -> tuple[bytes, float | None, float | None, int | None]:
-    """Encoded image bytes (raw body or a multipart field) and optional conf_threshold / iou_threshold / max_det fields."""
+def parse_image(request: Mapping[str, Any], headers: Mapping[str, str] | None = None
+                ) -> tuple[bytes, float | None, float | None, int | None]:
+    """Encoded image bytes (a raw image/* or application/octet-stream body, also without a content type, or a
+    multipart field) and optional conf_threshold / iou_threshold / max_det fields; JSON or text gets 415."""
+    kind = media_type(headers)
+    if kind and kind not in ("application/octet-stream", "multipart/form-data") and not kind.startswith("image/"):
+        raise UnsupportedMediaTypeError(f"content type {kind!r} is not accepted here: send the encoded image as "
+                                        f"one of {list(IMAGE_TYPES)}")
     data = next((request[k] for k in IMAGE_KEYS if isinstance(request.get(k), (bytes, bytearray))), None)
     if data is None:
         present = next((request[k] for k in IMAGE_KEYS if request.get(k) is not None), None)

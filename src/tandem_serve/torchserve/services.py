@@ -118,7 +118,7 @@ class PipelineService(Generic[_Item]):
 
     pipeline: MicroBatchPipeline
 
-    def parse(self, request: Mapping[str, Any]) -> _Item:
+    def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> _Item:
         raise NotImplementedError
 
     def encode(self, result: Any, headers: Mapping[str, str]) -> Reply:
@@ -128,10 +128,11 @@ class PipelineService(Generic[_Item]):
         """One Reply per request, in order; a bad request gets a 400 and never fails its batch-mates."""
         headers = headers or [{}] * len(requests)
         replies: list[Reply | None] = [None] * len(requests)
-        results = process_requests(requests, lambda r: self.parse(r or {}), self.pipeline.run, self.pipeline.name)
+        results = process_requests(list(zip(requests, headers)), lambda pair: self.parse(pair[0] or {}, pair[1]),
+                                   self.pipeline.run, self.pipeline.name)
         for index, result in enumerate(results):
             if isinstance(result, Failure):
-                replies[index] = Reply.error(result.message, 400 if result.invalid else 500)
+                replies[index] = Reply.error(result.message, result.status)
             else:
                 try:
                     replies[index] = self.encode(result, headers[index])
@@ -170,8 +171,8 @@ class TextEmbeddingService(PipelineService[list]):
         self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="text_embedding", cpu_stages=cpu_stages)
         logger.info("text embedding handler on %s, %s", self.device, settings)
 
-    def parse(self, request: Mapping[str, Any]) -> list[str]:
-        texts = parse_texts(request, self.config.max_texts)
+    def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> list[str]:
+        texts = parse_texts(request, self.config.max_texts, headers)
         check_text_sizes(texts, self.limits.max_text_bytes, self.limits.max_request_bytes)
         return texts
 
@@ -204,8 +205,8 @@ class ObjectDetectionService(PipelineService[Any]):
         self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="object_detection", cpu_stages=cpu_stages)
         logger.info("object detection handler on %s, %s", self.device, settings)
 
-    def parse(self, request: Mapping[str, Any]):
-        return self.stages.request(*parse_image(request))
+    def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]):
+        return self.stages.request(*parse_image(request, headers))
 
     def encode(self, result: Any, headers: Mapping[str, str]) -> Reply:
         return Reply.json({"boxes": result.boxes.tolist(), "scores": result.scores.tolist(), "classes": result.classes.tolist()})

@@ -16,6 +16,8 @@ from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
 
 logger = logging.getLogger(__name__)
 HANDLER_OF_PIPELINE = {"text": "text_embedding", "detection": "object_detection"}
+# TorchServe 0.12 never answers requests that arrive while a model's only worker restarts: keep a second one.
+MIN_WORKERS = 2
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -119,7 +121,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
     device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
     on_gpu = device_stage.device.startswith("cuda")
     values.update({"batchSize": device_stage.batch, "maxBatchDelay": max(1, round(device_stage.queue_delay_us / 1000)),
-                   "minWorkers": device_stage.instances, "maxWorkers": device_stage.instances,
+                   "minWorkers": max(MIN_WORKERS, device_stage.instances), "maxWorkers": max(MIN_WORKERS, device_stage.instances),
                    "deviceType": "gpu" if on_gpu else "cpu"})
     section = values.setdefault("handler", {})
     key = "encoder" if plan.pipeline == "text" else "detector"
