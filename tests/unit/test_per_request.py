@@ -19,7 +19,7 @@ def test_bad_request_fails_alone_and_batch_is_computed_once():
 
     results = process_requests([1, -2, 3], _decode, compute, "stage")
     assert results[0] == 10 and results[2] == 30
-    assert results[1] == Failure("stage: negative value -2", invalid=True)
+    assert results[1] == Failure("stage: negative value -2", invalid=True, http_status=400) and results[1].status == 400
     assert calls == [[1, 3]]
 
 
