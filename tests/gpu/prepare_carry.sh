@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fill .carry/ (git-ignored) with what tests/gpu/run_h100.sh needs on the GPU machine (Python 3.12).
+# Fill .carry/ (git-ignored) with what tests/gpu/run_h200.sh needs on the GPU machine (Python 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf .carry && mkdir -p .carry/model1 .carry/model2
@@ -10,7 +10,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .carry/wheels2 \
-    gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 brotli==1.2.1
+    gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 brotli==1.2.1 \
+    psutil==7.2.2
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 -d .carry/numpy1 numpy==1.26.4
 # cuda-python's runtime bindings: tritonclient's CUDA shared-memory utilities import them.

@@ -1,4 +1,4 @@
-"""GPU tier (run on the H100 with tests/gpu/run_h100.sh): the encoder as a KIND_GPU instance."""
+"""GPU tier (run on the H100 with tests/gpu/run_h200.sh): the encoder as a KIND_GPU instance."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The transfer paths on a GPU: staging (serial and overlapped), pinned collation, the to_device router.
 
-Needs only torch: runs with --noconftest on a bare GPU machine (tests/gpu/run_h100.sh transfer).
+Needs only torch: runs with --noconftest on a bare GPU machine (tests/gpu/run_h200.sh transfer).
 """
 
 from __future__ import annotations

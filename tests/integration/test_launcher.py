@@ -136,3 +136,21 @@ def test_stubs_of_a_killed_launcher_are_swept(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_kept_workspace_gets_new_keys_that_work_and_stay_off_the_command_line(tmp_path):
+    """`tandem serve triton` keeps its workspace: the second start appends to the same log, makes new keys, and
+    must wipe them from /proc/<pid>/cmdline only after tritonserver has parsed them."""
+    import tritonclient.http as httpclient
+
+    repo = _tokenizer_only_repository(tmp_path, "")
+    keys = []
+    for _ in range(2):
+        with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", startup_timeout_s=120)) as server:
+            cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+            assert server.keys.admin.encode() not in cmdline and server.keys.shm.encode() not in cmdline
+            client = httpclient.InferenceServerClient(server.http_url)
+            assert [m["name"] for m in client.get_model_repository_index(headers=server.keys.admin_headers("http"))] == ["tokenizer"]
+            assert client.get_system_shared_memory_status(headers=server.keys.shm_headers("http")) == []
+            keys.append(server.keys)
+    assert keys[0] != keys[1] and (tmp_path / "ws" / "server.log").stat().st_size > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -49,6 +50,7 @@ from tandem_serve.triton.supervisor import SupervisorOptions, TritonSupervisor
 logger = logging.getLogger(__name__)
 
 STUB_PATH_ENV = "TANDEM_STUB_PYTHONPATH"
+TRITON_LOG_LINE = re.compile(rb"(^|\n)[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ ")  # Triton's own log format
 DEAD_STUB_GRACE_S = 5.0  # stop waits this long, not stop_timeout_s, after a stub died (Triton would wait on it)
 
 
@@ -242,10 +244,11 @@ class EmbeddedTriton(ServerProcess):
         if not is_loopback(self.host):
             logger.warning("tritonserver binds %s: reachable from other hosts. Inference is open to them; the "
                            "restricted APIs need the keys in %s", self.host, self.keys_file)
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a kept workspace's log grows
         self._spawn(self.command(dist), stub_environment(dist, self.options.stub_python_path), self.log_path,
                     private=True)
         try:
-            self._hide_keys()
+            self._hide_keys(log_start)
             self._wait_ready()
             self._start_supervision()
         except BaseException:
@@ -255,15 +258,22 @@ class EmbeddedTriton(ServerProcess):
                     self._client_host, self.metrics_port, f", health {self.health_url}" if self.health else "")
         return self
 
-    def _hide_keys(self) -> None:
-        """Wipe the keys from the server's command line once it has parsed its options (its first log line)."""
+    def _hide_keys(self, log_start: int) -> None:
+        """Wipe the keys from the server's command line once it has parsed its options: Triton's logger writes
+        its first line (`I1201 12:00:00.000000 ...`) only after that; libraries may print before it."""
         assert self.process is not None
-        deadline = time.monotonic() + 30
-        while self.process.poll() is None and time.monotonic() < deadline:
-            if self.log_path.stat().st_size > 0:
-                break
-            time.sleep(0.01)
-        if self.process.poll() is None and not scrub_arguments(self.process.pid, [self.keys.admin, self.keys.shm]):
+        deadline = time.monotonic() + 60
+        parsed = False
+        while not parsed and self.process.poll() is None and time.monotonic() < deadline:
+            with open(self.log_path, "rb") as log:
+                log.seek(log_start)
+                parsed = TRITON_LOG_LINE.search(log.read()) is not None
+            if not parsed:
+                time.sleep(0.01)
+        if not parsed:
+            logger.warning("tritonserver wrote no log line within 60 s: its keys stay visible in /proc/%d/cmdline",
+                           self.process.pid)
+        elif not scrub_arguments(self.process.pid, [self.keys.admin, self.keys.shm]):
             logger.warning("could not wipe the keys from tritonserver's command line (no ptrace access to it): "
                            "other local users can read them in /proc/%d/cmdline", self.process.pid)
 

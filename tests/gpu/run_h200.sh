@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The GPU tier on the lent H100, in four device calls because of the 64 MiB carry limit
+# The GPU tier on the lent H200 (earlier H100; the same stages), in four device calls because of the 64 MiB carry limit
 # (nvidia-pytriton's wheel is 55 MB, all-MiniLM-L6-v2's weights 87 MB). Prepare here:
 #   tests/gpu/prepare_carry.sh            # wheels and the split model under .carry/
 # then, back to back while the machine stays warm:
-#   run: bash tests/gpu/run_h100.sh wheels   carry: [".carry/wheels"]
-#   run: bash tests/gpu/run_h100.sh model1   carry: [".carry/model1", ".carry/wheels2"]
-#   run: bash tests/gpu/run_h100.sh numpy1   carry: [".carry/numpy1"]
-#   run: bash tests/gpu/run_h100.sh test     carry: [".carry/model2"]  (add ".carry/cuda" where cuda.bindings is missing)
-#   run: bash tests/gpu/run_h100.sh bench    (no carry; the benchmarks)
-# Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h100.sh transfer
+#   run: bash tests/gpu/run_h200.sh wheels   carry: [".carry/wheels"]
+#   run: bash tests/gpu/run_h200.sh model1   carry: [".carry/model1", ".carry/wheels2"]
+#   run: bash tests/gpu/run_h200.sh numpy1   carry: [".carry/numpy1"]
+#   run: bash tests/gpu/run_h200.sh test     carry: [".carry/model2"]  (add ".carry/cuda" where cuda.bindings is missing)
+#   run: bash tests/gpu/run_h200.sh bench    (no carry; the benchmarks)
+# Alone, on a bare machine (torch only, no carry): bash tests/gpu/run_h200.sh transfer
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
+# Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
+# then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -123,6 +125,20 @@ ensembles)  # after suite-prep: the shipped ensembles side by side, 1 vs 4 load 
         (cd bench && python3 ensembles.py --out "$out/ensembles-yolov5s.json" --ensembles object_detection --concurrency 16 64 \
             --detector-weights "$weights") 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -8
     fi
+    ;;
+faults)  # after wheels, model1, numpy1; carry [".carry/model2"]: the fault tier and bad input with GPU encoders
+    assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" PYTHONUNBUFFERED=1
+    python3 -m pytest tests/integration/test_faults.py tests/integration/test_bad_input.py -q -rs -s -p no:cacheprovider \
+        2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_faults.log" | tail -40
+    ;;
+soak)  # after faults (the model is assembled): bench/soak.py with SOAK_ARGS; results under $OUT/soak
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/soak.py --out "$out/soak" --interval 10 ${SOAK_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+        | grep -v "done, 0 errors" | tail -20
+    rm -rf "$out/soak/triton"
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train the shipped shapes detector on the H100 (one device call, no carried files):
-#   run: bash tests/gpu/train_detector_h100.sh
+# Train the shipped shapes detector on the lent GPU (the shipped one was trained on an H100) (one device call, no carried files):
+#   run: bash tests/gpu/train_detector_h200.sh
 # Writes $OUT/shapes-yolov5n.safetensors and $OUT/train.log; copy the weights to models/detector/.
 set -euo pipefail
 out=${OUT:-/tmp/out}
