@@ -140,6 +140,13 @@ soak)  # after faults (the model is assembled): bench/soak.py with SOAK_ARGS; re
         | grep -v "done, 0 errors" | tail -20
     rm -rf "$out/soak/triton"
     ;;
+recovery)  # after wheels, model1, numpy1 (carry [".carry/model2"] unless assembled): each model's stub killed in turn
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/recovery.py --out "$out/recovery" ${RECOVERY_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -14
+    rm -rf "$out/recovery/triton"
+    ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
     python3 -m pytest tests/gpu/test_transfer_gpu.py --noconftest -q -p no:cacheprovider 2>&1 | tee "$out/pytest_transfer.log"
