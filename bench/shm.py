@@ -50,7 +50,7 @@ def pixels_of(size_bytes: int) -> np.ndarray:
 
 
 def run(url: str, model: str, inputs: list, outputs: list[str], mode: str, concurrency: int, requests: int,
-        input_bytes: int) -> dict:
+        input_bytes: int, shm_key: str | None = None) -> dict:
     latencies: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency + 1)
@@ -59,7 +59,7 @@ def run(url: str, model: str, inputs: list, outputs: list[str], mode: str, concu
     def worker() -> None:
         try:
             with TensorClient(url, "grpc", model, 300.0, shm=mode, shm_slots=1,
-                              shm_bytes=max(input_bytes + (1 << 16), 2 << 20)) as client:
+                              shm_bytes=max(input_bytes + (1 << 16), 2 << 20), shm_key=shm_key) as client:
                 client.infer_tensors(inputs, outputs)  # warm-up, regions registered
                 barrier.wait()
                 for _ in range(requests):
@@ -114,7 +114,8 @@ def main() -> int:
                 for mode in MODES:
                     logger.info("%s, %.2f MiB input, %d in flight, shm %s ...", model, nbytes / 2**20, concurrency, mode)
                     rows.append({"model": model, "input_bytes": nbytes, "concurrency": concurrency, "shm": mode,
-                                 **run(url, model, inputs, outputs, mode, concurrency, requests, nbytes)})
+                                 **run(url, model, inputs, outputs, mode, concurrency, requests, nbytes,
+                                       server.keys.shm if server else None)})
     finally:
         if server:
             server.stop()

@@ -199,7 +199,8 @@ def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rou
     with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
                                   admin_key=server.admin_key, client_processes=args.client_processes,
-                                  protocol=args.protocol, http_url=server.http_url, shm=args.shm))
+                                  protocol=args.protocol, http_url=server.http_url, shm=args.shm,
+                                  shm_key=server.keys.shm))
         trials = tuner.run()  # the server is left on the best configuration (unless a reload failed: logged)
         return trials, measure(tuner.make, open_spec, processes=args.client_processes)
 

@@ -1,4 +1,4 @@
-"""A CI-sized soak (bench/soak.py, its own supervised server): 10^4 text requests and 10^3 images at concurrency 16.
+"""A CI-sized soak (bench/soak.py, its own supervised server): 10^4 text requests and 2x10^3 images at concurrency 16.
 
 The 10^5-request soak runs on the GPU machine (tests/gpu/run_h200.sh soak); its figures are in the README.
 """
@@ -14,8 +14,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 
 
 def test_soak_has_no_errors_no_growth_and_no_leftovers(tmp_path):
-    command = [sys.executable, str(BENCH), "--requests", "5000", "--detection-requests", "500", "--concurrency", "16",
-               "--interval", "5", "--warm-up", "0.2", "--out", str(tmp_path)]
+    command = [sys.executable, str(BENCH), "--requests", "5000", "--detection-requests", "1000", "--concurrency", "16",
+               "--interval", "5", "--warm-up", "0.5", "--out", str(tmp_path)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert (tmp_path / "soak.json").exists(), finished.stderr[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text())
@@ -32,9 +32,9 @@ def test_soak_has_no_errors_no_growth_and_no_leftovers(tmp_path):
         assert run["client_shm_after_mb"] == run["client_shm_before_mb"], where
         # the stubs' regions grow to their working size once (the first images), then stay within a few MiB
         assert run["dev_shm_after_mb"] <= summary["dev_shm_after_warm_up_mb"] + 4.0, (where, run["dev_shm_after_mb"])
-        # RSS after warm-up: text is flat here (within 1 % in CPU runs); 500 images of four sizes on two cores
-        # move the allocators' high-water marks by up to ~10 % either way, so detection gets 15 % here and the
-        # 5 % criterion on the GPU machine's 10^5-request soak
-        limit = 5.0 if run["ensemble"].startswith("text") else 15.0
+        # RSS after warm-up (the first half): text is flat (within 1 % in CPU runs); tritonserver's RSS for
+        # images of four sizes climbs for the first ~500 images to a plateau and then moves by a few % either way
+        # (allocator high-water marks; the GPU machine's 3x10^4-image soak: +1.7 % after its first 4 500)
+        limit = 5.0 if run["ensemble"].startswith("text") else 10.0
         assert summary["server_rss_growth_pct"] < limit and summary["stubs_rss_growth_pct"] < limit, (where, summary)
     assert finished.returncode == 0, finished.stderr[-3000:]
