@@ -27,6 +27,7 @@ class HealthStatus:
     server: str
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason: str = ""  # why not ready, in one line
+    detail: dict[str, Any] = field(default_factory=dict)  # what the watcher did (e.g. reclaimed registrations)
 
 
 class HealthServer:

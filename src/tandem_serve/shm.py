@@ -80,15 +80,22 @@ class ShmPool:
         return module
 
     def _create(self, name: str, byte_size: int) -> None:
-        if self.kind == "system":
-            handle = self._module.create_shared_memory_region(name, f"/{name}", byte_size)
-            self._handles[name] = handle
-            self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
-        else:
-            handle = self._module.create_shared_memory_region(name, byte_size, self.device_id)
-            self._handles[name] = handle
-            self.client.register_cuda_shared_memory(name, self._module.get_raw_handle(handle), self.device_id, byte_size,
-                                                    headers=self.headers)
+        try:
+            if self.kind == "system":
+                handle = self._module.create_shared_memory_region(name, f"/{name}", byte_size)
+                self._handles[name] = handle
+                self.client.register_system_shared_memory(name, f"/{name}", byte_size, headers=self.headers)
+            else:
+                handle = self._module.create_shared_memory_region(name, byte_size, self.device_id)
+                self._handles[name] = handle
+                self.client.register_cuda_shared_memory(name, self._module.get_raw_handle(handle), self.device_id,
+                                                        byte_size, headers=self.headers)
+        except Exception as exc:
+            if "restricted" in str(exc):
+                raise PermissionError(
+                    f"the server's shared-memory API needs its key ({exc}): pass the server's keys.json "
+                    "(--key-file, $TANDEM_TRITON_KEYS; `tandem serve triton` prints where it is)") from None
+            raise
         self._registered.append(name)
 
     def close(self) -> None:

@@ -128,6 +128,7 @@ def test_a_killed_stub_under_load_is_reloaded_and_readiness_says_so_meanwhile(se
     status = _health(server, "/status")[1]["models"]["tokenizer"]
     assert status["restarts"] >= 1 and status["state"] == "serving" and status["last_recovery_s"] < RECOVERY_BOUND_S
     assert not victims[0].region_path.exists(), "the dead stub's region was left in /dev/shm"
+    assert _health(server, "/status")[1]["detail"]["removed_stub_regions"] >= 1
     assert len(_stubs_of(server, "tokenizer")) >= len(victims)
     with TextEmbeddingClient(server.grpc_url, model="text_embedding") as client:  # the other ensemble came back too
         assert_cosines(client.embed(["still correct"]), reference(["still correct"]))
@@ -268,6 +269,7 @@ def test_a_sigkilled_shm_client_has_its_registrations_reclaimed(server):
         assert time.monotonic() < deadline, f"still registered: {set(names) & registered()}"
         time.sleep(0.2)
     assert not [n for n in names if (SHM_DIR / n).exists()], "the dead client's /dev/shm files were left"
+    assert _health(server, "/status")[1]["detail"]["reclaimed_registrations"] >= 2
 
 
 def test_the_shared_memory_api_needs_its_key(server):

@@ -183,3 +183,10 @@ def test_torch_tensors_into_a_stage_model_through_system_shm(triton, model_files
         wire = client.infer_tensors(inputs, ["EMBEDDING"])["EMBEDDING"]
     assert through_shm.shape == (1, 384)
     np.testing.assert_array_equal(through_shm, wire)
+
+
+def test_registering_without_the_key_says_where_the_key_is(triton, no_leaks):
+    with pytest.raises(PermissionError, match=r"needs its key .*keys\.json"):
+        ShmPool(grpcclient.InferenceServerClient(triton.grpc_url), "system", slots=1, headers=None)
+    with pytest.raises(PermissionError, match="needs its key"):
+        TextEmbeddingClient(triton.grpc_url, shm="system", shm_key="not-the-key")

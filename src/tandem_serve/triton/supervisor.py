@@ -24,8 +24,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import psutil
 import tritonclient.http as httpclient
@@ -65,11 +65,12 @@ class ModelHealth:
 
 
 @dataclass
-class _Counters:
+class SupervisorCounters:
+    """What the supervisor did since it started (reported under /status's `detail`)."""
+
     reclaimed_registrations: int = 0
     removed_stub_regions: int = 0
     protected_regions: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per recovery
 
 
 def declared_instances(config: dict[str, Any]) -> int:
@@ -91,7 +92,7 @@ class TritonSupervisor:
         self.keys = keys
         self.options = options or SupervisorOptions()
         self.models: dict[str, ModelHealth] = {}
-        self.counters = _Counters()
+        self.counters = SupervisorCounters()
         self._triton_ready = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -100,7 +101,9 @@ class TritonSupervisor:
         self._short: dict[str, int] = defaultdict(int)  # model -> consecutive checks short of stubs
         self._stale = StaleRegions()
         self._next_reclaim = 0.0
-        self._client = httpclient.InferenceServerClient(http_url, connection_timeout=10.0,
+        # checks must not hang on a stuck server; a reload may take minutes (CUDA graphs are captured again)
+        self._client = httpclient.InferenceServerClient(http_url, connection_timeout=5.0, network_timeout=10.0)
+        self._loader = httpclient.InferenceServerClient(http_url, connection_timeout=5.0,
                                                         network_timeout=self.options.reload_timeout_s)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -114,10 +117,12 @@ class TritonSupervisor:
         return self
 
     def stop(self) -> None:
+        """Stop watching; a reload in progress is abandoned (the server is about to stop)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.options.reload_timeout_s)
+            self._thread.join(timeout=10.0)
         self._client.close()
+        self._loader.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.options.interval_s):
@@ -146,7 +151,7 @@ class TritonSupervisor:
                   f"not serving: {', '.join(broken)}" if broken else
                   "" if triton_ready else "tritonserver reports not ready")
         return HealthStatus(live=live, ready=live and triton_ready and not broken, server="tritonserver",
-                            models=models, reason=reason)
+                            models=models, reason=reason, detail=asdict(self.counters))
 
     def regions(self) -> set[str]:
         """The /dev/shm regions of the stubs seen alive at the last check (to remove after the server stops)."""
@@ -204,7 +209,9 @@ class TritonSupervisor:
             self._next_reclaim = time.monotonic() + self.options.reclaim_interval_s
             self._reclaim_registrations()
 
-    def _ask(self, call, default):
+    @staticmethod
+    def _ask(call: Callable[[], Any], default: Any) -> Any:
+        """`call()`, or `default` when the server does not answer."""
         try:
             return call()
         except Exception:  # noqa: BLE001 - an unreachable server is an answer too
@@ -229,8 +236,8 @@ class TritonSupervisor:
             # reload with the config it ran with (it may differ from config.pbtxt: `tandem tune` loads overrides);
             # a model whose earlier reload failed is unloaded and has no config to ask for any more
             config = self._ask(lambda: self._client.get_model_config(name), None) or health.config
-            self._client.unload_model(name, headers=headers)
-            self._client.load_model(name, headers=headers, config=json.dumps(config))
+            self._loader.unload_model(name, headers=headers)
+            self._loader.load_model(name, headers=headers, config=json.dumps(config))
             config = self._client.get_model_config(name)
             instances = declared_instances(config)
             if not self._client.is_model_ready(name):
@@ -252,7 +259,6 @@ class TritonSupervisor:
             health.restarts += 1
             health.last_recovery_s = round(took, 3)
         self._short[name] = 0
-        self.counters.history.append({"model": name, "why": why, "seconds": round(took, 3), "at": time.time()})
         logger.warning("model %s serves again after %.1f s (restart %d)", name, took, health.restarts)
 
     # -- client registrations -------------------------------------------------------------------------
@@ -268,6 +274,8 @@ class TritonSupervisor:
                 logger.debug("could not unregister %s: %s", region["name"], exc)
                 continue
             self.counters.reclaimed_registrations += 1
-            path = region_file(region["key"])
-            path.unlink(missing_ok=True)  # its creator is gone; nobody maps it (StaleRegions checked)
+            try:
+                region_file(region["key"]).unlink(missing_ok=True)  # its creator is gone; nobody maps it
+            except OSError as exc:  # another user's file in the sticky /dev/shm
+                logger.debug("could not remove %s: %s", region["key"], exc)
             logger.warning("reclaimed the shared-memory registration %r of a client that is gone", region["name"])
