@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -88,7 +89,7 @@ def protect_region(stub: Stub) -> bool:
     return False
 
 
-def orphaned_stubs(is_ours) -> list[Stub]:
+def orphaned_stubs(is_ours: Callable[[Stub], bool]) -> list[Stub]:
     """Stubs whose tritonserver is gone, among those `is_ours(stub)` accepts (started by this launcher).
 
     That happens when the process that launched the server is SIGKILLed: the server dies with it
