@@ -36,7 +36,7 @@ from tandem_serve.triton.stubs import SHM_DIR, server_stubs  # noqa: E402
 from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests  # noqa: E402
 
 logger = logging.getLogger("soak")
-CLIENT_PREFIX, STUB_PREFIX = "tandem", "triton_python_backend_shm_region_"  # the project's clients', Triton's stubs
+CLIENT_PREFIX = "tandem"  # the project's clients' regions (ShmPool's default prefix)
 
 
 @dataclass
@@ -97,9 +97,9 @@ class SoakRun:
         }
 
 
-def dev_shm_mb(prefix: str = CLIENT_PREFIX) -> float:
-    """MiB in the /dev/shm files whose names start with `prefix` (the load generator's regions)."""
-    return sum(_size(entry) for entry in SHM_DIR.iterdir() if entry.name.startswith(prefix)) / 2**20
+def client_shm_mb() -> float:
+    """MiB in the load generator's /dev/shm regions (the project's clients name theirs tandem-...)."""
+    return sum(_size(entry) for entry in SHM_DIR.iterdir() if entry.name.startswith(CLIENT_PREFIX)) / 2**20
 
 
 def stub_shm_mb(server: EmbeddedTriton) -> float:
@@ -137,7 +137,7 @@ async def soak(server: EmbeddedTriton, ensemble: str, shm: str, requests: int, c
                interval_s: float) -> SoakRun:
     """Send `requests` requests from `concurrency` closed-loop clients, sampling every `interval_s`."""
     run = SoakRun(ensemble, shm, requests, concurrency, dev_shm_before_mb=stub_shm_mb(server),
-                  client_shm_before_mb=dev_shm_mb(), registrations_before=registrations(server))
+                  client_shm_before_mb=client_shm_mb(), registrations_before=registrations(server))
     restarts_before = sum(m["restarts"] for m in server.health_status().models.values())
     payloads = triton_requests(pipeline_of(ensemble), 64, seed=11)
     url = server.grpc_url
@@ -180,7 +180,7 @@ async def soak(server: EmbeddedTriton, ensemble: str, shm: str, requests: int, c
         run.samples.append(Sample(round(run.seconds, 2), run.completed, run.errors, round(server_rss, 1),
                                   round(stubs_rss, 1), round(stub_shm_mb(server), 2), registrations(server)))
     run.dev_shm_after_mb = stub_shm_mb(server)
-    run.client_shm_after_mb = dev_shm_mb()
+    run.client_shm_after_mb = client_shm_mb()
     run.registrations_after = registrations(server)
     run.restarts = sum(m["restarts"] for m in server.health_status().models.values()) - restarts_before
     return run

@@ -139,7 +139,7 @@ def _shm_key(args: argparse.Namespace) -> str | None:
     """The shared-memory key from --key-file (a Triton keys.json), else None (the default keys file's)."""
     from tandem_serve.triton.keys import TritonKeys
 
-    return TritonKeys.read(args.key_file).shm if getattr(args, "key_file", None) else None
+    return TritonKeys.read(args.key_file).shm if args.key_file else None
 
 
 def cmd_infer_text(args: argparse.Namespace) -> int:

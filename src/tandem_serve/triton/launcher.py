@@ -228,7 +228,11 @@ class EmbeddedTriton(ServerProcess):
             target = backend / name
             if not target.exists():
                 target.symlink_to(dist.root / "backends" / "python" / name)
-        shutil.copy2(dist.stub_for(sys.version_info[:2]), backend / "triton_python_backend_stub")
+        # copied beside and renamed over: a kept workspace's old stub may still be exiting, and writing into a
+        # running executable fails (ETXTBSY) where replacing its directory entry does not
+        staged = backend / "triton_python_backend_stub.new"
+        shutil.copy2(dist.stub_for(sys.version_info[:2]), staged)
+        os.replace(staged, backend / "triton_python_backend_stub")
         # The backend directory is on the stub's sys.path: the package link makes
         # `import tandem_serve` work, and its __init__ then adds TANDEM_PYTHONPATH.
         package_link = backend / "tandem_serve"

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import psutil
 
-from tandem_serve.triton.stubs import SHM_DIR
+from tandem_serve.triton.stubs import SHM_DIR, shm_file
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +46,6 @@ def shm_files_in_use(exclude: set[int]) -> set[str]:
     return used
 
 
-def region_file(key: str) -> Path:
-    """The file of a system shared-memory key (tritonclient keys start with '/')."""
-    return SHM_DIR / key.lstrip("/")
-
-
 class StaleRegions:
     """Tracks registrations seen unused: a registration must be unused at two checks in a row to be stale."""
 
@@ -61,7 +55,7 @@ class StaleRegions:
     def check(self, registered: list[dict], server_pid: int) -> list[dict]:
         """The registrations (Triton's status entries: name, key, ...) stale at this check and the last."""
         used = shm_files_in_use({server_pid})
-        unused = {(r["name"], r["key"]) for r in registered if str(region_file(r["key"])) not in used}
+        unused = {(r["name"], r["key"]) for r in registered if str(shm_file(r["key"])) not in used}
         stale = [r for r in registered if (r["name"], r["key"]) in unused & self._unused_once]
         self._unused_once = unused
         return stale

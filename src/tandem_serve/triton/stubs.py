@@ -22,6 +22,11 @@ STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 
 
+def shm_file(name: str) -> Path:
+    """The /dev/shm file of a POSIX shared-memory name (with or without its leading '/')."""
+    return SHM_DIR / name.lstrip("/")
+
+
 @dataclass(frozen=True)
 class Stub:
     """One Python-backend stub process."""
@@ -35,7 +40,7 @@ class Stub:
 
     @property
     def region_path(self) -> Path:
-        return SHM_DIR / self.region.lstrip("/")
+        return shm_file(self.region)
 
 
 def parse_stub(pid: int, argv: list[str]) -> Stub | None:
@@ -69,9 +74,8 @@ def server_stubs(server_pid: int) -> list[Stub]:
 
 def unlink_region(region: str) -> bool:
     """Remove a stub's /dev/shm region; True when there was one to remove."""
-    path = SHM_DIR / region.lstrip("/")
     try:
-        path.unlink()
+        shm_file(region).unlink()
         return True
     except FileNotFoundError:
         return False

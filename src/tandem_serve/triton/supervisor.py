@@ -32,8 +32,8 @@ import tritonclient.http as httpclient
 
 from tandem_serve.health import HealthStatus
 from tandem_serve.triton.keys import TritonKeys
-from tandem_serve.triton.registrations import StaleRegions, region_file
-from tandem_serve.triton.stubs import Stub, protect_region, server_stubs, unlink_region
+from tandem_serve.triton.registrations import StaleRegions
+from tandem_serve.triton.stubs import Stub, protect_region, server_stubs, shm_file, unlink_region
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class TritonSupervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._regions: dict[int, tuple[str, str]] = {}  # stub pid -> (model, region) of every stub seen
+        self._regions: dict[int, str] = {}  # stub pid -> its region, for every stub seen alive
         self._short: dict[str, int] = defaultdict(int)  # model -> consecutive checks short of stubs
         self._stale = StaleRegions()
         self._next_reclaim = 0.0
@@ -155,7 +155,7 @@ class TritonSupervisor:
 
     def regions(self) -> set[str]:
         """The /dev/shm regions of the stubs seen alive at the last check (to remove after the server stops)."""
-        return {region for _, region in self._regions.values()}
+        return set(self._regions.values())
 
     def unclean(self) -> bool:
         """Whether stopping may hang on a dead stub: a model is short of stubs now, or one was reloaded (Triton
@@ -185,7 +185,7 @@ class TritonSupervisor:
         for stub in stubs:
             by_model[stub.model].append(stub)
             if stub.pid not in self._regions:
-                self._regions[stub.pid] = (stub.model, stub.region)
+                self._regions[stub.pid] = stub.region
                 if protect_region(stub):
                     self.counters.protected_regions += 1
         self._forget_dead_stubs({s.pid for s in stubs})
@@ -220,7 +220,7 @@ class TritonSupervisor:
     def _forget_dead_stubs(self, alive: set[int]) -> None:
         """Remove the regions of stubs that are gone (a SIGKILLed stub leaves its region behind)."""
         for pid in [p for p in self._regions if p not in alive]:
-            _, region = self._regions.pop(pid)
+            region = self._regions.pop(pid)
             if unlink_region(region):
                 self.counters.removed_stub_regions += 1
                 logger.info("removed the shared-memory region of the gone stub %d", pid)
@@ -275,7 +275,7 @@ class TritonSupervisor:
                 continue
             self.counters.reclaimed_registrations += 1
             try:
-                region_file(region["key"]).unlink(missing_ok=True)  # its creator is gone; nobody maps it
+                shm_file(region["key"]).unlink(missing_ok=True)  # its creator is gone; nobody maps it
             except OSError as exc:  # another user's file in the sticky /dev/shm
                 logger.debug("could not remove %s: %s", region["key"], exc)
             logger.warning("reclaimed the shared-memory registration %r of a client that is gone", region["name"])
