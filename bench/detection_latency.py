@@ -24,7 +24,7 @@ import numpy as np
 
 from _common import machine
 from tandem_serve.client import ObjectDetectionClient
-from tandem_serve.paths import project_root
+from tandem_serve.paths import assets_root
 from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.tuning.render import read_config, write_config
@@ -36,7 +36,7 @@ STEPS = ("image_preprocess", "detector", "nms", "object_detection")
 
 def repository(on_device: bool, work: Path) -> list[Path]:
     """The project's repositories, with the detector's output_on_device set."""
-    root = project_root()
+    root = assets_root()
     if on_device:
         return [root / "model_repository", root / "ensembles"]
     target = work / "models"

@@ -40,7 +40,7 @@ import torch
 
 from _common import machine
 from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
-from tandem_serve.paths import project_root
+from tandem_serve.paths import default_repositories
 from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
@@ -177,7 +177,7 @@ def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> P
     """The shipped models and ensembles in one repository, pointed at the workload's model files."""
     target.mkdir(parents=True, exist_ok=True)
     hidden = hidden_size_of(models) if pipeline == "text" else None
-    for source in (project_root() / "model_repository", project_root() / "ensembles"):
+    for source in default_repositories():
         for model in source.iterdir():
             shutil.copytree(model, target / model.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
             config = read_config(target / model.name / "config.pbtxt")

@@ -1,4 +1,9 @@
-"""Where the project's model repositories live."""
+"""Where the project's model repositories, handlers and shipped weights live.
+
+An installed package carries them as package data under `tandem_serve/assets/` (setup.py's build_py
+copies them in); an editable install reads them from the checkout. `tandem repository export DIR`
+writes a self-contained copy for a server image or a mounted volume.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from pathlib import Path
 from tandem_serve.errors import ConfigError
 
 REPOSITORY_DIRS = ("model_repository", "ensembles")
+ASSET_DIRS = (*REPOSITORY_DIRS, "handlers", "models")  # what build_py copies into tandem_serve/assets/
+PACKAGED_ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_WEIGHTS = "models/detector/shapes-yolov5n.safetensors"
 
 
 def project_root() -> Path | None:
@@ -17,12 +25,30 @@ def project_root() -> Path | None:
     return None
 
 
-def default_repositories() -> list[Path]:
-    """The project's two Triton model repositories: the stage models and the ensembles."""
+def assets_root() -> Path:
+    """The directory holding model_repository/, ensembles/, handlers/ and models/: the installed package's
+    assets, else the checkout (an editable install)."""
+    if all((PACKAGED_ASSETS / name).is_dir() for name in REPOSITORY_DIRS):
+        return PACKAGED_ASSETS
     root = project_root()
     if root is None:
-        raise ConfigError(
-            "cannot find model_repository/ and ensembles/ next to the tandem_serve package; "
-            "pass --model-repository for each repository"
-        )
+        raise ConfigError(f"the tandem_serve package has no assets/ (model repositories, handlers, weights) and is "
+                          f"not in a checkout; reinstall it from a wheel or sdist (pip install tandem-serve), "
+                          f"or pass each path explicitly")
+    return root
+
+
+def default_repositories() -> list[Path]:
+    """The project's two Triton model repositories: the stage models and the ensembles."""
+    root = assets_root()
     return [root / name for name in REPOSITORY_DIRS]
+
+
+def handlers_dir() -> Path:
+    """The TorchServe handlers and their model-config.yaml files."""
+    return assets_root() / "handlers"
+
+
+def shipped_weights() -> Path:
+    """The shapes detector trained by tandem_serve.vision.train (the detector's default weights)."""
+    return assets_root() / SHIPPED_WEIGHTS

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from tandem_serve.errors import ConfigError
 from tandem_serve.model_files import REQUIRED_FILES, SentenceModelFiles
-from tandem_serve.paths import project_root
+from tandem_serve.paths import handlers_dir
 
 logger = logging.getLogger(__name__)
 OPTIONAL_MODEL_FILES = ("1_Pooling/config.json", "modules.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -41,16 +41,9 @@ ARCHIVES = {
 }
 
 
-def handlers_dir() -> Path:
-    root = project_root()
-    if root is None or not (root / "handlers").is_dir():
-        raise ConfigError("cannot find the project's handlers/ directory (run from a checkout of tandem-serve)")
-    return root / "handlers"
-
-
 def _copy_library(staging: Path) -> None:
     package = Path(__file__).resolve().parents[1]
-    shutil.copytree(package, staging / "tandem_serve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(package, staging / "tandem_serve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
 
 
 def _stage_text(staging: Path, model_dir: Path | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem_serve.paths import project_root
+from tandem_serve.paths import assets_root, handlers_dir
 from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,20 @@ def config_json(config: mc.ModelConfig) -> str:
     return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
-def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int) -> mc.ModelConfig:
-    """A copy of `config` with the stage's instances, batching and precision."""
+def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: int = 1) -> mc.ModelConfig:
+    """A copy of `config` with the stage's instances, batching and precision. With `gpus` > 1 a GPU stage's
+    instances spread over GPUs 0..gpus-1 (Triton starts `count` instances on each listed GPU)."""
     out = mc.ModelConfig()
     out.CopyFrom(config)
     out.max_batch_size = max(stage.batch, min_batch)
     del out.instance_group[:]
     if stage.device.startswith("cuda"):
-        out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=stage.instances,
-                               gpus=[int(stage.device.split(":")[1])])
+        if gpus > 1:
+            out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=math.ceil(stage.instances / gpus),
+                                   gpus=list(range(gpus)))
+        else:
+            out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=stage.instances,
+                                   gpus=[int(stage.device.split(":")[1])])
         if stage.cpu_share:
             out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=stage.cpu_instances)
     else:
@@ -89,7 +95,7 @@ def _ensemble_batch(ensembles: Path, name: str) -> int:
 def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, ensembles: Path | None = None,
                   model_files: dict[str, str] | None = None) -> list[Path]:
     """Copy the pipeline's models and ensemble into `target` (one repository) with planned configs."""
-    root = project_root()
+    root = assets_root()
     models = models or root / "model_repository"
     ensembles = ensembles or root / "ensembles"
     need = _ensemble_batch(ensembles, plan.ensemble)
@@ -100,7 +106,7 @@ def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, 
         source = models / stage.model
         destination = target / stage.model
         shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        config = apply_stage(read_config(source / "config.pbtxt"), stage, need)
+        config = apply_stage(read_config(source / "config.pbtxt"), stage, need, plan.gpus)
         apply_model_files(config, model_files, hidden)
         write_config(config, destination / "config.pbtxt")
         written.append(destination / "config.pbtxt")
@@ -116,7 +122,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
                       model_files: dict[str, str] | None = None) -> Path:
     """model-config.yaml for the pipeline's handler with the planned device, batch, workers and precision."""
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
-    source = (handlers or project_root() / "handlers") / handler / "model-config.yaml"
+    source = (handlers or handlers_dir()) / handler / "model-config.yaml"
     values = yaml.safe_load(source.read_text()) or {}
     device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
     on_gpu = device_stage.device.startswith("cuda")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
-from tandem_serve.paths import project_root
+from tandem_serve.paths import shipped_weights
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.text.bert import parse_dtype
 from tandem_serve.threads import set_stage_threads
@@ -20,15 +20,17 @@ from tandem_serve.vision.nms import candidates
 from tandem_serve.vision.yolo import YoloSpec, YoloV5
 
 logger = logging.getLogger(__name__)
-SHIPPED_WEIGHTS = "models/detector/shapes-yolov5n.safetensors"
 
 
 def default_weights() -> Path:
     """The shipped shapes detector."""
-    root = project_root()
-    if root is None or not (root / SHIPPED_WEIGHTS).is_file():
-        raise ModelFilesError(f"cannot find {SHIPPED_WEIGHTS}; set the detector's 'weights' parameter")
-    return root / SHIPPED_WEIGHTS
+    try:
+        path = shipped_weights()
+    except ConfigError as exc:
+        raise ModelFilesError(f"{exc}; or set the detector's 'weights' parameter") from None
+    if not path.is_file():
+        raise ModelFilesError(f"cannot find the shipped detector weights {path}; set the detector's 'weights' parameter")
+    return path
 
 
 def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Module:
