@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, TypeVar
 
 from tandem_serve.errors import ConfigError
@@ -24,6 +25,20 @@ def _convert(name: str, raw: object, kind: type) -> object:
         return kind(raw)
     except ValueError:
         raise ConfigError(f"parameter {name!r} must be {kind.__name__}, got {raw!r}") from None
+
+
+PATH_PARAMETERS = ("model_dir", "weights")  # file-system paths among the stages' parameters
+
+
+def resolve_paths(values: dict[str, str], model_directory: str) -> dict[str, str]:
+    """Path parameters given relative (`weights: "my.safetensors"`) read from the model's own directory, so that
+    an exported repository can move; absolute ones and empty defaults stay as they are."""
+    resolved = dict(values)
+    for key in PATH_PARAMETERS:
+        value = resolved.get(key, "")
+        if value and model_directory and not Path(value).expanduser().is_absolute():
+            resolved[key] = str(Path(model_directory) / value)
+    return resolved
 
 
 def parse_stage_config(cls: type[_T], parameters: Mapping[str, object]) -> _T:

@@ -18,7 +18,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
-from tandem_serve.stage_config import parse_stage_config
+from tandem_serve.stage_config import parse_stage_config, resolve_paths
 
 _Settings = TypeVar("_Settings")
 
@@ -78,7 +78,8 @@ def stage_settings(args: dict[str, str], settings_cls: type[_Settings]) -> tuple
     """For `initialize`: bridge logging, then the model config and its parameters parsed into `settings_cls`."""
     bridge_logging()
     config = model_config(args)
-    return config, parse_stage_config(settings_cls, parameters(config))
+    return config, parse_stage_config(settings_cls, resolve_paths(parameters(config), args.get("model_repository", "")))
+
 
 
 def parameters(config: dict[str, Any]) -> dict[str, str]:
