@@ -43,6 +43,12 @@ def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[in
                         help="do not reload models whose stubs die (model control then stays off)")
     parser.add_argument("--model-control", action="store_true",
                         help="explicit model control without supervision (supervision implies it); admin key required")
+    parser.add_argument("--tritonserver", type=Path, metavar="DIR",
+                        help="an installed Triton (the directory with bin/tritonserver and backends/, e.g. "
+                             "/opt/tritonserver in the NGC image); default the embedded one (the [embedded] extra)")
+    parser.add_argument("--key-file", type=Path, metavar="FILE",
+                        help="use the keys in this keys.json (e.g. a mounted secret; `tandem keys FILE` writes one); "
+                             "default fresh keys each start")
 
 
 def _triton_options(args: argparse.Namespace) -> "TritonOptions":
@@ -52,7 +58,8 @@ def _triton_options(args: argparse.Namespace) -> "TritonOptions":
         model_repositories=args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
         log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout, model_control=args.model_control,
-        health_port=args.health_port, supervise=not args.no_supervise,
+        health_port=args.health_port, supervise=not args.no_supervise, tritonserver_home=args.tritonserver,
+        keys_file=args.key_file,
         **({"stub_python_path": args.stub_pythonpath} if args.stub_pythonpath else {}),
     )
 
@@ -85,6 +92,28 @@ def _serve_until_signal(server: "ServerProcess", banner: Callable[[Any], list[st
     return 0
 
 
+def cmd_repository_export(args: argparse.Namespace) -> int:
+    """Write the project's models and ensembles as one model repository."""
+    from tandem_serve.triton.repository import export_repository
+
+    models = export_repository(args.directory, args.model_dir, args.weights, args.overwrite)
+    print(f"wrote {len(models)} models to {args.directory}: {', '.join(models)}")
+    print(f"serve it with: tritonserver --model-repository={args.directory.resolve()} (or tandem serve triton "
+          f"--model-repository {args.directory})")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write a new keys.json (admin and shared-memory keys) for `--keys-file` or a secret."""
+    from tandem_serve.triton.keys import TritonKeys
+
+    if args.file.exists() and not args.overwrite:
+        raise ValueError(f"{args.file} exists; pass --overwrite to replace its keys")
+    TritonKeys.generate().write(args.file)
+    print(f"wrote new keys to {args.file} (mode 0600)")
+    return 0
+
+
 def cmd_archive(args: argparse.Namespace) -> int:
     from tandem_serve.torchserve.archive import build_archive
 
@@ -106,7 +135,7 @@ def cmd_serve_torchserve(args: argparse.Namespace) -> int:
             build_archive(name, args.store)
     args.workspace.mkdir(parents=True, exist_ok=True)
     options = TorchServeOptions(
-        model_store=args.store, host=args.host, inference_port=args.inference_port, management_port=args.management_port,
+        model_store=args.store, host=args.host, management_host=args.management_host, inference_port=args.inference_port, management_port=args.management_port,
         metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
         grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
         token_expiration_min=args.token_expiration_min, health_port=args.health_port,
@@ -240,12 +269,22 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
                         help="Triton: pass inputs and outputs through system or CUDA shared memory (same host)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tandem-serve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
     from tandem_serve.triton.keys import DEFAULT_WORKSPACE as DEFAULT_TRITON_WORKSPACE
 
     parser = argparse.ArgumentParser(prog="tandem", description="CPU and GPU stages in tandem inside Triton and TorchServe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start Triton or TorchServe on the project's models")
@@ -258,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     torchserve.add_argument("--store", type=Path, default=Path("model_store"), help="model store (missing archives are built)")
     torchserve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
                             help="config.properties, key_file.json, logs (default %(default)s)")
-    torchserve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    torchserve.add_argument("--host", default="127.0.0.1", help="address of inference, metrics and health (default 127.0.0.1)")
+    torchserve.add_argument("--management-host", default="127.0.0.1",
+                            help="address of the management APIs (default 127.0.0.1, also when --host exposes inference)")
     for name, port in (("inference", 8080), ("management", 8081), ("metrics", 8082), ("grpc-inference", 7070),
                        ("grpc-management", 7071)):
         torchserve.add_argument(f"--{name}-port", type=int, default=port, help="0 picks a free port")
@@ -267,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the launcher's health endpoint: /live, /ready, /status, no token (0 picks a free port)")
     torchserve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for ready workers")
     torchserve.set_defaults(func=cmd_serve_torchserve)
+
+    repository = commands.add_parser("repository", help="the project's Triton model repository")
+    repository_commands = repository.add_subparsers(dest="action", required=True)
+    export = repository_commands.add_parser("export", help="write the models and ensembles as one repository, "
+                                                           "for an image, a volume or KServe's /mnt/models")
+    export.add_argument("directory", type=Path)
+    export.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
+    export.add_argument("--weights", type=Path, help="detector weights, copied in (default the shipped shapes detector)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    export.set_defaults(func=cmd_repository_export)
+
+    keys = commands.add_parser("keys", help="write a new keys.json for Triton's restricted APIs (admin, shared memory)")
+    keys.add_argument("file", type=Path)
+    keys.add_argument("--overwrite", action="store_true")
+    keys.set_defaults(func=cmd_keys)
 
     archive = commands.add_parser("archive", help="build the TorchServe archives (.mar) with torch-model-archiver")
     archive.add_argument("--store", type=Path, default=Path("model_store"), help="where to write them (default %(default)s)")

@@ -52,7 +52,9 @@ class TorchServeOptions:
 
     model_store: Path
     models: list[str] = field(default_factory=lambda: ["all"])  # archive names in the store, or "all"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # inference and metrics
+    # The management API (REST and gRPC) binds apart: loopback even when `host` exposes inference (an image).
+    management_host: str = "127.0.0.1"
     inference_port: int = 0  # 0: a free port
     management_port: int = 0
     metrics_port: int = 0
@@ -112,7 +114,7 @@ class EmbeddedTorchServe(ServerProcess):
 
     @property
     def management_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.ports['management']}"
+        return f"http://{client_host(self.options.management_host)}:{self.ports['management']}"
 
     @property
     def metrics_url(self) -> str:
@@ -135,11 +137,11 @@ class EmbeddedTorchServe(ServerProcess):
         store = Path(self.options.model_store).resolve()
         return {
             "inference_address": f"http://{self.host}:{self.ports['inference']}",
-            "management_address": f"http://{self.host}:{self.ports['management']}",
+            "management_address": f"http://{self.options.management_host}:{self.ports['management']}",
             "metrics_address": f"http://{self.host}:{self.ports['metrics']}",
             "grpc_inference_address": self.host,
             "grpc_inference_port": str(self.ports["grpc_inference"]),
-            "grpc_management_address": self.host,
+            "grpc_management_address": self.options.management_host,
             "grpc_management_port": str(self.ports["grpc_management"]),
             "model_store": str(store),
             "enable_model_api": "false",
@@ -177,6 +179,9 @@ class EmbeddedTorchServe(ServerProcess):
         if not is_loopback(self.host):
             logger.warning("TorchServe binds %s: reachable from other hosts (every API needs a token from %s)",
                            self.host, self.key_file)
+        if not is_loopback(self.options.management_host):
+            logger.warning("TorchServe's management API binds %s: reachable from other hosts (its token is in %s)",
+                           self.options.management_host, self.key_file)
         (self.workspace / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
         env = dict(os.environ, TEMP=str(temp), TMPDIR=str(temp), LOG_LOCATION=str(self.workspace / "logs"),
                    METRICS_LOCATION=str(self.workspace / "logs"), JAVA_HOME=str(Path(java).resolve().parents[1]))

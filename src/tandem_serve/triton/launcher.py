@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -86,19 +87,38 @@ class TritonOptions:
     # Explicit model control without supervision (`tandem tune` needs it; supervision implies it).
     # The API stays behind the admin key like the rest of the model-repository API.
     model_control: bool = False
+    # An installed server (the directory holding bin/tritonserver and backends/, e.g. /opt/tritonserver in
+    # the NGC image); None: nvidia-pytriton's embedded 2.51.
+    tritonserver_home: Path | None = None
+    # A keys.json to use (e.g. a mounted secret); None: fresh keys each start. Either way the workspace gets a copy.
+    keys_file: Path | None = None
+
+
+EMBEDDED_EXTRA = "pip install 'tandem-serve[embedded]'"
 
 
 @dataclass(frozen=True)
 class TritonDistribution:
-    """Paths inside the installed nvidia-pytriton wheel."""
+    """A tritonserver to run: nvidia-pytriton's embedded 2.51 (the stub for this Python is copied into the
+    workspace), or an installed server such as an NGC image's /opt/tritonserver (its backends as they are)."""
 
     root: Path
+    installed: bool = False
 
     @classmethod
-    def find(cls) -> "TritonDistribution":
+    def find(cls, home: Path | None = None) -> "TritonDistribution":
+        """The installed server under `home` when given, else the embedded one; a clear error where it is missing."""
+        if home is not None:
+            home = Path(home)
+            if not (home / "bin" / "tritonserver").is_file():
+                raise TritonStartError(f"no bin/tritonserver under {home} (an installed Triton, e.g. /opt/tritonserver)")
+            if not (home / "backends" / "python" / "libtriton_python.so").is_file():
+                raise TritonStartError(f"{home}/backends/python has no Python backend (libtriton_python.so)")
+            return cls(home, installed=True)
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
-            raise TritonStartError("the package nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)")
+            raise TritonStartError(f"the embedded Triton is not installed: {EMBEDDED_EXTRA} (nvidia-pytriton 0.7.0), "
+                                   "or pass --tritonserver DIR of an installed server such as /opt/tritonserver")
         root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
         if not (root / "bin" / "tritonserver").is_file():
             raise TritonStartError(f"no tritonserver binary under {root}")
@@ -109,8 +129,8 @@ class TritonDistribution:
         return self.root / "bin" / "tritonserver"
 
     @property
-    def libs(self) -> Path:
-        return self.root.parent.parent / "nvidia_pytriton.libs"
+    def libs(self) -> Path | None:
+        return None if self.installed else self.root.parent.parent / "nvidia_pytriton.libs"
 
     def stub_for(self, version: tuple[int, int]) -> Path:
         stub = self.root / "python_backend_stubs" / f"{version[0]}.{version[1]}" / "triton_python_backend_stub"
@@ -118,6 +138,23 @@ class TritonDistribution:
             available = sorted(p.name for p in (self.root / "python_backend_stubs").iterdir())
             raise TritonStartError(f"no Python-backend stub for Python {version[0]}.{version[1]}; the wheel has {available}")
         return stub
+
+    def has_option(self, option: str, env: dict[str, str]) -> bool:
+        """Whether this server's `--help` lists `option` (e.g. --allow-client-shm, new in 26.05)."""
+        try:
+            result = subprocess.run([str(self.binary), "--help"], env=env, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return option.encode() in result.stdout + result.stderr
+
+
+def read_keys_file(path: Path) -> TritonKeys:
+    """Keys from a keys.json such as a mounted secret; warns when other local users can read it."""
+    path = Path(path)
+    keys = TritonKeys.read(path)
+    if path.stat().st_mode & 0o004:
+        logger.warning("%s is readable by every local user: mount it with mode 0440 or narrower", path)
+    return keys
 
 
 def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) -> dict[str, str]:
@@ -129,7 +166,7 @@ def stub_environment(dist: TritonDistribution, first: list[Path] | None = None) 
     env = dict(os.environ)
     site_dirs = [*map(str, first or []), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
     env["TANDEM_PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(site_dirs) if p and Path(p).is_dir())
-    lib_path = [str(dist.libs), sysconfig.get_config_var("LIBDIR") or ""]
+    lib_path = [str(dist.libs or ""), sysconfig.get_config_var("LIBDIR") or ""]
     if env.get("LD_LIBRARY_PATH"):
         lib_path.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in lib_path if p)
@@ -161,7 +198,7 @@ class EmbeddedTriton(ServerProcess):
     def __init__(self, options: TritonOptions | None = None):
         self.options = options or TritonOptions()
         super().__init__(self.options.workspace, "tandem-triton-")
-        self.keys = TritonKeys.generate()
+        self.keys = read_keys_file(self.options.keys_file) if self.options.keys_file else TritonKeys.generate()
         self.log_path = self.workspace / "server.log"
         self.host = self.options.host
         self.http_port = self.options.http_port or free_port(self._client_host)
@@ -194,15 +231,18 @@ class EmbeddedTriton(ServerProcess):
     def health_url(self) -> str | None:
         return None if self.health is None else f"http://{self._client_host}:{self.health.port}"
 
-    def command(self, dist: TritonDistribution) -> list[str]:
-        """The tritonserver command line."""
+    def command(self, dist: TritonDistribution, client_shm_flag: bool = False) -> list[str]:
+        """The tritonserver command line (`client_shm_flag`: the server has --allow-client-shm, off by default
+        since 26.05; the project's clients use system and CUDA shared memory, so it is turned on, keyed)."""
         repositories = self.options.model_repositories or default_repositories()
         explicit = self.options.supervise or self.options.model_control
         restrictions = self.keys.restrictions()
+        backends = dist.root / "backends" if dist.installed else self.workspace / "backends"
         return [
             str(dist.binary),
             *[f"--model-repository={Path(r).resolve()}" for r in repositories],
-            f"--backend-directory={self.workspace / 'backends'}",
+            f"--backend-directory={backends}",
+            *(["--allow-client-shm=true"] if client_shm_flag else []),
             *(["--model-control-mode=explicit", "--load-model=*"] if explicit else ["--model-control-mode=none"]),
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -222,6 +262,9 @@ class EmbeddedTriton(ServerProcess):
     def _prepare_workspace(self, dist: TritonDistribution) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.workspace.chmod(0o700)  # the log may hold request data at high verbosity; the keys live here
+        self.keys.write(self.keys_file)
+        if dist.installed:  # its own backends and stub, built for the image's Python with this package installed
+            return
         backend = self.workspace / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
@@ -238,19 +281,18 @@ class EmbeddedTriton(ServerProcess):
         package_link = backend / "tandem_serve"
         if not package_link.exists():
             package_link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
-        self.keys.write(self.keys_file)
 
     def start(self) -> "EmbeddedTriton":
         """Start the server and wait until it is ready; raise TritonStartError with the log tail."""
-        dist = TritonDistribution.find()
+        dist = TritonDistribution.find(self.options.tritonserver_home)
         sweep_orphaned_stubs()
         self._prepare_workspace(dist)
         if not is_loopback(self.host):
             logger.warning("tritonserver binds %s: reachable from other hosts. Inference is open to them; the "
                            "restricted APIs need the keys in %s", self.host, self.keys_file)
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a kept workspace's log grows
-        self._spawn(self.command(dist), stub_environment(dist, self.options.stub_python_path), self.log_path,
-                    private=True)
+        env = stub_environment(dist, self.options.stub_python_path)
+        self._spawn(self.command(dist, dist.has_option("--allow-client-shm", env)), env, self.log_path, private=True)
         try:
             self._hide_keys(log_start)
             self._wait_ready()
