@@ -207,3 +207,19 @@ def test_a_profiled_model_of_another_size_is_what_the_configs_point_at(tmp_path)
     assert served["handler"]["model_dir"] == str(model_dir)
     served = yaml.safe_load((tmp_path / "out" / "torchserve" / "object_detection" / "model-config.yaml").read_text())
     assert served["handler"]["detector"]["weights"] == str(weights)
+
+
+def test_two_gpus_double_a_gpu_bound_plan_and_spread_its_instances(tmp_path):
+    # GPU-bound detection (cheap CPU stages, 64 cores): the GPU bound is what a second GPU doubles
+    profile = detection_profile(gpu_ms=2.0, cpu_ms=5000.0, image_bytes=10_000, gb_per_s=25.0, cpus=64)
+    one = make_plan(profile, Objective()).chosen["detection"]
+    two = make_plan(profile, Objective(), gpus=2).chosen["detection"]
+    assert one.bottleneck == "GPU" and two.gpus == 2
+    assert two.gpu_bound == pytest.approx(2 * one.gpu_bound)
+    assert two.throughput > 1.5 * one.throughput
+    render(make_plan(profile, Objective(), gpus=2), tmp_path)
+    detector = next(s for s in two.stages if s.stage == "detector")
+    groups = read_config(tmp_path / "triton" / "detector" / "config.pbtxt").instance_group
+    gpu_groups = [g for g in groups if g.kind == mc.ModelInstanceGroup.KIND_GPU]
+    assert [list(g.gpus) for g in gpu_groups] == [[0, 1]]
+    assert gpu_groups[0].count * 2 >= detector.instances  # count is per listed GPU

@@ -44,7 +44,8 @@ def format_report(report: PlanReport, top: int = 5) -> str:
     for pipeline, plan in report.chosen.items():
         alternatives = report.alternatives[pipeline]
         ok = "" if feasible(plan, report.objective) else "  (NO plan meets the latency bound: the fastest shown)"
-        out += ["", f"{pipeline}: ensemble '{plan.ensemble}' at size {plan.size}: {plan.throughput:.0f} items/s, "
+        on = f" on {plan.gpus} GPUs" if plan.gpus > 1 else ""
+        out += ["", f"{pipeline}: ensemble '{plan.ensemble}' at size {plan.size}{on}: {plan.throughput:.0f} items/s, "
                     f"~{plan.latency_ms:.1f} ms, {plan.bottleneck}-bound (CPU bound {plan.cpu_bound:.0f}/s, "
                     f"GPU bound {plan.gpu_bound:.0f}/s, GPU instances {plan.instance_bound:.0f}/s){ok}"]
         out += _stage_table(plan)

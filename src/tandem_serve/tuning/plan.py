@@ -97,6 +97,7 @@ class PipelinePlan:
     cpu_bound: float
     gpu_bound: float
     instance_bound: float = math.inf  # what the GPU stages' instances (one batch at a time each) can serve
+    gpus: int = 1  # GPUs of one host the GPU stages spread over (instances per GPU = ceil(instances / gpus))
 
     @property
     def bottleneck(self) -> str:
@@ -216,7 +217,7 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
         cores = max(1, cpus - sum(counts.values()))
         cpu_bound = cores / sum_c if sum_c else math.inf
         wanted = min(cpu_bound, gpu_bound)
-        counts = {g.stage: max(counts[g.stage], min(MAX_GPU_INSTANCES, math.ceil(wanted * _instance_seconds(g))))
+        counts = {g.stage: max(counts[g.stage], min(MAX_GPU_INSTANCES * gpus, math.ceil(wanted * _instance_seconds(g))))
                   for g in gpu_stages}
     cores = max(1, cpus - sum(counts.values()))
     cpu_bound = cores / sum_c if sum_c else math.inf
@@ -245,13 +246,16 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
                          "latency_ms": max(s.latency_ms, cpu_variant.latency_ms)}  # items on the CPU take longer
             final.append(replace(s, instances=counts[s.stage], **extra))
     latency = sum(s.latency_ms for s in final)
-    return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound, instance_bound)
+    return PipelinePlan(pipeline, ensemble, size, tuple(final), throughput, latency, cpu_bound, gpu_bound, instance_bound,
+                        gpus)
 
 
-def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None) -> list[PipelinePlan]:
-    """Every scored combination for one pipeline, best first (the objective's feasible plans lead)."""
+def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None,
+                  gpus: int | None = None) -> list[PipelinePlan]:
+    """Every scored combination for one pipeline, best first (the objective's feasible plans lead). `gpus`: plan for
+    that many GPUs of the profiled kind in one host (default the profiled machine's)."""
     cpus = int(table.profile.machine.get("cpus", 1))
-    gpus = max(1, len(table.profile.machine.get("gpus", [])))
+    gpus = gpus or max(1, len(table.profile.machine.get("gpus", [])))
     sizes = table.sizes(pipeline)
     if not sizes:
         return []
@@ -291,8 +295,9 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
     return sorted(plans, key=rank)
 
 
-def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None) -> PlanReport:
-    """The best plan for each pipeline in the profile."""
+def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None,
+              gpus: int | None = None) -> PlanReport:
+    """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one, when given)."""
     table = TimingTable(profile)
     report = PlanReport(objective, serving=profile.serving)
     seen = {(t.stage, t.device, t.precision): t.accuracy for t in profile.stages if t.accuracy is not None}
@@ -301,7 +306,7 @@ def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | No
             why = "below the accuracy floor" if accuracy < objective.min_accuracy else "no stage config offers int8"
             report.rejected.append(f"{stage} {device} {precision}: accuracy {accuracy:.4f} vs fp32 ({why})")
     for pipeline in PIPELINES:
-        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline))
+        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline), gpus)
         if ranked:
             report.chosen[pipeline] = ranked[0]
             report.alternatives[pipeline] = ranked
