@@ -154,3 +154,62 @@ def test_a_kept_workspace_gets_new_keys_that_work_and_stay_off_the_command_line(
             assert client.get_system_shared_memory_status(headers=server.keys.shm_headers("http")) == []
             keys.append(server.keys)
     assert keys[0] != keys[1] and (tmp_path / "ws" / "server.log").stat().st_size > 0
+
+
+def _installed_layout(home: Path) -> Path:
+    """An installed Triton's layout (bin/tritonserver, backends/python with its stub) made from the embedded one.
+    In the NGC image the package sits in the stub's site-packages; here a link in the backend directory (on the
+    stub's sys.path) stands in for it."""
+    dist = TritonDistribution.find()
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "tritonserver").symlink_to(dist.binary)
+    backend = home / "backends" / "python"
+    backend.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (backend / name).symlink_to(dist.root / "backends" / "python" / name)
+    shutil.copy2(dist.stub_for(sys.version_info[:2]), backend / "triton_python_backend_stub")
+    (backend / "tandem_serve").symlink_to(Path(__import__("tandem_serve").__file__).parent, target_is_directory=True)
+    return home
+
+
+def test_an_installed_server_runs_with_its_own_backends(tmp_path, monkeypatch, reference):
+    from tandem_serve.client import TextEmbeddingClient
+    from tests.helpers import assert_cosines
+
+    embedded = TritonDistribution.find()
+    home = _installed_layout(tmp_path / "opt" / "tritonserver")
+    # NGC's image sets LD_LIBRARY_PATH for its server; the embedded binary needs the wheel's libraries
+    monkeypatch.setenv("LD_LIBRARY_PATH", os.pathsep.join(filter(None, [str(embedded.libs), os.environ.get("LD_LIBRARY_PATH")])))
+    installed = TritonDistribution.find(home)
+    assert installed.installed and installed.libs is None
+    options = TritonOptions(workspace=tmp_path / "ws", tritonserver_home=home, startup_timeout_s=300)
+    with EmbeddedTriton(options) as server:
+        command = server.process.args
+        assert command[0] == str(home / "bin" / "tritonserver")
+        assert f"--backend-directory={home / 'backends'}" in command
+        assert "--allow-client-shm=true" not in command  # 2.51 has no such flag (its shm API is on)
+        assert not (tmp_path / "ws" / "backends").exists()  # nothing assembled: the server's own backends
+        texts = ["an installed server", "uses its own Python backend"]
+        with TextEmbeddingClient(server.grpc_url, "grpc") as client:
+            assert_cosines(client.embed(texts), reference(texts))
+
+
+def test_the_client_shm_flag_follows_what_the_server_offers(tmp_path):
+    home = _installed_layout(tmp_path / "new")
+    (home / "bin" / "tritonserver").unlink()
+    (home / "bin" / "tritonserver").write_text("#!/bin/sh\necho '  --allow-client-shm <boolean>  Allow clients ...'\n")
+    (home / "bin" / "tritonserver").chmod(0o755)
+    new = TritonDistribution.find(home)
+    assert new.has_option("--allow-client-shm", dict(os.environ))
+    server = EmbeddedTriton(TritonOptions(workspace=tmp_path / "ws", tritonserver_home=home))
+    assert "--allow-client-shm=true" in server.command(new, client_shm_flag=True)
+    assert not TritonDistribution.find().has_option("--allow-client-shm", dict(os.environ))
+
+
+def test_a_missing_installed_server_or_backend_is_named(tmp_path):
+    with pytest.raises(TritonStartError, match="no bin/tritonserver under"):
+        TritonDistribution.find(tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tritonserver").write_text("")
+    with pytest.raises(TritonStartError, match="has no Python backend"):
+        TritonDistribution.find(tmp_path)
