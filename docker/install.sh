@@ -7,6 +7,8 @@
 #     PACKAGE  a wheel (or a source directory) of tandem-serve
 #     EXTRAS   comma-separated extras, e.g. "torchserve" or "embedded" (default none)
 #   TORCH_VERSION / TORCH_INDEX_URL pick the torch build when the environment has none (default: PyPI's).
+#   TANDEM_PIP_ARGS: more pip arguments for the package, e.g. "--no-index --no-deps" where the dependencies are
+#   already installed and no index can be reached (the GPU tier's machine).
 set -euo pipefail
 
 python=$1
@@ -27,7 +29,8 @@ if ! "$python" -c 'import torch' 2>/dev/null; then
     fi
     "${pip[@]}" "${torch_index[@]}" "torch${TORCH_VERSION:+==$TORCH_VERSION}"
 fi
-"${pip[@]}" --constraint "$constraints" "${package}${extras:+[$extras]}"
+read -r -a more <<<"${TANDEM_PIP_ARGS:-}"
+"${pip[@]}" "${more[@]}" --constraint "$constraints" "${package}${extras:+[$extras]}"
 
 # The installed package must find its model repositories, handlers and weights without a checkout.
 "$python" - <<'PY'

@@ -12,6 +12,7 @@
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
+# Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
@@ -146,6 +147,20 @@ recovery)  # after wheels, model1, numpy1 (carry [".carry/model2"] unless assemb
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/recovery.py --out "$out/recovery" ${RECOVERY_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tail -14
     rm -rf "$out/recovery/triton"
+    ;;
+installed)  # after wheels, model1, numpy1; carry [".carry/model2", ".carry/dist"] (dist: `pip wheel --no-deps -w .carry/dist .`
+    # here): the wheel installed by docker/install.sh into a venv, served through docker/triton/entrypoint.sh on the GPU
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    # torch, numpy, tokenizers, ... from the machine's Python (itself a venv: --system-site-packages would not see
+    # them), the carried wheels from $base/site, through a .pth file
+    python3 -m venv "$base/venv"
+    { echo "$base/site"; python3 -c 'import sys; print("\n".join(p for p in sys.path[1:] if p.endswith("-packages")))'; } \
+        > "$("$base/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tandem-machine.pth"
+    TANDEM_PIP_ARGS="--no-index --no-deps" bash docker/install.sh "$base/venv/bin/python" "$(ls .carry/dist/tandem_serve-*.whl)"
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_INSTALLED_VENV="$base/venv" TANDEM_RESULTS="$out/gpu_installed.json"
+    python3 -m pytest tests/gpu/test_installed_gpu.py -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+        | tee "$out/pytest_installed.log" | tail -30
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
