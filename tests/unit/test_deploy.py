@@ -216,3 +216,12 @@ def test_a_broken_manifest_is_caught():
     runtime["spec"]["supportedModelFormats"] = "tandem-triton"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(runtime, _kserve_schema("servingruntime", "v1alpha1"))
+
+
+def test_the_build_context_leaves_out_environments_and_keys():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".carry", "docker/secrets", "**/__pycache__"} <= ignored
+    for item in (i for name in DOCKERFILES for i in instructions(DOCKERFILES[name]) if i["instruction"] == "COPY"):
+        sources = [w for w in shlex.split(item["value"])[:-1] if not w.startswith("--")]
+        assert not any(s.rstrip("/") in ignored for s in sources), f"COPY of an ignored path: {item['value']}"
