@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start Triton or TorchServe on the project's models")
     servers = serve.add_subparsers(dest="server", required=True)
-    triton = servers.add_parser("triton", help="the embedded Triton Inference Server (nvidia-pytriton's binary)")
+    triton = servers.add_parser("triton", help="Triton Inference Server: the embedded one (nvidia-pytriton's binary) "
+                                               "or an installed one (--tritonserver)")
     _add_server_options(triton, (8000, 8001, 8002, 8003), DEFAULT_TRITON_WORKSPACE)
     triton.set_defaults(func=cmd_serve_triton)
 
