@@ -12,6 +12,7 @@
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
+# Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"].
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -161,6 +162,17 @@ installed)  # after wheels, model1, numpy1; carry [".carry/model2", ".carry/dist
     export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_INSTALLED_VENV="$base/venv" TANDEM_RESULTS="$out/gpu_installed.json"
     python3 -m pytest tests/gpu/test_installed_gpu.py -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
         | tee "$out/pytest_installed.log" | tail -30
+    ;;
+decode)  # after wheels, model1, numpy1; carry [".carry/decode"] (simplejpeg): bench/decode.py on one core, then the
+    # GPU decoder's tests (nvJPEG vs the CPU path, the tandem image_preprocess in Triton)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/decode/*.whl
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_decode.json"
+    if [ "${DECODE_BENCH:-1}" = 1 ]; then
+        taskset -c 3 python3 bench/decode.py --out "$out/decode.json" ${DECODE_ARGS:-} 2>&1 | tee "$out/decode.log"
+    fi
+    python3 -m pytest tests/gpu/test_decode_gpu.py -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+        | tee "$out/pytest_decode.log" | tail -30
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1

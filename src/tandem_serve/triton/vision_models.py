@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 class ImagePreprocessModel:
-    """IMAGE (encoded bytes) -> PIXELS, LETTERBOX."""
+    """IMAGE (encoded bytes) -> PIXELS, LETTERBOX. A KIND_CPU instance decodes on its core; a KIND_GPU instance
+    decodes a batch of JPEGs with nvJPEG and leaves PIXELS on the GPU for the detector (CUDA IPC)."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, ImagePreprocessConfig)
@@ -22,8 +23,24 @@ class ImagePreprocessModel:
         backend.expect_dims(config, "output", "PIXELS", [3, size, size],
                             f"set PIXELS dims to [3, {size}, {size}] here and in the detector's config")
         self.stage = PreprocessStage(settings)
+        device = backend.instance_device(args)
+        self.gpu = None
+        if device.startswith("cuda"):
+            from tandem_serve.vision.gpu_decode import GpuDecoder
+
+            self.gpu = GpuDecoder(size, device, settings.max_pixels)
+        logger.info("image_preprocess decodes on %s", "the GPU (nvJPEG)" if self.gpu else "the CPU")
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self.gpu is not None:
+            return backend.respond(
+                requests,
+                decode=lambda r: self.gpu.check(self.stage.encoded(backend.input_tensor(r, "IMAGE").numpy())),
+                compute=self.gpu,
+                encode=lambda out: [backend.output_tensor("PIXELS", out[0][None]),
+                                    backend.output_tensor("LETTERBOX", out[1].as_array()[None])],
+                stage="image_preprocess",
+            )
         return backend.respond(
             requests,
             decode=lambda r: self.stage(backend.input_tensor(r, "IMAGE").numpy()),

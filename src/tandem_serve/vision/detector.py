@@ -104,8 +104,11 @@ class DetectStage:
         """Per request [b, 3, S, S] -> [b, k, 6], k the request's most candidates (>= 1); on the detector's device
         when `output_on_device` (the next step copies what it needs), else on the CPU."""
         sizes = [len(r) for r in requests]
-        merged = requests[0] if len(requests) == 1 else torch.cat(list(requests))  # one transfer for the batch
-        images = to_device([merged], self.device)[0]
+        if len({r.device for r in requests}) > 1:  # a batch from CPU- and GPU-decoding preprocess instances
+            images = torch.cat(to_device(list(requests), self.device))
+        else:
+            merged = requests[0] if len(requests) == 1 else torch.cat(list(requests))  # one transfer for the batch
+            images = to_device([merged], self.device)[0]
         padded, counts = self.filtered(images)
         keep = self.config.output_on_device
         out, start = [], 0

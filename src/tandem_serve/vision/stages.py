@@ -19,11 +19,16 @@ class PreprocessStage:
     def __init__(self, config: ImagePreprocessConfig):
         self.config = config
 
+    @staticmethod
+    def encoded(tensor: np.ndarray) -> bytes:
+        """One request's IMAGE tensor as bytes; InvalidInputError unless it holds one image ([1, bytes])."""
+        if tensor.ndim != 2 or tensor.shape[0] != 1:
+            raise InvalidInputError(f"IMAGE must hold one encoded image per request ([1, bytes]), got {list(tensor.shape)}")
+        return tensor[0].tobytes()
+
     def __call__(self, encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode and letterbox one request's IMAGE tensor; bad bytes raise InvalidInputError."""
-        if encoded.ndim != 2 or encoded.shape[0] != 1:
-            raise InvalidInputError(f"IMAGE must hold one encoded image per request ([1, bytes]), got {list(encoded.shape)}")
-        pixels, box = preprocess(encoded[0].tobytes(), self.config.image_size, self.config.max_pixels)
+        pixels, box = preprocess(self.encoded(encoded), self.config.image_size, self.config.max_pixels)
         return pixels[None], box.as_array()[None]
 
 

@@ -1,0 +1,142 @@
+"""JPEG decoding on the GPU (nvJPEG through torchvision.io.decode_jpeg) with the letterbox done there too.
+
+Only the compressed bytes cross PCIe; the decoded image never exists in host memory. A batch of JPEGs is
+decoded in one call; PNGs and the other formats, and any file nvJPEG refuses (CMYK, corrupt data), go
+through the CPU path (`letterbox.preprocess`) one image at a time, with the same per-image errors. The
+headers are read on the CPU first (Pillow, no decode) so that empty, undecodable and oversized images are
+refused before the GPU sees them.
+
+torchvision is optional: it is on the GPU machine but does not import beside the CPU torch build used for
+development. `GpuDecoder` raises a ConfigError naming it where it is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from tandem_serve.errors import ConfigError, InvalidInputError
+from tandem_serve.per_request import Failure
+from tandem_serve.vision.letterbox import DEFAULT_MAX_PIXELS, PAD_VALUE, Letterbox, preprocess
+
+logger = logging.getLogger(__name__)
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+
+
+def _decode_jpeg() -> Callable:
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: torchvision built for another torch
+        raise ConfigError(f"GPU image decoding needs torchvision matching this torch ({torch.__version__}): "
+                          f"pip install torchvision ({type(exc).__name__}: {exc})") from None
+    return lambda data, device: decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the CPU learns from an image's header without decoding it."""
+
+    width: int
+    height: int
+    jpeg: bool
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """Size and format; InvalidInputError for empty, unreadable, tiny or oversized images."""
+    if not data:
+        raise InvalidInputError("IMAGE is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            # nvJPEG gets baseline/progressive RGB or grey JPEGs that end in their EOI marker; a truncated file goes
+            # to the CPU path, whose decoder refuses it (nvJPEG may decode what is there without an error)
+            jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MAGIC)
+                    and data.rstrip(b"\0").endswith(JPEG_END))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidInputError(f"IMAGE is not a decodable image ({type(exc).__name__}: {exc})") from None
+    if width * height > max_pixels:
+        raise InvalidInputError(f"image is {width}x{height}, above the limit of {max_pixels} pixels")
+    if width < 2 or height < 2:
+        raise InvalidInputError(f"image is {width}x{height}; at least 2x2 pixels are needed")
+    return Header(width, height, jpeg)
+
+
+def letterbox_on_device(image: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """A decoded uint8 [3, H, W] tensor -> uint8 [3, size, size] on its device, antialiased bilinear resize, grey
+    padding: the geometry of `letterbox.letterbox`."""
+    height, width = int(image.shape[1]), int(image.shape[2])
+    scale = min(size / width, size / height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8, device=image.device)
+    if (new_w, new_h) == (width, height):
+        resized = image
+    else:
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+    canvas[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
+    return canvas, Letterbox(scale, pad_x, pad_y, width, height)
+
+
+class GpuDecoder:
+    """Encoded images -> letterboxed uint8 [3, S, S] tensors on `device`, JPEGs by nvJPEG, the rest on the CPU."""
+
+    def __init__(self, size: int, device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not str(device).startswith("cuda"):
+            raise ConfigError(f"GPU image decoding needs a CUDA device, got {device}")
+        self.size, self.device, self.max_pixels = size, torch.device(device), max_pixels
+        self._decode = _decode_jpeg()
+        self.fallbacks = 0  # images that went through the CPU path (other formats, refused by nvJPEG)
+        self._logged_first = False
+
+    def check(self, data: bytes) -> tuple[bytes, Header]:
+        """Per request, before the batch: the header, or InvalidInputError for that request alone."""
+        return data, read_header(data, self.max_pixels)
+
+    def __call__(self, items: Sequence[tuple[bytes, Header]]) -> list[tuple[torch.Tensor, Letterbox] | Failure]:
+        """Decode a batch: the JPEGs in one nvJPEG call (one by one when the batch call fails), others on the CPU."""
+        out: list[tuple[torch.Tensor, Letterbox] | Failure | None] = [None] * len(items)
+        jpegs = [i for i, (_, header) in enumerate(items) if header.jpeg]
+        decoded = self._decode_batch([items[i][0] for i in jpegs])
+        for index, image in zip(jpegs, decoded):
+            if image is not None:
+                out[index] = letterbox_on_device(image, self.size)
+        for index, result in enumerate(out):
+            if result is None:
+                out[index] = self._on_cpu(items[index][0])
+        torch.cuda.current_stream(self.device).synchronize()  # the tensors leave through DLPack to other processes
+        if not self._logged_first:
+            self._logged_first = True
+            logger.info("nvJPEG decoded its first batch (%d JPEGs of %d images) on %s", len(jpegs), len(items), self.device)
+        return out  # type: ignore[return-value]
+
+    def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        if not datas:
+            return []
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            return list(self._decode(tensors, self.device))
+        except RuntimeError as exc:  # one bad file fails the batched call: find it
+            logger.info("nvJPEG refused a batch of %d (%s); decoding them one by one", len(datas), exc)
+        decoded: list[torch.Tensor | None] = []
+        for tensor in tensors:
+            try:
+                decoded.append(self._decode(tensor, self.device))
+            except RuntimeError:
+                decoded.append(None)  # the CPU path decodes it or says why it cannot
+        return decoded
+
+    def _on_cpu(self, data: bytes) -> tuple[torch.Tensor, Letterbox] | Failure:
+        self.fallbacks += 1
+        try:
+            pixels, box = preprocess(data, self.size, self.max_pixels)
+        except InvalidInputError as exc:
+            return Failure.of_input("image_preprocess", exc)
+        return torch.from_numpy(pixels).to(self.device, non_blocking=True), box
