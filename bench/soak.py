@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--warm-up", type=float, default=0.05, help="share of the requests before the RSS baseline")
+    parser.add_argument("--prime", type=int, default=0,
+                        help="requests sent per ensemble before its measured runs (not recorded): the server's pools "
+                             "and allocators reach their working size first")
     parser.add_argument("--ensembles", nargs="+", default=["text_embedding_fused", "object_detection"])
     parser.add_argument("--shm", nargs="+", default=["none", "system"], choices=["none", "system", "cuda"])
     parser.add_argument("--model-repository", action="append", type=Path, default=[])
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedTriton(TritonOptions(model_repositories=args.model_repository, workspace=args.out / "triton")) as server:
         for ensemble in args.ensembles:
             count = args.detection_requests or args.requests if pipeline_of(ensemble) == "detection" else args.requests
+            if args.prime:
+                primed = asyncio.run(soak(server, ensemble, "none", args.prime, args.concurrency, args.interval))
+                logger.info("primed %s with %d requests (%d errors)", ensemble, primed.completed, primed.errors)
             for shm in args.shm:
                 run = asyncio.run(soak(server, ensemble, shm, count, args.concurrency, args.interval))
                 runs.append(run)
