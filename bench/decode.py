@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from tandem_serve.vision.letterbox import PAD_VALUE  # noqa: E402
+from tandem_serve.vision.letterbox import PAD_VALUE, preprocess  # noqa: E402
 from tandem_serve.workloads import mixed_size_jpegs  # noqa: E402
 
 logger = logging.getLogger("decode")
@@ -108,7 +108,7 @@ def pil_reduce(data: bytes) -> np.ndarray:
 
 
 def _torch_resize(pixels: np.ndarray, new_w: int, new_h: int, antialias: bool) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels-last view
+    tensor = torch.from_numpy(np.require(pixels, requirements=['C', 'W'])).permute(2, 0, 1).unsqueeze(0)  # channels-last
     out = torch.nn.functional.interpolate(tensor, size=(new_h, new_w), mode="bilinear", antialias=antialias,
                                           align_corners=False)
     return out[0].permute(1, 2, 0).numpy()
@@ -145,13 +145,19 @@ def cv2_path(interpolation: int) -> Callable[[bytes], np.ndarray]:
     return run
 
 
-def simplejpeg_path(resize: str) -> Callable[[bytes], np.ndarray]:
+def simplejpeg_path(resize: str, chw: bool = False) -> Callable[[bytes], np.ndarray]:
     def run(data: bytes) -> np.ndarray:
+        out = _simplejpeg_hwc(data)
+        return np.ascontiguousarray(out.transpose(2, 0, 1)).transpose(1, 2, 0) if chw else out
+
+    def _simplejpeg_hwc(data: bytes) -> np.ndarray:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         new_w, new_h, pad_x, pad_y = _geometry(width, height)
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=new_w, min_height=new_h)
         if resize == "torch":
             resized = _torch_resize(pixels, new_w, new_h, True)
+        elif resize == "torch-noaa":
+            resized = _torch_resize(pixels, new_w, new_h, False)
         else:
             resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_AREA if resize == "area"
                                  else cv2.INTER_LINEAR)
@@ -183,7 +189,8 @@ def main() -> None:
 
     floors = {"pillow": pil_decode}
     paths: dict[str, Callable[[bytes], np.ndarray]] = {
-        "pillow draft + BILINEAR (today)": pil_current, "pillow draft + BILINEAR reducing_gap=2": pil_reduce,
+        "tandem_serve preprocess (CHW, as served)": lambda d: preprocess(d, SIZE)[0].transpose(1, 2, 0),
+        "pillow draft + BILINEAR (before)": pil_current, "pillow draft + BILINEAR reducing_gap=2": pil_reduce,
         "pillow draft + torch bilinear antialias": pil_draft_torch}
     if cv2 is not None:
         floors["opencv"] = cv2_decode
@@ -192,9 +199,12 @@ def main() -> None:
     if simplejpeg is not None:
         floors["simplejpeg"] = simplejpeg_decode
         paths["simplejpeg scaled + torch bilinear antialias"] = simplejpeg_path("torch")
+        paths["simplejpeg scaled + torch bilinear"] = simplejpeg_path("torch-noaa")
+        paths["simplejpeg scaled + torch bilinear antialias, CHW"] = simplejpeg_path("torch", chw=True)
         if cv2 is not None:
             paths["simplejpeg scaled + opencv INTER_AREA"] = simplejpeg_path("area")
             paths["simplejpeg scaled + opencv INTER_LINEAR"] = simplejpeg_path("linear")
+            paths["simplejpeg scaled + opencv INTER_LINEAR, CHW"] = simplejpeg_path("linear", chw=True)
 
     rows = [{"path": f"plain decode, {name} (full size)", "ms": median_ms(fn, images, args.repeats), "floor": True}
             for name, fn in floors.items()]

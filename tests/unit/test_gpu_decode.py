@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.vision.gpu_decode import GpuDecoder, letterbox_on_device, read_header
+from tandem_serve.vision.gpu_decode import GpuDecoder, letterbox_on_device
+from tandem_serve.vision.letterbox import read_header
 from tandem_serve.vision.letterbox import decode_image, letterbox
 from tandem_serve.workloads import mixed_size_jpegs
 

@@ -4,7 +4,7 @@ Only the compressed bytes cross PCIe; the decoded image never exists in host mem
 decoded in one call; PNGs and the other formats, and any file nvJPEG refuses (CMYK, corrupt data), go
 through the CPU path (`letterbox.preprocess`) one image at a time, with the same per-image errors. The
 headers are read on the CPU first (Pillow, no decode) so that empty, undecodable and oversized images are
-refused before the GPU sees them.
+refused before the GPU sees them (`letterbox.read_header`, shared with the CPU path).
 
 torchvision is optional: it is on the GPU machine but does not import beside the CPU torch build used for
 development. `GpuDecoder` raises a ConfigError naming it where it is missing.
@@ -12,22 +12,26 @@ development. `GpuDecoder` raises a ConfigError naming it where it is missing.
 
 from __future__ import annotations
 
-import io
 import logging
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure
-from tandem_serve.vision.letterbox import DEFAULT_MAX_PIXELS, PAD_VALUE, Letterbox, preprocess
+from tandem_serve.vision.letterbox import (
+    DEFAULT_MAX_PIXELS,
+    PAD_VALUE,
+    Header,
+    Letterbox,
+    geometry,
+    placement,
+    preprocess,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
-JPEG_MAGIC = b"\xff\xd8\xff"
-JPEG_END = b"\xff\xd9"
 
 
 def _decode_jpeg() -> Callable:
@@ -39,42 +43,12 @@ def _decode_jpeg() -> Callable:
     return lambda data, device: decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-@dataclass(frozen=True)
-class Header:
-    """What the CPU learns from an image's header without decoding it."""
-
-    width: int
-    height: int
-    jpeg: bool
-
-
-def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
-    """Size and format; InvalidInputError for empty, unreadable, tiny or oversized images."""
-    if not data:
-        raise InvalidInputError("IMAGE is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            # nvJPEG gets baseline/progressive RGB or grey JPEGs that end in their EOI marker; a truncated file goes
-            # to the CPU path, whose decoder refuses it (nvJPEG may decode what is there without an error)
-            jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MAGIC)
-                    and data.rstrip(b"\0").endswith(JPEG_END))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInputError(f"IMAGE is not a decodable image ({type(exc).__name__}: {exc})") from None
-    if width * height > max_pixels:
-        raise InvalidInputError(f"image is {width}x{height}, above the limit of {max_pixels} pixels")
-    if width < 2 or height < 2:
-        raise InvalidInputError(f"image is {width}x{height}; at least 2x2 pixels are needed")
-    return Header(width, height, jpeg)
-
-
 def letterbox_on_device(image: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
     """A decoded uint8 [3, H, W] tensor -> uint8 [3, size, size] on its device, antialiased bilinear resize, grey
     padding: the geometry of `letterbox.letterbox`."""
     height, width = int(image.shape[1]), int(image.shape[2])
-    scale = min(size / width, size / height)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    box = geometry(width, height, size)
+    new_w, new_h, pad_x, pad_y = placement(box)
     canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8, device=image.device)
     if (new_w, new_h) == (width, height):
         resized = image
@@ -82,7 +56,7 @@ def letterbox_on_device(image: torch.Tensor, size: int) -> tuple[torch.Tensor, L
         resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
                                 align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
     canvas[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
-    return canvas, Letterbox(scale, pad_x, pad_y, width, height)
+    return canvas, box
 
 
 class GpuDecoder:
