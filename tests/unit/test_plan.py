@@ -223,3 +223,43 @@ def test_two_gpus_double_a_gpu_bound_plan_and_spread_its_instances(tmp_path):
     gpu_groups = [g for g in groups if g.kind == mc.ModelInstanceGroup.KIND_GPU]
     assert [list(g.gpus) for g in gpu_groups] == [[0, 1]]
     assert gpu_groups[0].count * 2 >= detector.instances  # count is per listed GPU
+
+
+def _with_gpu_decode(profile: Profile, gpu_ms: float, fixed_ms: float = 1.0) -> Profile:
+    """The profile plus image_preprocess rows on cuda:0 (nvJPEG; PIXELS stay on the GPU)."""
+    rows = [timing("image_preprocess", "cuda:0", batch, gpu_ms, "-", 50_000, 3 * 640 * 640, fixed_ms=fixed_ms)
+            for batch in (1, 4, 16)]
+    return Profile(profile.machine, profile.stages + rows, profile.transfers)
+
+
+def test_gpu_decoding_is_chosen_when_the_cores_limit_and_counted_against_the_gpu(tmp_path):
+    # 4 cores decoding at 10 ms/image bound the pipeline at ~400/s; nvJPEG at 0.3 ms/image shares the GPU with a
+    # 0.5 ms/image detector
+    cpu_only = detection_profile(gpu_ms=0.5, cpu_ms=50.0, image_bytes=3 * 640 * 640, gb_per_s=25.0, cpus=4)
+    cpu_only = Profile(cpu_only.machine, [replace_seconds(t, 10.0) if t.stage == "image_preprocess" else t
+                                          for t in cpu_only.stages], cpu_only.transfers)
+    before = make_plan(cpu_only, Objective()).chosen["detection"]
+    plan = make_plan(_with_gpu_decode(cpu_only, gpu_ms=0.3), Objective()).chosen["detection"]
+    preprocess = next(s for s in plan.stages if s.stage == "image_preprocess")
+    detector = next(s for s in plan.stages if s.stage == "detector")
+    assert before.bottleneck == "CPU" and preprocess.device == "cuda:0"
+    assert plan.throughput > 2 * before.throughput
+    # the GPU bound holds both GPU stages' time, and PIXELS do not cross PCIe between them
+    assert plan.gpu_bound <= 1e3 / (preprocess.cost_per_item_ms * (1 - preprocess.cpu_share) + detector.cost_per_item_ms) + 1
+    assert detector.transfer_per_item_ms < 0.01 and preprocess.transfer_per_item_ms < 0.01
+    render(make_plan(_with_gpu_decode(cpu_only, gpu_ms=0.3), Objective()), tmp_path)
+    kinds = [g.kind for g in read_config(tmp_path / "triton" / "image_preprocess" / "config.pbtxt").instance_group]
+    assert kinds[0] == mc.ModelInstanceGroup.KIND_GPU
+    assert (mc.ModelInstanceGroup.KIND_CPU in kinds) == bool(preprocess.cpu_share)
+
+
+def test_slow_gpu_decoding_stays_off_when_cores_suffice():
+    many_cores = detection_profile(gpu_ms=0.5, cpu_ms=50.0, image_bytes=3 * 640 * 640, gb_per_s=25.0, cpus=64)
+    plan = make_plan(_with_gpu_decode(many_cores, gpu_ms=5.0), Objective()).chosen["detection"]
+    assert next(s for s in plan.stages if s.stage == "image_preprocess").device == "cpu"
+
+
+def replace_seconds(t: StageTiming, per_item_ms: float) -> StageTiming:
+    from dataclasses import replace
+
+    return replace(t, seconds=per_item_ms * t.batch / 1e3)

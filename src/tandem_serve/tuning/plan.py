@@ -37,13 +37,16 @@ PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
 MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding", "encoder": "encoder",
                   "encoder_fused": "encoder_fused", "image_preprocess": "image_preprocess", "detector": "detector",
                   "nms": "nms"}
-SPLITTABLE = {"encoder", "encoder_fused", "detector"}  # stages that may run on both devices at once
+# Stages that may run on both devices at once (Triton instance groups of both kinds): image_preprocess decodes
+# JPEGs with nvJPEG on a KIND_GPU instance and on the cores of its KIND_CPU instances.
+SPLITTABLE = {"encoder", "encoder_fused", "detector", "image_preprocess"}
 # Stages that read the clients' BYTES take one request per execution: Triton's Python backend fails a whole
 # batch when one request's string data is malformed, so such a stage never batches clients together.
 ONE_REQUEST_STAGES = {"tokenize"}
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
 MAX_GPU_INSTANCES = 4  # per GPU stage and GPU (`tandem tune` may add more)
+MAX_CPU_SHARE = 0.9  # a split stage keeps at least this much off its CPU instances (more is the CPU placement)
 NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the lower latency wins
 
 
@@ -74,6 +77,7 @@ class StagePlan:
     transfer_per_item_ms: float = 0.0
     serving_per_item_ms: float = 0.0  # the ensemble step around the stage (CPU time, any device)
     latency_ms: float = 0.0
+    input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
 
     @property
     def model(self) -> str:
@@ -179,23 +183,28 @@ def _batch_choices(stage: str, device: str, rows: list[StageTiming]) -> list[Sta
     return _cpu_batch(rows) if device == "cpu" else rows
 
 
-def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: TimingTable) -> StagePlan:
-    """Cost per item of one stage at one batch size, transfers included for a GPU stage."""
+def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: TimingTable,
+                next_on_gpu: bool = False) -> StagePlan:
+    """Cost per item of one stage at one batch size, transfers included for a GPU stage: its input unless the
+    previous stage left it on the GPU, its output unless the next stage reads it there (CUDA IPC)."""
     on_gpu = timing.device.startswith("cuda")
     transfer = 0.0
     if on_gpu:
         if not previous_on_gpu:
             transfer += table.copy_seconds(timing.in_bytes * timing.batch)
-        transfer += table.copy_seconds(timing.out_bytes * timing.batch)
+        if not next_on_gpu:
+            transfer += table.copy_seconds(timing.out_bytes * timing.batch)
     seconds = timing.seconds + transfer
     step = table.step_seconds(timing.in_bytes)
+    input_copy = table.copy_seconds(timing.in_bytes * timing.batch) / timing.batch
     if stage in ONE_REQUEST_STAGES:
         delay = 0
     else:
         delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
-                     serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3)
+                     serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3,
+                     input_copy_ms=input_copy * 1e3)
 
 
 def _instance_seconds(stage: StagePlan) -> float:
@@ -226,8 +235,11 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
         g_e, c_e = planned[index].cost_per_item_ms / 1e3, cpu_variant.cost_per_item_ms / 1e3
         share = (cores * sum_g / gpus - sum_c) / (cores * g_e / gpus + c_e)  # equalises both bounds
         if share > 0.05 and gpu_bound < cpu_bound:
-            share = min(share, 1.0)
-            sum_c, sum_g = sum_c + share * c_e, sum_g - share * g_e
+            share = min(share, MAX_CPU_SHARE)
+            # the CPU share's output reaches a next GPU stage from the host: that stage pays its copy for them
+            handoff = (planned[index + 1].input_copy_ms / 1e3 if index + 1 < len(planned)
+                       and planned[index + 1].device.startswith("cuda") else 0.0)
+            sum_c, sum_g = sum_c + share * c_e, sum_g - share * (g_e - handoff)
             cpu_bound, gpu_bound = cores / sum_c, (gpus / sum_g if sum_g > 0 else math.inf)
             planned[index] = replace(planned[index], cpu_share=round(share, 3))
     instance_bound = min((counts[g.stage] / (_instance_seconds(g) * (1 - g.cpu_share)) for g in planned
@@ -269,8 +281,9 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
                    for stage, o in zip(stage_names, options)]
         for combo in itertools.product(*choices):
             stages, split, previous_on_gpu = [], {}, False
+            on_gpu = [key[0].startswith("cuda") for key, _ in combo] + [False]
             for index, (stage, ((device, precision), timing)) in enumerate(zip(stage_names, combo)):
-                stages.append(_stage_plan(stage, timing, previous_on_gpu, table))
+                stages.append(_stage_plan(stage, timing, previous_on_gpu, table, on_gpu[index + 1]))
                 if stage in SPLITTABLE and device.startswith("cuda"):
                     cpu_rows = [t for (d, p), rows in options[index].items() if d == "cpu" for t in rows]
                     if cpu_rows:

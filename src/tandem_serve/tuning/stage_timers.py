@@ -24,6 +24,7 @@ from tandem_serve.tuning.profile import (
     cpu_threads,
     precisions_for,
 )
+from tandem_serve.workloads import mixed_size_jpegs
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,31 @@ def random_detector(size: str) -> Path:
     return random_yolov5(size, Path(tempfile.gettempdir()))
 
 
+def gpu_decode_timings(options: ProfileOptions, devices: list[str], encoded: list[bytes]) -> list[StageTiming]:
+    """image_preprocess on each GPU: nvJPEG batch decode + GPU letterbox (vision/gpu_decode.py); none where
+    torchvision is missing (logged). Output stays on the GPU for the detector."""
+    from tandem_serve.errors import ConfigError
+    from tandem_serve.vision.gpu_decode import GpuDecoder
+
+    rows = []
+    in_bytes = int(np.mean([len(d) for d in encoded]))
+    for device in devices:
+        for size in options.image_sizes:
+            try:
+                decoder = GpuDecoder(size, device)
+            except ConfigError as exc:
+                logger.info("GPU decoding not profiled: %s", exc)
+                return rows
+            for batch in options.batch_sizes:
+                items = [decoder.check(d) for d in encoded[:batch]]
+                seconds = median_seconds(lambda: decoder(items), device, options.repeats)
+                rows.append(StageTiming("detection", "image_preprocess", device, "-", batch, size, seconds, in_bytes,
+                                        3 * size * size))
+                logger.info("image_preprocess %s batch %d size %d: %.0f images/s (nvJPEG)", device, batch, size,
+                            batch / seconds)
+    return rows
+
+
 def detection_timings(options: ProfileOptions, devices: list[str]) -> list[StageTiming]:
     """image_preprocess and nms (CPU), the detector on every device and precision."""
     from tandem_serve.vision.detector import DetectStage
@@ -148,7 +174,8 @@ def detection_timings(options: ProfileOptions, devices: list[str]) -> list[Stage
     detectors = [(device, precision) for device in devices for precision in precisions_for(device, "detector")]
     cases = [(size, batch) for size in options.image_sizes for batch in options.batch_sizes]
     progress = Progress(len(cases) * (2 + len(detectors)))
-    encoded = scenes(max(options.batch_sizes), seed=5)
+    # the JPEG mix the suite and `tandem tune` send (PNGs cost several times more to decode and are rare in traffic)
+    encoded = mixed_size_jpegs(max(options.batch_sizes), seed=5)
     check_images = scenes(8, seed=77)
     rows: list[StageTiming] = []
     prepared = {}
@@ -165,6 +192,7 @@ def detection_timings(options: ProfileOptions, devices: list[str]) -> list[Stage
                                     int(np.mean([len(i) for i in encoded])), 3 * size * size))
             prepared[(size, batch)] = (torch.from_numpy(np.stack([p for p, _ in done[:batch]])), [b for _, b in done[:batch]])
             progress.step(f"image_preprocess batch {batch} size {size}: {1 / per_image[size]:.0f} images/s per core")
+    rows += gpu_decode_timings(options, [d for d in devices if d.startswith("cuda")], encoded)
     reference = None
     candidates_of = {}
     for device, precision in detectors:
