@@ -87,24 +87,18 @@ def simplejpeg_decode(data: bytes) -> np.ndarray:
 
 # --- decode + letterbox paths ----------------------------------------------------------------------------------
 
-def pil_current(data: bytes) -> np.ndarray:
-    """The project's path today: draft (DCT-domain downscale) + antialiased BILINEAR resize + pad (HWC)."""
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    image.draft("RGB", (SIZE, SIZE))
-    image = image.convert("RGB")
-    new_w, new_h, pad_x, pad_y = _geometry(width, height)
-    return _pad(np.asarray(image.resize((new_w, new_h), Image.BILINEAR)), new_w, new_h, pad_x, pad_y)
-
-
-def pil_reduce(data: bytes) -> np.ndarray:
-    """draft + resize with reducing_gap (an integer box reduce first, then a short bilinear)."""
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    image.draft("RGB", (SIZE, SIZE))
-    image = image.convert("RGB")
-    new_w, new_h, pad_x, pad_y = _geometry(width, height)
-    return _pad(np.asarray(image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=2.0)), new_w, new_h, pad_x, pad_y)
+def pil_path(reducing_gap: float | None = None) -> Callable[[bytes], np.ndarray]:
+    """Pillow: draft (DCT-domain downscale) + antialiased BILINEAR resize (with `reducing_gap`: an integer box
+    reduce first, then a short bilinear) + pad (HWC); without it, the project's path before OpenCV."""
+    def run(data: bytes) -> np.ndarray:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        image.draft("RGB", (SIZE, SIZE))
+        image = image.convert("RGB")
+        new_w, new_h, pad_x, pad_y = _geometry(width, height)
+        resized = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=reducing_gap)
+        return _pad(np.asarray(resized), new_w, new_h, pad_x, pad_y)
+    return run
 
 
 def _torch_resize(pixels: np.ndarray, new_w: int, new_h: int, antialias: bool) -> np.ndarray:
@@ -190,7 +184,7 @@ def main() -> None:
     floors = {"pillow": pil_decode}
     paths: dict[str, Callable[[bytes], np.ndarray]] = {
         "tandem_serve preprocess (CHW, as served)": lambda d: preprocess(d, SIZE)[0].transpose(1, 2, 0),
-        "pillow draft + BILINEAR (before)": pil_current, "pillow draft + BILINEAR reducing_gap=2": pil_reduce,
+        "pillow draft + BILINEAR (before)": pil_path(), "pillow draft + BILINEAR reducing_gap=2": pil_path(2.0),
         "pillow draft + torch bilinear antialias": pil_draft_torch}
     if cv2 is not None:
         floors["opencv"] = cv2_decode
