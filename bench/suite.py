@@ -200,9 +200,9 @@ def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rou
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
                                   admin_key=server.admin_key, client_processes=args.client_processes,
                                   protocol=args.protocol, http_url=server.http_url, shm=args.shm,
-                                  shm_key=server.keys.shm))
+                                  shm_key=server.keys.shm, server_pid=server.process.pid))
         trials = tuner.run()  # the server is left on the best configuration (unless a reload failed: logged)
-        return trials, measure(tuner.make, open_spec, processes=args.client_processes)
+        return trials, measure(tuner.make, open_spec, processes=args.client_processes, server_pid=server.process.pid)
 
 
 def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
@@ -271,6 +271,10 @@ def summary(name: str, r: dict) -> dict:
         out[f"{label}_p50_c1_ms"] = c1.p50_ms if c1 else None
         opened = at(series, "open")
         out[f"{label}_p99_open_ms"] = opened.p99_ms if opened else None
+    for label in ("triton-shipped", "triton-plugin"):  # the server's CPU time per request at its best closed level
+        closed = [p for p in points.get(label, []) if p.mode == "closed" and not p.errors]
+        top = max(closed, key=lambda p: p.throughput, default=None)
+        out[f"{label}_server_cpu_ms"] = top.server_cpu_ms_per_request if top else None
     for label in ("ts-plugin", "triton-plugin"):
         if label in points and best(naive):
             out[f"{label}/naive"] = best(points[label]) / best(naive)
@@ -305,6 +309,8 @@ def stage_lines(name: str, r: dict) -> list[str]:
     lines = []
     for point in levels.values():
         busy = "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy"
+        if point.server_cpu_ms_per_request is not None:
+            busy += f", server {point.server_cpu_ms_per_request:.2f} ms CPU/request"
         for s in point.stages:
             if s.model != ensemble:
                 lines.append(f"| {name} | c{point.concurrency}: {point.throughput:.0f}/s, p50 {point.p50_ms:.1f} ms, "

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
+import psutil
 
 from tandem_serve.errors import ConfigError
 from tandem_serve.stats import StageStats, read_statistics, stats_delta
@@ -82,11 +83,20 @@ class LoadPoint:
     first_error: str = ""
     client_cores: float | None = None  # CPU of the load generator's processes / wall (in-process targets included)
     host_cores_busy: float | None = None  # whole machine: cores busy over the window (server, stubs and load), /proc/stat
+    server_cpu_s: float | None = None  # CPU seconds of the server's process tree (tritonserver + stubs) in the level
+    warm_up_requests: int = 0  # sent before the timed window (the server's CPU time covers them too)
     stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        """The server's CPU time per request it answered in the level (ms; warm-up and errors included), apart from
+        the load generator's."""
+        answered = self.completed + self.errors + self.warm_up_requests
+        return None if self.server_cpu_s is None or not answered else self.server_cpu_s / answered * 1e3
 
     def record(self) -> dict:
         """JSON-ready dict (stages as dicts)."""
-        values = dict(self.__dict__)
+        values = dict(self.__dict__, server_cpu_ms_per_request=self.server_cpu_ms_per_request)
         values["stages"] = [dict(s.__dict__, mean_batch=s.mean_batch) for s in self.stages]
         return values
 
@@ -184,19 +194,22 @@ async def _run_level(send: Send, spec: LoadSpec) -> tuple[_Tally, float, float]:
 def _point(spec: LoadSpec, tallies: Sequence[_Tally], wall: float, cpu_s: float, gpu: float | None) -> LoadPoint:
     ordered = sorted(x for t in tallies for x in t.latencies)
     first_error = next((t.first_error for t in tallies if t.first_error), "")
-    return LoadPoint(spec.mode, spec.concurrency, spec.rate if spec.mode == "open" else 0.0, len(ordered) / wall,
-                     percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.9), percentile_ms(ordered, 0.99),
-                     len(ordered), sum(t.errors for t in tallies), sum(t.dropped for t in tallies), gpu, first_error,
-                     cpu_s / wall)
+    point = LoadPoint(spec.mode, spec.concurrency, spec.rate if spec.mode == "open" else 0.0, len(ordered) / wall,
+                      percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.9), percentile_ms(ordered, 0.99),
+                      len(ordered), sum(t.errors for t in tallies), sum(t.dropped for t in tallies), gpu, first_error,
+                      cpu_s / wall)
+    point.warm_up_requests = spec.warm_up * (spec.concurrency if spec.mode == "closed" else 1)
+    return point
 
 
-async def measure_async(send: Send, spec: LoadSpec) -> LoadPoint:
-    """One load level against `send` (inside a running event loop)."""
+async def measure_async(send: Send, spec: LoadSpec, server_pid: int | None = None) -> LoadPoint:
+    """One load level against `send` (inside a running event loop); `server_pid`: also the CPU time of that process
+    and its descendants over the level (the timed window and its warm-up)."""
     spec.validate()
-    with GpuSampler() as gpu, HostCpu() as host:
+    with GpuSampler() as gpu, HostCpu() as host, ProcessTreeCpu(server_pid) as server:
         tally, wall, cpu_s = await _run_level(send, spec)
     point = _point(spec, [tally], wall, cpu_s, gpu.mean)
-    point.host_cores_busy = host.cores
+    point.host_cores_busy, point.server_cpu_s = host.cores, server.seconds
     return point
 
 
@@ -224,6 +237,39 @@ class HostCpu:
         if self._start is not None and end is not None and end[1] > self._start[1]:
             busy = (end[0] - self._start[0]) / (end[1] - self._start[1])
             self.cores = busy * (os.cpu_count() or 1)
+
+
+class ProcessTreeCpu:
+    """CPU seconds (user + system) a process and its descendants spend while the block runs (psutil); None without
+    a pid. A process that starts inside the block counts from zero; one that ends inside it is lost."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.seconds: float | None = None
+
+    def _sample(self) -> dict[int, float]:
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return {}
+        times = {}
+        for process in processes:
+            try:
+                cpu = process.cpu_times()
+                times[process.pid] = cpu.user + cpu.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return times
+
+    def __enter__(self) -> "ProcessTreeCpu":
+        self._start = self._sample() if self.pid else {}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.pid:
+            end = self._sample()
+            self.seconds = sum(max(0.0, seconds - self._start.get(pid, 0.0)) for pid, seconds in end.items())
 
 
 class GpuSampler:
@@ -365,10 +411,12 @@ class TritonSender:
 
 
 def _log(spec: LoadSpec, point: LoadPoint) -> None:
-    logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores%s", spec.mode, spec.label,
-                point.throughput, point.p50_ms, point.p99_ms, point.errors,
+    logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores%s%s", spec.mode,
+                spec.label, point.throughput, point.p50_ms, point.p99_ms, point.errors,
                 "" if point.gpu_util is None else f", GPU {point.gpu_util:.0f} %", point.client_cores or 0.0,
-                "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy")
+                "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy",
+                "" if point.server_cpu_ms_per_request is None else
+                f", server {point.server_cpu_ms_per_request:.2f} ms CPU per request")
 
 
 def _stages_since(stats: tuple[Any, str] | None, before: dict[str, StageStats]) -> list[StageStats]:
@@ -384,23 +432,24 @@ def _stats_now(stats: tuple[Any, str] | None) -> dict[str, StageStats]:
 
 
 def measure(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None = None,
-            processes: int = 1) -> list[LoadPoint]:
+            processes: int = 1, server_pid: int | None = None) -> list[LoadPoint]:
     """Each load level in turn with one sender (an async context manager that is also `send`).
 
     With `stats` = (a tritonclient client, its protocol), each point carries the per-model statistics
     of its window (warm-up included). With `processes` > 1 the levels run in that many spawned
-    processes (`make_sender` must then be picklable, e.g. a functools.partial of TritonSender)."""
+    processes (`make_sender` must then be picklable, e.g. a functools.partial of TritonSender). With `server_pid`,
+    each point carries the CPU time of that server's process tree (tritonserver and its stubs)."""
     for spec in specs:
         spec.validate()
     if processes > 1:
-        return _measure_in_processes(make_sender, specs, stats, processes)
+        return _measure_in_processes(make_sender, specs, stats, processes, server_pid)
 
     async def run() -> list[LoadPoint]:
         points = []
         async with make_sender() as send:
             for spec in specs:
                 before = _stats_now(stats)
-                point = await measure_async(send, spec)
+                point = await measure_async(send, spec, server_pid)
                 point.stages = _stages_since(stats, before)
                 _log(spec, point)
                 points.append(point)
@@ -443,7 +492,7 @@ def _worker(make_sender: Callable[[], Any], parts: list[LoadSpec | None], start:
 
 
 def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSpec], stats: tuple[Any, str] | None,
-                          processes: int) -> list[LoadPoint]:
+                          processes: int, server_pid: int | None = None) -> list[LoadPoint]:
     context = multiprocessing.get_context("spawn")  # no fork: the parent may hold CUDA and gRPC state
     start, end = context.Barrier(processes + 1), context.Barrier(processes + 1)
     results = context.Queue()
@@ -453,14 +502,14 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
                for k in range(processes)]
     for w in workers:
         w.start()
-    levels: list[tuple[float | None, float | None, list[StageStats]]] = []
+    levels: list[tuple[float | None, float | None, float | None, list[StageStats]]] = []
     try:
         for _ in specs:
             before = _stats_now(stats)
             start.wait(timeout_s)
-            with GpuSampler() as gpu, HostCpu() as host:
+            with GpuSampler() as gpu, HostCpu() as host, ProcessTreeCpu(server_pid) as server:
                 end.wait(timeout_s)
-            levels.append((gpu.mean, host.cores, _stages_since(stats, before)))
+            levels.append((gpu.mean, host.cores, server.seconds, _stages_since(stats, before)))
     except threading.BrokenBarrierError:
         pass  # a worker failed: its message is on the queue
     try:
@@ -477,10 +526,10 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
     if failures:
         raise RuntimeError(f"a load process failed: {failures[0]}")
     points = []
-    for index, (spec, (gpu, host_cores, stages)) in enumerate(zip(specs, levels)):
+    for index, (spec, (gpu, host_cores, server_s, stages)) in enumerate(zip(specs, levels)):
         tallies, walls, cpu_s = zip(*(r[index] for r in reports))  # (tally, wall, CPU seconds) per process
         point = _point(spec, tallies, max(walls), sum(cpu_s), gpu)
-        point.host_cores_busy, point.stages = host_cores, stages
+        point.host_cores_busy, point.server_cpu_s, point.stages = host_cores, server_s, stages
         _log(spec, point)
         points.append(point)
     return points

@@ -37,9 +37,13 @@ def test_closed_loop_requests_match_the_servers_count(triton, protocol, shm, pro
     spec = LoadSpec("closed", concurrency=3, seconds=1.5, warm_up=1)
     sender = functools.partial(TritonSender, url, protocol, "text_embedding_fused", requests, OUTPUTS["text"], shm=shm,
                                slots=3)
-    (point,) = measure(sender, [spec], stats=(stats, "grpc"), processes=processes)
+    (point,) = measure(sender, [spec], stats=(stats, "grpc"), processes=processes, server_pid=triton.process.pid)
     assert point.errors == 0 and point.completed > 0
     expected = before + point.completed + 3  # the server saw each timed and warm-up request
+    # the server's own CPU time (tritonserver + stubs, psutil), bounded by what /proc/stat saw the whole host spend
+    assert point.warm_up_requests == 3 and point.server_cpu_s > 0
+    assert point.server_cpu_s <= point.host_cores_busy * (spec.seconds + 2.0), (point.server_cpu_s, point.host_cores_busy)
+    assert 0.01 < point.server_cpu_ms_per_request < 1000
     assert _ensemble_successes(stats, expected) == expected
     assert {s.model for s in point.stages} >= {"text_embedding_fused", "tokenizer", "encoder_fused"}
     assert {n for n in os.listdir("/dev/shm") if n.startswith("tandem")} == before_shm

@@ -134,3 +134,27 @@ def test_host_cpu_counts_the_cores_other_processes_keep_busy():
         child.start()
         child.join()
     assert host.cores is not None and 0.6 <= host.cores <= (os.cpu_count() or 1)
+
+
+def test_process_tree_cpu_counts_a_busy_child_against_wall_time():
+    """A shell whose child spins one core for ~0.6 s: the tree's CPU time is close to that wall time."""
+    import subprocess
+    import time
+
+    from tandem_serve.loadgen import ProcessTreeCpu
+
+    shell = subprocess.Popen(["bash", "-c", "python3 -c 'import time\nend = time.time() + 3\nwhile time.time() < end: pass' & wait"])
+    try:
+        time.sleep(0.3)  # the child is running
+        with ProcessTreeCpu(shell.pid) as tree:
+            start = time.perf_counter()
+            time.sleep(0.6)
+            wall = time.perf_counter() - start
+        assert 0.6 * wall <= tree.seconds <= 1.2 * wall + 0.05, (tree.seconds, wall)
+        with ProcessTreeCpu(None) as nothing:
+            pass
+        assert nothing.seconds is None
+    finally:
+        shell.kill()
+        subprocess.run(["pkill", "-P", str(shell.pid)], check=False)
+        shell.wait()

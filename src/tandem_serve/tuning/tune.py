@@ -57,6 +57,7 @@ class TuneOptions:
     http_url: str = ""  # Triton HTTP address, for protocol "http"
     shm: str = "none"  # none | system | cuda: the load's tensors through shared-memory regions
     shm_key: str | None = None  # the shared-memory API's key (None: the default keys file's)
+    server_pid: int | None = None  # tritonserver's pid on this host: each point then carries the server's CPU time
 
 
 @dataclass
@@ -113,7 +114,8 @@ class Tuner:
         began = time.perf_counter()
         points = measure(self.make, [LoadSpec("closed", c, seconds=self.options.seconds, warm_up=WARM_UP)
                                      for c in self.options.concurrencies],
-                         stats=(self.client, "grpc"), processes=self.options.client_processes)
+                         stats=(self.client, "grpc"), processes=self.options.client_processes,
+                         server_pid=self.options.server_pid)
         wall = time.perf_counter() - began
         after = read_statistics(self.client, "grpc")
         stages = [stats_delta(s, before.get(s.model)) for s in after if s.model in self.models]
