@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -75,21 +77,27 @@ class Header:
     jpeg: bool
 
 
+@contextmanager
+def _undecodable_as_invalid() -> Iterator[None]:
+    """Pillow's failures (and decompression-bomb warnings) inside the block as the client's InvalidInputError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InvalidInputError(f"IMAGE is not a decodable image ({type(exc).__name__}: {exc})") from None
+
+
 def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
     """Size and format; InvalidInputError for empty, unreadable, tiny or oversized images."""
     if len(data) == 0:
         raise InvalidInputError("IMAGE is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                # a truncated file goes to Pillow, which refuses it (libjpeg's fast paths fill in grey and go on)
-                jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MAGIC)
-                        and data.rstrip(b"\0").endswith(JPEG_END))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"IMAGE is not a decodable image ({type(exc).__name__}: {exc})") from None
+    with _undecodable_as_invalid(), Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        # a truncated file goes to Pillow, which refuses it (libjpeg's fast paths fill in grey and go on)
+        jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L") and data.startswith(JPEG_MAGIC)
+                and data.rstrip(b"\0").endswith(JPEG_END))
     if width * height > max_pixels:
         raise InvalidInputError(f"image is {width}x{height}, above the limit of {max_pixels} pixels")
     if width < 2 or height < 2:
@@ -128,30 +136,17 @@ def decode_jpeg_letterboxed(data: bytes, header: Header, size: int) -> tuple[np.
     return canvas, box
 
 
-def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to RGB (possibly reduced by draft) and the original size; InvalidInputError if unusable."""
-    if len(data) == 0:
-        raise InvalidInputError("IMAGE is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidInputError(f"image is {width}x{height}, above the limit of {max_pixels} pixels")
-            if target and image.format == "JPEG":
-                image.draft("RGB", (target, target))  # DCT-domain downscale, never below target
-            image.load()
-    except InvalidInputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"IMAGE is not a decodable image ({type(exc).__name__}: {exc})") from None
-    if width < 2 or height < 2:
-        raise InvalidInputError(f"image is {width}x{height}; at least 2x2 pixels are needed")
-    return _to_rgb(image), (width, height)
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None,
+                 header: Header | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode with Pillow to RGB (possibly reduced by draft) and the original size; InvalidInputError if unusable.
+    `header`: its `read_header` result, when the caller already has it."""
+    header = header or read_header(data, max_pixels)  # refuses sizes before any pixel is decoded
+    with _undecodable_as_invalid():
+        image = Image.open(io.BytesIO(data))
+        if target and image.format == "JPEG":
+            image.draft("RGB", (target, target))  # DCT-domain downscale, never below target
+        image.load()
+    return _to_rgb(image), (header.width, header.height)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -190,5 +185,5 @@ def preprocess(data: bytes, size: int = 640, max_pixels: int = DEFAULT_MAX_PIXEL
         fast = decode_jpeg_letterboxed(data, header, size)
         if fast is not None:
             return fast
-    image, original_size = decode_image(data, max_pixels, target=size)
+    image, original_size = decode_image(data, max_pixels, target=size, header=header)
     return letterbox(image, original_size, size)
