@@ -104,7 +104,7 @@ def cmd_repository_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """Write a new keys.json (admin and shared-memory keys) for `--keys-file` or a secret."""
+    """Write a new keys.json (admin and shared-memory keys) for `--key-file` or a secret."""
     from tandem_serve.triton.keys import TritonKeys
 
     if args.file.exists() and not args.overwrite:
@@ -135,7 +135,8 @@ def cmd_serve_torchserve(args: argparse.Namespace) -> int:
             build_archive(name, args.store)
     args.workspace.mkdir(parents=True, exist_ok=True)
     options = TorchServeOptions(
-        model_store=args.store, host=args.host, management_host=args.management_host, inference_port=args.inference_port, management_port=args.management_port,
+        model_store=args.store, host=args.host, management_host=args.management_host,
+        inference_port=args.inference_port, management_port=args.management_port,
         metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
         grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
         token_expiration_min=args.token_expiration_min, health_port=args.health_port,

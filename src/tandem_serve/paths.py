@@ -1,8 +1,8 @@
 """Where the project's model repositories, handlers and shipped weights live.
 
 An installed package carries them as package data under `tandem_serve/assets/` (setup.py's build_py
-copies them in); an editable install reads them from the checkout. `tandem repository export DIR`
-writes a self-contained copy for a server image or a mounted volume.
+copies model_repository/, ensembles/, handlers/ and models/ in); an editable install reads them from the
+checkout. `tandem repository export DIR` writes a self-contained copy for a server image or a volume.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from tandem_serve.errors import ConfigError
 
 REPOSITORY_DIRS = ("model_repository", "ensembles")
-ASSET_DIRS = (*REPOSITORY_DIRS, "handlers", "models")  # what build_py copies into tandem_serve/assets/
 PACKAGED_ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_WEIGHTS = "models/detector/shapes-yolov5n.safetensors"
 

@@ -81,7 +81,6 @@ def stage_settings(args: dict[str, str], settings_cls: type[_Settings]) -> tuple
     return config, parse_stage_config(settings_cls, resolve_paths(parameters(config), args.get("model_repository", "")))
 
 
-
 def parameters(config: dict[str, Any]) -> dict[str, str]:
     """The config's `parameters` as a plain name -> string mapping."""
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
