@@ -45,10 +45,7 @@ def main() -> int:
     models = {k: v for k, v in (("model_dir", args.model_dir), ("detector_weights", args.detector_weights)) if v}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pipelines = {pipeline_of(e) for e in args.ensembles}
-        repository = Path(tmp) / "repository"
-        for pipeline in pipelines:  # the text and detection copies differ only in the model files they point at
-            shipped_repository(pipeline, models, repository)
+        repository = shipped_repository(models, Path(tmp) / "repository")
         with EmbeddedTriton(TritonOptions(model_repositories=[repository], startup_timeout_s=600)) as server:
             stats = (grpcclient.InferenceServerClient(server.grpc_url), "grpc")
             for ensemble in args.ensembles:

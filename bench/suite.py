@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import logging
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,12 +39,12 @@ import torch
 
 from _common import machine
 from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
-from tandem_serve.paths import default_repositories
 from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.triton.repository import export_repository
 from tandem_serve.tuning.plots import plot_curves
-from tandem_serve.tuning.render import apply_model_files, hidden_size_of, read_config, write_config
+from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial
 from tandem_serve.workloads import (
     IMAGE_SIZES,
@@ -173,18 +172,15 @@ def in_process(service: Any, bodies: list[dict], batch_size: int, specs: list[Lo
         service.close()
 
 
-def shipped_repository(pipeline: str, models: dict[str, str], target: Path) -> Path:
-    """The shipped models and ensembles in one repository, pointed at the workload's model files."""
-    target.mkdir(parents=True, exist_ok=True)
-    hidden = hidden_size_of(models) if pipeline == "text" else None
-    for source in default_repositories():
-        for model in source.iterdir():
-            shutil.copytree(model, target / model.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-            config = read_config(target / model.name / "config.pbtxt")
-            apply_model_files(config, models, hidden)
-            if "cuda_graph_max_batch" in config.parameters:  # the usual recipe runs PyTorch eagerly
-                config.parameters["cuda_graph_max_batch"].string_value = "0"
-            write_config(config, target / model.name / "config.pbtxt")
+def shipped_repository(models: dict[str, str], target: Path) -> Path:
+    """The shipped models and ensembles in one repository (`tandem repository export`), pointed at the workload's
+    model files, with the encoders run eagerly as the usual recipe does."""
+    export_repository(target, models.get("model_dir") or None, models.get("detector_weights") or None, overwrite=True)
+    for path in target.glob("*/config.pbtxt"):
+        config = read_config(path)
+        if "cuda_graph_max_batch" in config.parameters:
+            config.parameters["cuda_graph_max_batch"].string_value = "0"
+            write_config(config, path)
     return target
 
 
@@ -230,7 +226,7 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     micro = 16 if pipeline == "text" else 4
     ts_plugin = in_process(make_service(pipeline, model, True, micro), bodies, PLUGIN_BATCH, closed + open_spec)
     logger.info("%s: triton-shipped", name)
-    shipped_trials, shipped_open = triton_trials(shipped_repository(pipeline, models, scratch / f"{name}-shipped"),
+    shipped_trials, shipped_open = triton_trials(shipped_repository(models, scratch / f"{name}-shipped"),
                                                  ENSEMBLES[pipeline], args, 0, open_spec)
     shipped = shipped_trials[0]
     plugin = None

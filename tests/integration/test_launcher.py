@@ -213,3 +213,28 @@ def test_a_missing_installed_server_or_backend_is_named(tmp_path):
     (tmp_path / "bin" / "tritonserver").write_text("")
     with pytest.raises(TritonStartError, match="has no Python backend"):
         TritonDistribution.find(tmp_path)
+
+
+def test_an_exported_repository_moves_with_its_detector_weights(tmp_path):
+    """`tandem repository export --weights` copies the weights beside the detector's config and names them
+    relatively; moved elsewhere, the repository still loads them (Triton passes the model's own directory)."""
+    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.paths import shipped_weights
+    from tandem_serve.triton.repository import export_repository
+    from tandem_serve.vision.shapes import encode_scene, generate_scene
+
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(shipped_weights(), mine)
+    export_repository(tmp_path / "exported", weights=mine)
+    mine.unlink()  # only the copy in the repository is left
+    for name in ("tokenizer", "token_embedding", "encoder", "encoder_fused", "text_embedding", "text_embedding_fused"):
+        shutil.rmtree(tmp_path / "exported" / name)
+    moved = tmp_path / "elsewhere" / "models"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "exported", moved)
+    rng = np.random.default_rng(12)
+    scene = generate_scene(rng)
+    with EmbeddedTriton(TritonOptions(model_repositories=[moved], workspace=tmp_path / "ws")) as server:
+        with ObjectDetectionClient(server.grpc_url) as client:
+            found = client.detect(encode_scene(scene, rng))
+    assert len(found.boxes) >= 1
