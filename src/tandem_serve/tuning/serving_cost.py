@@ -101,7 +101,7 @@ def _median_round_trips(url: str, cases: list[tuple[int, int]], requests: int, w
     return {case: statistics.median(values) for case, values in samples.items()}
 
 
-def measure_serving_cost(requests: int = 100, payload_bytes: int = 1 << 20, small_bytes: int = 16,
+def measure_serving_cost(requests: int = 300, payload_bytes: int = 1 << 20, small_bytes: int = 16,
                          warm_up: int = 10) -> ServingCost:
     """Start the embedded Triton on a probe repository and derive the per-step and per-byte costs."""
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
