@@ -19,6 +19,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.stage_config import parse_stage_config, resolve_paths
+from tandem_serve.triton.stub_profile import run_profiled
 
 _Settings = TypeVar("_Settings")
 
@@ -154,10 +155,14 @@ def respond(
     stage: str,
 ) -> list[Any]:
     """One response per request: decode each, compute the valid ones as a batch, encode outputs."""
-    responses = []
-    for result in process_requests(requests, decode, compute, stage):
-        if isinstance(result, Failure):
-            responses.append(error_response(result))
-        else:
-            responses.append(pb_utils.InferenceResponse(output_tensors=encode(result)))
-    return responses
+
+    def respond_batch() -> list[Any]:
+        responses = []
+        for result in process_requests(requests, decode, compute, stage):
+            if isinstance(result, Failure):
+                responses.append(error_response(result))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=encode(result)))
+        return responses
+
+    return run_profiled(stage, respond_batch)
