@@ -84,6 +84,7 @@ class LoadPoint:
     client_cores: float | None = None  # CPU of the load generator's processes / wall (in-process targets included)
     host_cores_busy: float | None = None  # whole machine: cores busy over the window (server, stubs and load), /proc/stat
     server_cpu_s: float | None = None  # CPU seconds of the server's process tree (tritonserver + stubs) in the level
+    server_cpu_parts: dict[str, float] = field(default_factory=dict)  # those seconds by process: server, stub:<model>
     warm_up_requests: int = 0  # sent before the timed window (the server's CPU time covers them too)
     stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
 
@@ -94,9 +95,15 @@ class LoadPoint:
         answered = self.completed + self.errors + self.warm_up_requests
         return None if self.server_cpu_s is None or not answered else self.server_cpu_s / answered * 1e3
 
+    def server_cpu_ms_by_part(self) -> dict[str, float]:
+        """`server_cpu_ms_per_request` split by process (the server itself, each model's stubs)."""
+        answered = self.completed + self.errors + self.warm_up_requests
+        return {part: seconds / answered * 1e3 for part, seconds in sorted(self.server_cpu_parts.items())} if answered else {}
+
     def record(self) -> dict:
         """JSON-ready dict (stages as dicts)."""
-        values = dict(self.__dict__, server_cpu_ms_per_request=self.server_cpu_ms_per_request)
+        values = dict(self.__dict__, server_cpu_ms_per_request=self.server_cpu_ms_per_request,
+                      server_cpu_ms_per_request_by_part=self.server_cpu_ms_by_part())
         values["stages"] = [dict(s.__dict__, mean_batch=s.mean_batch) for s in self.stages]
         return values
 
@@ -209,7 +216,7 @@ async def measure_async(send: Send, spec: LoadSpec, server_pid: int | None = Non
     with GpuSampler() as gpu, HostCpu() as host, ProcessTreeCpu(server_pid) as server:
         tally, wall, cpu_s = await _run_level(send, spec)
     point = _point(spec, [tally], wall, cpu_s, gpu.mean)
-    point.host_cores_busy, point.server_cpu_s = host.cores, server.seconds
+    point.host_cores_busy, point.server_cpu_s, point.server_cpu_parts = host.cores, server.seconds, server.parts
     return point
 
 
@@ -239,13 +246,27 @@ class HostCpu:
             self.cores = busy * (os.cpu_count() or 1)
 
 
+def _part_of(process: psutil.Process, root_pid: int) -> str:
+    """What a process of the server's tree is, for the CPU breakdown: the root's name, a Python-backend stub's model
+    ("stub:<model>"), else the process name."""
+    from tandem_serve.triton.stubs import parse_stub
+
+    if process.pid == root_pid:
+        return process.name()
+    stub = parse_stub(process.pid, process.cmdline())
+    return f"stub:{stub.model}" if stub is not None else process.name()
+
+
 class ProcessTreeCpu:
     """CPU seconds (user + system) a process and its descendants spend while the block runs (psutil); None without
-    a pid. A process that starts inside the block counts from zero; one that ends inside it is lost."""
+    a pid. A process that starts inside the block counts from zero; one that ends inside it is lost. `parts` splits
+    the seconds by what each process is (the server itself, each model's stubs)."""
 
     def __init__(self, pid: int | None):
         self.pid = pid
         self.seconds: float | None = None
+        self.parts: dict[str, float] = {}
+        self._labels: dict[int, str] = {}
 
     def _sample(self) -> dict[int, float]:
         try:
@@ -258,6 +279,8 @@ class ProcessTreeCpu:
             try:
                 cpu = process.cpu_times()
                 times[process.pid] = cpu.user + cpu.system
+                if process.pid not in self._labels:
+                    self._labels[process.pid] = _part_of(process, root.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return times
@@ -269,7 +292,11 @@ class ProcessTreeCpu:
     def __exit__(self, *exc_info: object) -> None:
         if self.pid:
             end = self._sample()
-            self.seconds = sum(max(0.0, seconds - self._start.get(pid, 0.0)) for pid, seconds in end.items())
+            spent = {pid: max(0.0, seconds - self._start.get(pid, 0.0)) for pid, seconds in end.items()}
+            self.seconds = sum(spent.values())
+            for pid, seconds in spent.items():
+                label = self._labels.get(pid, "?")
+                self.parts[label] = self.parts.get(label, 0.0) + seconds
 
 
 class GpuSampler:
@@ -502,14 +529,14 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
                for k in range(processes)]
     for w in workers:
         w.start()
-    levels: list[tuple[float | None, float | None, float | None, list[StageStats]]] = []
+    levels: list[tuple[float | None, float | None, float | None, dict[str, float], list[StageStats]]] = []
     try:
         for _ in specs:
             before = _stats_now(stats)
             start.wait(timeout_s)
             with GpuSampler() as gpu, HostCpu() as host, ProcessTreeCpu(server_pid) as server:
                 end.wait(timeout_s)
-            levels.append((gpu.mean, host.cores, server.seconds, _stages_since(stats, before)))
+            levels.append((gpu.mean, host.cores, server.seconds, server.parts, _stages_since(stats, before)))
     except threading.BrokenBarrierError:
         pass  # a worker failed: its message is on the queue
     try:
@@ -526,10 +553,11 @@ def _measure_in_processes(make_sender: Callable[[], Any], specs: Sequence[LoadSp
     if failures:
         raise RuntimeError(f"a load process failed: {failures[0]}")
     points = []
-    for index, (spec, (gpu, host_cores, server_s, stages)) in enumerate(zip(specs, levels)):
+    for index, (spec, (gpu, host_cores, server_s, parts, stages)) in enumerate(zip(specs, levels)):
         tallies, walls, cpu_s = zip(*(r[index] for r in reports))  # (tally, wall, CPU seconds) per process
         point = _point(spec, tallies, max(walls), sum(cpu_s), gpu)
         point.host_cores_busy, point.server_cpu_s, point.stages = host_cores, server_s, stages
+        point.server_cpu_parts = parts
         _log(spec, point)
         points.append(point)
     return points

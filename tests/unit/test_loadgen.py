@@ -151,6 +151,7 @@ def test_process_tree_cpu_counts_a_busy_child_against_wall_time():
             time.sleep(0.6)
             wall = time.perf_counter() - start
         assert 0.6 * wall <= tree.seconds <= 1.2 * wall + 0.05, (tree.seconds, wall)
+        assert set(tree.parts) == {"bash", "python3"} and tree.parts["python3"] >= 0.6 * wall, tree.parts
         with ProcessTreeCpu(None) as nothing:
             pass
         assert nothing.seconds is None
