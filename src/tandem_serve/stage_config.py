@@ -138,7 +138,8 @@ class DetectorConfig:
     max_candidates: int = 2000  # per image, highest scores first
     output_on_device: bool = True  # Triton: CANDIDATES stay on the GPU for the next step (CUDA IPC), not copied here
     cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
-    # On a GPU, batches up to this many texts replay CUDA graphs captured at load (text/graphs.py); 0: eager
+    # On a GPU, batches up to this many images (capped by the model's max_batch_size in Triton) replay CUDA graphs
+    # of the network and the candidate filter (vision/detector.py GraphedFilter); 0: eager
     cuda_graph_max_batch: int = 64
 
     def validate(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tandem_serve.vision.letterbox import Letterbox
-from tandem_serve.vision.nms import candidates, nms, postprocess
+from tandem_serve.vision.nms import batched_candidates, candidates, nms, postprocess
 
 
 def brute_force_nms(boxes, scores, classes, iou_threshold, max_det):
@@ -90,3 +90,39 @@ def test_postprocess_maps_back_clips_and_drops_non_finite():
     assert found.classes.tolist() == [2, 1] and found.scores.dtype == np.float32
     empty = postprocess(np.zeros((0, 6), np.float32), box, 0.25, 0.45, 300)
     assert empty.boxes.shape == (0, 4) and empty.classes.shape == (0,)
+
+
+def _reference_rows(predictions: torch.Tensor, conf: float, max_candidates: int) -> torch.Tensor:
+    """Per image: `candidates`, capped to the highest `max_candidates` scores, in prediction order."""
+    class_prob, _ = predictions[:, 5:].max(dim=1)
+    score = predictions[:, 4] * class_prob
+    index = torch.nonzero(score > conf).flatten()
+    if len(index) > max_candidates:
+        index = index[score[index].topk(max_candidates).indices].sort().values
+    mask = torch.zeros(len(predictions), dtype=torch.bool)
+    mask[index] = True
+    return candidates(predictions[mask], conf)
+
+
+@pytest.mark.parametrize("max_candidates", [1, 7, 40, 1000])
+def test_batched_candidates_match_the_per_image_filter(max_candidates):
+    rng = torch.Generator().manual_seed(max_candidates)
+    predictions = torch.rand(5, 300, 5 + 4, generator=rng) * torch.tensor([640, 640, 80, 80, 1, 1, 1, 1, 1])
+    predictions[2, :, 4] = 0.0  # an image with nothing above the threshold
+    rows, counts = batched_candidates(predictions, 0.3, max_candidates)
+    assert rows.shape == (5, min(max_candidates, 300), 6)
+    for image, count in zip(range(5), counts.tolist()):
+        expected = _reference_rows(predictions[image], 0.3, max_candidates)
+        assert count == len(expected)
+        torch.testing.assert_close(rows[image, :count], expected, rtol=0, atol=0)
+        assert (rows[image, count:] == -1).all()
+    assert counts[2] == 0
+
+
+def test_batched_candidates_in_half_precision_score_as_float32():
+    predictions = torch.rand(2, 50, 7, generator=torch.Generator().manual_seed(1)).half()
+    rows, counts = batched_candidates(predictions, 0.2, 50)
+    assert rows.dtype == torch.float32
+    for image in range(2):
+        expected = candidates(predictions[image].float(), 0.2)
+        torch.testing.assert_close(rows[image, : counts[image]], expected, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -54,7 +55,11 @@ class DetectorModel:
     """PIXELS -> CANDIDATES (filtered on the detector's device)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.stage = DetectStage(backend.stage_settings(args, DetectorConfig)[1], backend.instance_device(args))
+        config, settings = backend.stage_settings(args, DetectorConfig)
+        graphs = min(settings.cuda_graph_max_batch, max(1, int(config.get("max_batch_size", 0))))
+        self.stage = DetectStage(dataclasses.replace(settings, cuda_graph_max_batch=graphs),
+                                 backend.instance_device(args))
+        self.stage.capture(backend.tensor_dims(config, "input", "PIXELS")[-1])  # at load, not on the first batches
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(

@@ -70,10 +70,11 @@ class DetectionStages:
         return [stack_into_host([p.pixels for p in prepared], pin=self.detector.device.type == "cuda")]
 
     def infer(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.detector.filtered(inputs[0])[0]]
+        """Candidate rows and counts, enqueued: the pipeline copies both to the host and waits once."""
+        return list(self.detector.enqueue(inputs[0]))
 
     @staticmethod
     def finish(outputs: list[torch.Tensor], prepared: list[PreparedImage]) -> list[Detections]:
-        rows = outputs[0].numpy()
-        return [postprocess(r, p.letterbox, p.request.conf, p.request.iou, p.request.max_det)
-                for r, p in zip(rows, prepared)]
+        rows, counts = outputs[0].numpy(), outputs[1].tolist()
+        return [postprocess(r[:n], p.letterbox, p.request.conf, p.request.iou, p.request.max_det)
+                for r, n, p in zip(rows, counts, prepared)]

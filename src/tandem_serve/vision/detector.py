@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -14,9 +16,10 @@ from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
 from tandem_serve.paths import shipped_weights
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.text.bert import parse_dtype
+from tandem_serve.text.graphs import bucket, ladder
 from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import to_device
-from tandem_serve.vision.nms import candidates
+from tandem_serve.vision.nms import batched_candidates
 from tandem_serve.vision.yolo import YoloSpec, YoloV5
 
 logger = logging.getLogger(__name__)
@@ -61,8 +64,85 @@ def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Modu
     return model.to(device).eval().requires_grad_(False)
 
 
+@dataclass
+class _Slot:
+    """One batch bucket's static input and, once captured, its graph and static outputs."""
+
+    images: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    rows: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+
+class GraphedFilter:
+    """`run(images) -> (rows, counts)` replayed from CUDA graphs captured per batch bucket (1 2 3 4 6 8 ... up to
+    `max_batch`) and image size: one replay instead of the network's hundreds of launches per batch.
+
+    A batch is copied into its bucket's static input (padding images are zeros; their rows are dropped);
+    larger batches run eagerly. Buckets share one memory pool (captured largest first by `capture`), so the
+    outputs are cloned after each replay.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 max_batch: int):
+        self.run, self.device = run, torch.device(device)
+        self.batches = ladder(max_batch)
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self._inputs: dict[int, torch.Tensor] = {}  # per image size: one flat buffer every bucket's input views
+
+    def capture(self, size: int) -> None:
+        """Capture every bucket for images of `size` pixels now, largest first (the shared pool grows once)."""
+        began = time.perf_counter()
+        for batch in reversed(self.batches):
+            self._slot(batch, size)
+        logger.info("detector: CUDA graphs for batches %s at %d px captured in %.1f s", self.batches, size,
+                    time.perf_counter() - began)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, size = images.shape[0], images.shape[-1]
+        padded = bucket(batch, self.batches)
+        if padded is None:
+            return self.run(images)
+        slot = self._slot(padded, size)
+        slot.images[:batch].copy_(images)
+        slot.images[batch:].zero_()
+        slot.graph.replay()
+        return slot.rows[:batch].clone(), slot.counts[:batch].clone()
+
+    def _slot(self, batch: int, size: int) -> _Slot:
+        slot = self.slots.get((batch, size))
+        if slot is None:
+            slot = self.slots[(batch, size)] = self._capture(batch, size)
+        return slot
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, size: int) -> _Slot:
+        flat = self._inputs.get(size)
+        if flat is None:
+            flat = self._inputs[size] = torch.zeros(max(self.batches) * 3 * size * size, dtype=torch.uint8,
+                                                    device=self.device)
+        slot = _Slot(flat[: batch * 3 * size * size].view(batch, 3, size, size))
+        slot.images.zero_()
+        side = torch.cuda.Stream(self.device)  # warm-up (cuDNN's algorithm search) off the capture stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run(slot.images)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        slot.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(slot.graph, pool=self.pool, capture_error_mode="thread_local"):
+            slot.rows, slot.counts = self.run(slot.images)
+        return slot
+
+
 class DetectStage:
-    """uint8 letterboxed images -> per image [k, 6] candidates (x1, y1, x2, y2, score, class), filtered on the device."""
+    """uint8 letterboxed images -> per image [k, 6] candidates (x1, y1, x2, y2, score, class), filtered on the device.
+
+    On a GPU with `cuda_graph_max_batch` > 0, the network and the filter replay CUDA graphs (GraphedFilter);
+    the host then waits once per batch, for the candidate counts.
+    """
 
     def __init__(self, config: DetectorConfig, device: str | torch.device = "cpu"):
         self.config = config
@@ -70,7 +150,17 @@ class DetectStage:
         set_stage_threads(self.device, config.cpu_threads)
         self.model = load_detector(config, self.device)
         self.dtype = parse_dtype(config.precision) if self.device.type == "cuda" else torch.float32
-        logger.info("detector on %s (%s), prefilter %.3f", self.device, self.dtype, config.prefilter_conf)
+        self.graphs: GraphedFilter | None = None
+        if self.device.type == "cuda" and config.cuda_graph_max_batch:
+            torch.backends.cudnn.benchmark = True  # fixed shapes per bucket: the fastest convolutions, chosen once
+            self.graphs = GraphedFilter(self._filter, self.device, config.cuda_graph_max_batch)
+        logger.info("detector on %s (%s), prefilter %.3f, CUDA graphs up to batch %s", self.device, self.dtype,
+                    config.prefilter_conf, config.cuda_graph_max_batch if self.graphs else "none")
+
+    def capture(self, size: int) -> None:
+        """Capture the CUDA graphs for images of `size` now (at load), not on the first batches."""
+        if self.graphs is not None:
+            self.graphs.capture(size)
 
     @staticmethod
     def check(pixels: torch.Tensor) -> torch.Tensor:
@@ -82,39 +172,39 @@ class DetectStage:
             raise InvalidInputError(f"PIXELS must be uint8, got {pixels.dtype}")
         return pixels
 
+    def _filter(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network and the candidate filter, with fixed shapes and no host synchronisation."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            predictions = self.model(images)
+        return batched_candidates(predictions, self.config.prefilter_conf, self.config.max_candidates)
+
     @torch.inference_mode()
+    def enqueue(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, S, S] on the device -> rows [B, max_candidates, 6] (real rows first, then score -1 rows)
+        and counts [B], both on the device, enqueued on the current stream without waiting for it."""
+        return (self.graphs or self._filter)(images)
+
     def filtered(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """uint8 [B, 3, S, S] on the device -> candidates [B, K, 6] padded with score -1 rows (K >= 1), still on
         the device, and the number of real rows per image."""
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            predictions = self.model(images).float()
-        rows = []
-        for image_predictions in predictions:
-            found = candidates(image_predictions, self.config.prefilter_conf)
-            if len(found) > self.config.max_candidates:
-                found = found[found[:, 4].topk(self.config.max_candidates).indices]
-            rows.append(found)
-        counts = [len(r) for r in rows]
-        padded = torch.full((len(rows), max(1, max(counts, default=0)), 6), -1.0, device=images.device)
-        for i, r in enumerate(rows):
-            padded[i, : len(r)] = r
-        return padded, counts
+        rows, counts = self.enqueue(images)
+        counts = counts.tolist()  # the one wait for the device per batch
+        return rows[:, : max(1, max(counts, default=0))], counts
 
     def __call__(self, requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per request [b, 3, S, S] -> [b, k, 6], k the request's most candidates (>= 1); on the detector's device
         when `output_on_device` (the next step copies what it needs), else on the CPU."""
         sizes = [len(r) for r in requests]
-        if len({r.device for r in requests}) > 1:  # a batch from CPU- and GPU-decoding preprocess instances
-            images = torch.cat(to_device(list(requests), self.device))
-        else:
-            merged = requests[0] if len(requests) == 1 else torch.cat(list(requests))  # one transfer for the batch
-            images = to_device([merged], self.device)[0]
+        # to the device first (one pinned staging copy for the host tensors), then one concatenation there
+        on_device = to_device(list(requests), self.device)
+        images = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
         padded, counts = self.filtered(images)
         keep = self.config.output_on_device
+        if not keep:
+            padded = padded.cpu()  # one copy of the batch's candidates
         out, start = [], 0
         for size in sizes:
             width = max(1, max(counts[start : start + size], default=0))
-            part = padded[start : start + size, :width]
-            out.append(part.contiguous() if keep else part.cpu())
+            out.append(padded[start : start + size, :width].contiguous())
             start += size
         return out

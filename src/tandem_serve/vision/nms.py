@@ -45,6 +45,33 @@ def candidates(predictions: torch.Tensor, conf_threshold: float) -> torch.Tensor
     return torch.cat((p[:, :2] - half, p[:, :2] + half, score[:, None], cls[:, None].to(p.dtype)), dim=1)
 
 
+def batched_candidates(predictions: torch.Tensor, conf_threshold: float, max_candidates: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, N, 5 + classes] -> rows [B, K, 6] and counts [B]: per image the rows `candidates` keeps (at most
+    `max_candidates`, the highest scores), in prediction order, then padding rows of -1; K = min(max_candidates, N).
+
+    Fixed shapes and no host synchronisation, so it runs inside a CUDA graph; the caller reads `counts` once
+    per batch. Scores are computed in float32 from the predictions' own values, as `candidates` does.
+    """
+    batch, count = predictions.shape[:2]
+    class_prob, cls = predictions[..., 5:].max(dim=2)
+    score = predictions[..., 4].float() * class_prob.float()
+    keep = score > conf_threshold
+    width = min(max_candidates, count)
+    # kept rows first (the highest scores where more are kept than fit), then restored to prediction order
+    top = torch.where(keep, score, torch.full_like(score, -torch.inf)).topk(width, dim=1).indices
+    kept = keep.gather(1, top)
+    order = torch.where(kept, top, top + count).sort(dim=1).values  # kept ones first, each part by index
+    index = order % count
+    valid = order < count
+    p = predictions.gather(1, index[..., None].expand(-1, -1, 4)).float()
+    half = p[..., 2:4] / 2
+    rows = torch.cat((p[..., :2] - half, p[..., :2] + half, score.gather(1, index)[..., None],
+                      cls.gather(1, index)[..., None].float()), dim=2)
+    rows = torch.where(valid[..., None], rows, torch.full_like(rows, -1.0))
+    return rows, valid.sum(dim=1)
+
+
 def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one x1 y1 x2 y2 box with each row of `boxes` (float64)."""
     x1 = np.maximum(box[0], boxes[:, 0])
