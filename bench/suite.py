@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -37,12 +39,14 @@ from typing import Any
 
 import torch
 
+import stub_profile
 from _common import machine
 from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
 from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
+from tandem_serve.triton.stub_profile import ENV as STUB_PROFILE_ENV
 from tandem_serve.tuning.plots import plot_curves
 from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial
@@ -190,8 +194,19 @@ def planned_ensemble(repository: Path, pipeline: str) -> str:
 
 
 def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
-                  open_spec: list[LoadSpec]) -> tuple[list, list[LoadPoint]]:
-    """`tandem tune`'s trials (rounds=0: the configs as loaded), then the open-loop level on the best one."""
+                  open_spec: list[LoadSpec], profile_dir: Path | None = None) -> tuple[list, list[LoadPoint]]:
+    """`tandem tune`'s trials (rounds=0: the configs as loaded), then the open-loop level on the best one. With
+    `profile_dir`, the server's stubs profile their batches there (TANDEM_STUB_PROFILE)."""
+    if profile_dir is not None:
+        os.environ[STUB_PROFILE_ENV] = str(profile_dir)  # the server and its stubs inherit it at their start
+    try:
+        return _triton_trials(repository, ensemble, args, rounds, open_spec)
+    finally:
+        os.environ.pop(STUB_PROFILE_ENV, None)
+
+
+def _triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
+                   open_spec: list[LoadSpec]) -> tuple[list, list[LoadPoint]]:
     with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
                                   admin_key=server.admin_key, client_processes=args.client_processes,
@@ -234,7 +249,12 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     if plan_repo is not None and plan_repo.is_dir():
         ensemble = planned_ensemble(plan_repo, pipeline)
         logger.info("%s: triton-plugin (%s planned, then tuned)", name, ensemble)
-        trials, plugin_open = triton_trials(plan_repo, ensemble, args, args.tune_rounds, open_spec)
+        profile_dir = scratch / f"{name}-stub-profile" if args.stub_profile else None
+        trials, plugin_open = triton_trials(plan_repo, ensemble, args, args.tune_rounds, open_spec, profile_dir)
+        if profile_dir is not None:
+            records = stub_profile.summarize(profile_dir, 15)
+            (args.out / f"stub-profile-{name}.md").write_text(stub_profile.markdown(records) + "\n")
+            (args.out / f"stub-profile-{name}.json").write_text(json.dumps(records, indent=1) + "\n")
         plugin = {"planned": trials[0], "tuned": best_trial(trials), "trials": trials, "open": plugin_open}
         result["plugin_ensemble"] = ensemble
     else:
@@ -307,11 +327,15 @@ def stage_lines(name: str, r: dict) -> list[str]:
         busy = "" if point.host_cores_busy is None else f", host {point.host_cores_busy:.1f} cores busy"
         if point.server_cpu_ms_per_request is not None:
             busy += f", server {point.server_cpu_ms_per_request:.2f} ms CPU/request"
+        level = f"c{point.concurrency}: {point.throughput:.0f}/s, p50 {point.p50_ms:.1f} ms, GPU {point.gpu_util or 0:.0f} %{busy}"
+        parts = point.server_cpu_ms_by_part()
         for s in point.stages:
             if s.model != ensemble:
-                lines.append(f"| {name} | c{point.concurrency}: {point.throughput:.0f}/s, p50 {point.p50_ms:.1f} ms, "
-                             f"GPU {point.gpu_util or 0:.0f} %{busy} | {s.model} | {s.mean_batch:.1f} | {s.queue_ms:.2f} | "
-                             f"{s.compute_ms:.2f} |")
+                cpu = parts.pop(f"stub:{s.model}", None)
+                lines.append(f"| {name} | {level} | {s.model} | {s.mean_batch:.1f} | {s.queue_ms:.2f} | {s.compute_ms:.2f} | "
+                             f"{'' if cpu is None else f'{cpu:.3f}'} |")
+        for part, cpu in parts.items():  # tritonserver itself (gRPC, ensemble scheduling, backend IPC)
+            lines.append(f"| {name} | {level} | ({part}) | | | | {cpu:.3f} |")
     return lines
 
 
@@ -320,14 +344,16 @@ def stage_table(results: dict[str, dict]) -> str:
     if not lines:
         return ""
     return ("Where the plugin's time goes (Triton's statistics of each level's window; compute = a batch's input, "
-            "infer and output, per request):\n\n| workload | level | model | mean batch | queue ms | compute ms |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+            "infer and output, per request; CPU = the CPU time of that model's stub processes, or of the server process "
+            "itself, per request answered):\n\n| workload | level | model | mean batch | queue ms | compute ms | CPU ms |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def point_of(record: dict) -> LoadPoint:
     """A LoadPoint back from its JSON record."""
     stages = [StageStats(**{k: v for k, v in s.items() if k != "mean_batch"}) for s in record.get("stages", [])]
-    return LoadPoint(**{**record, "stages": stages})
+    fields = {f.name for f in dataclasses.fields(LoadPoint)}  # not the derived per-request figures
+    return LoadPoint(**{**{k: v for k, v in record.items() if k in fields}, "stages": stages})
 
 
 def render(paths: list[Path], out: Path) -> int:
@@ -365,6 +391,8 @@ def main() -> int:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="the Triton systems' protocol")
     parser.add_argument("--shm", choices=["none", "system", "cuda"], default="none",
                         help="the Triton systems' inputs and outputs through shared memory regions")
+    parser.add_argument("--stub-profile", action="store_true",
+                        help="cProfile the triton-plugin system's stubs (TANDEM_STUB_PROFILE); OUT/stub-profile-<workload>.md")
     parser.add_argument("--client-processes", type=int, default=4,
                         help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()

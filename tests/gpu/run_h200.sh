@@ -12,7 +12,7 @@
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
-# Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"].
+# Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"].
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -110,7 +110,8 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
 suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm); results under $OUT/suite
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
-    python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/suite.log"
+    python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+        | tee "$out/suite.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -60
     ;;
 items)  # after suite-prep (PREP_WORKLOADS=minilm is enough): 1, 4 and 16 texts per request vs the ceiling
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -173,6 +174,15 @@ decode)  # after wheels, model1, numpy1; carry [".carry/decode"] (simplejpeg): b
     fi
     python3 -m pytest tests/gpu/test_decode_gpu.py -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
         | tee "$out/pytest_decode.log" | tail -30
+    ;;
+detector)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/detector_step.py (CUDA graphs vs eager vs the
+    # per-image filter), then the detection GPU tests (graphs vs eager, accuracy, nvJPEG, Triton, TorchServe handler)
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_detector.json"
+    python3 bench/detector_step.py --out "$out/detector_step.json" 2>&1 | tail -24
+    python3 -m pytest tests/gpu/test_vision_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_torchserve_gpu.py -q -rs \
+        -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_detector.log" | tail -30
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
