@@ -37,12 +37,10 @@ STEPS = ("image_preprocess", "detector", "nms", "object_detection")
 def repository(on_device: bool, work: Path) -> list[Path]:
     """The project's repositories, with the detector's output_on_device set."""
     root = assets_root()
-    if on_device:
-        return [root / "model_repository", root / "ensembles"]
-    target = work / "models"
+    target = work / f"models-{'device' if on_device else 'host'}"
     shutil.copytree(root / "model_repository", target, ignore=shutil.ignore_patterns("__pycache__"))
     config = read_config(target / "detector" / "config.pbtxt")
-    config.parameters["output_on_device"].string_value = "false"
+    config.parameters["output_on_device"].string_value = "true" if on_device else "false"
     write_config(config, target / "detector" / "config.pbtxt")
     return [target, root / "ensembles"]
 

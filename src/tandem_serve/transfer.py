@@ -41,6 +41,21 @@ def stack_into_host(arrays: Sequence[np.ndarray], pin: bool) -> torch.Tensor:
     return out
 
 
+def pad_into_host(tensors: Sequence[torch.Tensor], value: float, pin: bool) -> torch.Tensor:
+    """Host [b_i, L_i, ...] tensors concatenated along dim 0, right-padded with `value` to the longest L_i, written
+    straight into (pinned when `pin`) host memory through numpy views: one small copy per request, no torch calls."""
+    first = tensors[0]
+    length = max(t.shape[1] for t in tensors)
+    out = pinned_empty((sum(t.shape[0] for t in tensors), length, *first.shape[2:]), first.dtype, pin)
+    target = out.numpy()
+    target.fill(value)
+    row = 0
+    for t in tensors:
+        target[row : row + t.shape[0], : t.shape[1]] = t.numpy()
+        row += t.shape[0]
+    return out
+
+
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Tensors on `device`, by whichever path measured faster: pinned tensors straight, pageable ones through
     pinned staging from 512 KiB up (coalesced), direct copies below. Enqueued on the current stream."""

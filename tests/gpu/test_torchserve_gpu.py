@@ -101,7 +101,8 @@ def test_detection_service_on_gpu_matches_cpu(tmp_path, results):
 
 
 def test_pipeline_outputs_leave_the_gpu_once_per_micro_batch():
-    """The device stage's outputs reach `finish` as pinned host tensors (one D2H per micro-batch)."""
+    """The device stage's outputs (candidate rows and counts) reach `finish` as pinned host tensors (one D2H each per
+    micro-batch)."""
     from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
 
     stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), DetectorConfig(), NmsConfig()), torch.device("cuda:0"))
@@ -116,4 +117,4 @@ def test_pipeline_outputs_leave_the_gpu_once_per_micro_batch():
     rng = np.random.default_rng(1)
     with MicroBatchPipeline(stages, "cuda:0", PipelineSettings(micro_batch_size=2)) as pipe:
         pipe.run([stages.request(encode_scene(generate_scene(rng), rng)) for _ in range(5)])
-    assert seen == [[("cpu", True)]] * 3
+    assert seen == [[("cpu", True), ("cpu", True)]] * 3

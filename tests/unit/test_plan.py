@@ -229,7 +229,7 @@ def _with_gpu_decode(profile: Profile, gpu_ms: float, fixed_ms: float = 1.0) -> 
     """The profile plus image_preprocess rows on cuda:0 (nvJPEG; PIXELS stay on the GPU)."""
     rows = [timing("image_preprocess", "cuda:0", batch, gpu_ms, "-", 50_000, 3 * 640 * 640, fixed_ms=fixed_ms)
             for batch in (1, 4, 16)]
-    return Profile(profile.machine, profile.stages + rows, profile.transfers)
+    return Profile(profile.machine, profile.stages + rows, profile.transfers, serving=profile.serving)
 
 
 def test_gpu_decoding_is_chosen_when_the_cores_limit_and_counted_against_the_gpu(tmp_path):
@@ -263,3 +263,30 @@ def replace_seconds(t: StageTiming, per_item_ms: float) -> StageTiming:
     from dataclasses import replace
 
     return replace(t, seconds=per_item_ms * t.batch / 1e3)
+
+
+def test_batching_delays_and_step_costs_follow_where_inputs_come_from(tmp_path):
+    """nms (batch 1, a flat cost per item) renders no preferred sizes, so Triton hands it what is queued at once;
+    GPU stages wait at most MAX_QUEUE_DELAY_US for a fuller batch; a detector fed from a GPU decoder is charged no
+    bytes through host memory for its step, one fed from the host is."""
+    from tandem_serve.tuning.plan import MAX_QUEUE_DELAY_US
+
+    profile = detection_profile(gpu_ms=0.5, cpu_ms=50.0, image_bytes=3 * 640 * 640, gb_per_s=25.0, cpus=4)
+    profile = Profile(profile.machine, [replace_seconds(t, 10.0) if t.stage == "image_preprocess" else t
+                                        for t in profile.stages], profile.transfers)  # 4 slow cores: GPU decoding pays
+    serving = ServingCost(step_s=0.2e-3, byte_s=1.5e-3 / MB, payload_bytes=MB, latencies_s={})
+    host_fed = make_plan(Profile(profile.machine, profile.stages, profile.transfers, serving=serving),
+                         Objective()).chosen["detection"]
+    gpu_fed = make_plan(_with_gpu_decode(Profile(profile.machine, profile.stages, profile.transfers, serving=serving),
+                                         gpu_ms=0.05), Objective()).chosen["detection"]
+    by_stage = {p: {s.stage: s for s in plan.stages} for p, plan in (("host", host_fed), ("gpu", gpu_fed))}
+    assert by_stage["gpu"]["image_preprocess"].device == "cuda:0" and by_stage["host"]["image_preprocess"].device == "cpu"
+    pixels_mib = 3 * 640 * 640 / MB
+    assert by_stage["host"]["detector"].serving_per_item_ms == pytest.approx(0.2 + 1.5 * pixels_mib, rel=1e-3)
+    assert by_stage["gpu"]["detector"].serving_per_item_ms == pytest.approx(0.2, rel=1e-3)
+    assert all(s.queue_delay_us <= MAX_QUEUE_DELAY_US for plan in (host_fed, gpu_fed) for s in plan.stages)
+    nms = by_stage["host"]["nms"]
+    assert nms.batch == 1 and nms.preferred_batches == []
+    render(make_plan(Profile(profile.machine, profile.stages, profile.transfers, serving=serving), Objective()), tmp_path)
+    config = read_config(tmp_path / "triton" / "nms" / "config.pbtxt")
+    assert list(config.dynamic_batching.preferred_batch_size) == [] and config.max_batch_size > 1

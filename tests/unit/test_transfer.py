@@ -28,3 +28,15 @@ def test_cpu_device_gets_the_tensors_back():
     tensors = [torch.arange(5), torch.ones(2, 2)]
     assert all(a is b for a, b in zip(stage_to_device(tensors, torch.device("cpu")), tensors))
     assert all(torch.equal(a, b) for a, b in zip(to_device(tensors, torch.device("cpu")), tensors))
+
+
+@pytest.mark.parametrize("trailing", [(), (3,)])
+def test_pad_into_host_equals_concat_padded(trailing):
+    from tandem_serve.batching import concat_padded
+    from tandem_serve.transfer import pad_into_host
+
+    rng = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(0, 100, (b, n, *trailing), generator=rng) for b, n in ((1, 5), (2, 9), (1, 1), (3, 9))]
+    padded = pad_into_host(tensors, 7, pin=False)
+    assert padded.dtype == torch.int64 and padded.shape == (7, 9, *trailing)
+    torch.testing.assert_close(padded, concat_padded(tensors, 7), rtol=0, atol=0)

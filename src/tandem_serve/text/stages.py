@@ -26,7 +26,7 @@ from tandem_serve.text.bert import (
 from tandem_serve.text.graphs import GraphedEncoder
 from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, check_text_sizes, decode_utf8
 from tandem_serve.threads import set_stage_threads
-from tandem_serve.transfer import to_device
+from tandem_serve.transfer import pad_into_host, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,12 @@ class EncoderStage:
     @torch.inference_mode()
     def __call__(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         pad = self.files.bert.pad_token_id if self.fused else 0
-        inputs, mask = to_device([concat_padded([r[0] for r in requests], pad), concat_padded([r[1] for r in requests], 0)],
-                                 self.device)
+        if all(t.device.type == "cpu" for r in requests for t in r):  # from the tokenizer's shared memory
+            pin = self.device.type == "cuda"
+            host = [pad_into_host([r[0] for r in requests], pad, pin), pad_into_host([r[1] for r in requests], 0, pin)]
+        else:
+            host = [concat_padded([r[0] for r in requests], pad), concat_padded([r[1] for r in requests], 0)]
+        inputs, mask = to_device(host, self.device)
         # one copy of the batch to the host: EMBEDDING leaves the server anyway, and each per-request GPU output
         # would cross the Python backend on its own (on the H100 this gained ~4 %, within noise)
         embeddings = (self.graphs or self.module)(inputs, mask).cpu()

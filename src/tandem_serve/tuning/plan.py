@@ -47,6 +47,9 @@ LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
 MAX_GPU_INSTANCES = 4  # per GPU stage and GPU (`tandem tune` may add more)
 MAX_CPU_SHARE = 0.9  # a split stage keeps at least this much off its CPU instances (more is the CPU placement)
+# A GPU stage waits at most this long for a fuller batch when an instance is free. Under load the queue fills
+# while every instance is busy, so batches grow without it; an idle pipeline only pays it in latency.
+MAX_QUEUE_DELAY_US = 1000
 NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the lower latency wins
 
 
@@ -78,6 +81,7 @@ class StagePlan:
     serving_per_item_ms: float = 0.0  # the ensemble step around the stage (CPU time, any device)
     latency_ms: float = 0.0
     input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
+    host_input_step_ms: float = 0.0  # per item, the step's CPU cost of receiving its input through host memory
 
     @property
     def model(self) -> str:
@@ -85,7 +89,12 @@ class StagePlan:
 
     @property
     def preferred_batches(self) -> list[int]:
-        return sorted({max(1, self.batch // 2), self.batch}) if self.batch > 1 else [1]
+        """Triton's preferred batch sizes. A one-request stage keeps [1] (each execution takes one request); any other
+        stage of batch 1 gets none, so that Triton hands it whatever is queued (up to max_batch_size) at once:
+        its cost per item does not grow with the batch, and one execution amortises the stub's round trip."""
+        if self.batch > 1:
+            return sorted({max(1, self.batch // 2), self.batch})
+        return [1] if self.stage in ONE_REQUEST_STAGES else []
 
 
 @dataclass(frozen=True)
@@ -195,16 +204,18 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
         if not next_on_gpu:
             transfer += table.copy_seconds(timing.out_bytes * timing.batch)
     seconds = timing.seconds + transfer
-    step = table.step_seconds(timing.in_bytes)
+    # an input the previous GPU stage left on the GPU crosses by CUDA IPC: no bytes through host memory
+    step = table.step_seconds(0 if on_gpu and previous_on_gpu else timing.in_bytes)
+    host_input_step = table.step_seconds(timing.in_bytes) - table.step_seconds(0)
     input_copy = table.copy_seconds(timing.in_bytes * timing.batch) / timing.batch
     if stage in ONE_REQUEST_STAGES:
         delay = 0
     else:
-        delay = int(min(5000, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
+        delay = int(min(MAX_QUEUE_DELAY_US, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
                      serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3,
-                     input_copy_ms=input_copy * 1e3)
+                     input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3)
 
 
 def _instance_seconds(stage: StagePlan) -> float:
@@ -236,10 +247,12 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
         share = (cores * sum_g / gpus - sum_c) / (cores * g_e / gpus + c_e)  # equalises both bounds
         if share > 0.05 and gpu_bound < cpu_bound:
             share = min(share, MAX_CPU_SHARE)
-            # the CPU share's output reaches a next GPU stage from the host: that stage pays its copy for them
-            handoff = (planned[index + 1].input_copy_ms / 1e3 if index + 1 < len(planned)
-                       and planned[index + 1].device.startswith("cuda") else 0.0)
-            sum_c, sum_g = sum_c + share * c_e, sum_g - share * (g_e - handoff)
+            # the CPU share's output reaches a next GPU stage from the host: that stage pays its copy for them,
+            # and its step receives those bytes through host memory (CPU time)
+            after_on_gpu = index + 1 < len(planned) and planned[index + 1].device.startswith("cuda")
+            handoff = planned[index + 1].input_copy_ms / 1e3 if after_on_gpu else 0.0
+            handoff_step = planned[index + 1].host_input_step_ms / 1e3 if after_on_gpu else 0.0
+            sum_c, sum_g = sum_c + share * (c_e + handoff_step), sum_g - share * (g_e - handoff)
             cpu_bound, gpu_bound = cores / sum_c, (gpus / sum_g if sum_g > 0 else math.inf)
             planned[index] = replace(planned[index], cpu_share=round(share, 3))
     instance_bound = min((counts[g.stage] / (_instance_seconds(g) * (1 - g.cpu_share)) for g in planned

@@ -40,7 +40,9 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     instances spread over GPUs 0..gpus-1 (Triton starts `count` instances on each listed GPU)."""
     out = mc.ModelConfig()
     out.CopyFrom(config)
-    out.max_batch_size = max(stage.batch, min_batch)
+    # a stage without preferred sizes (flat cost per item) keeps the shipped max_batch_size: Triton then hands one
+    # execution whatever is queued, up to that
+    out.max_batch_size = max(stage.batch if stage.preferred_batches else config.max_batch_size, min_batch)
     del out.instance_group[:]
     if stage.device.startswith("cuda"):
         if gpus > 1:

@@ -12,6 +12,7 @@ development. `GpuDecoder` raises a ConfigError naming it where it is missing.
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Callable, Sequence
 
@@ -69,6 +70,18 @@ class GpuDecoder:
         self._decode = _decode_jpeg()
         self.fallbacks = 0  # images that went through the CPU path (other formats, refused by nvJPEG)
         self._logged_first = False
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode and letterbox a small JPEG now: nvJPEG's first call initialises it (hundreds of ms), which the
+        first requests would otherwise wait for."""
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, format="JPEG")
+        for image in self._decode_batch([buffer.getvalue()] * 2):
+            letterbox_on_device(image, self.size)
+        torch.cuda.current_stream(self.device).synchronize()
 
     def check(self, data: bytes) -> tuple[bytes, Header]:
         """Per request, before the batch: the header, or InvalidInputError for that request alone."""
