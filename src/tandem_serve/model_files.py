@@ -74,6 +74,127 @@ class BertConfig:
             raise ModelFilesError(f"{source}: missing key {exc.args[0]!r}") from exc
 
 
+def _max_seq_length(root: Path, bert: BertConfig) -> tuple[int, Path]:
+    """Where sentence-transformers reads it: sentence_bert_config.json's max_seq_length (older saves), else the
+    tokenizer's model_max_length (tokenizer_config.json; transformers writes a huge number when unset), else
+    max_position_embeddings. Returns the length and the file it came from."""
+    st_config = root / "sentence_bert_config.json"
+    if "max_seq_length" in (raw := _read_json(st_config)):
+        return int(raw["max_seq_length"]), st_config
+    tokenizer_config = root / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        length = _read_json(tokenizer_config).get("model_max_length")
+        if isinstance(length, (int, float)) and length < 1e9:
+            return int(length), tokenizer_config
+    return bert.max_position_embeddings, root / "config.json"
+
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers' legacy boolean keys, in the order it concatenates their outputs
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+# Dense activations by their torch class name (sentence-transformers saves the full path, default Tanh)
+DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid", "SiLU")
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """One sentence-transformers Dense module after pooling: linear (+ bias), then an activation."""
+
+    weights: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # one of DENSE_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What sentence-transformers computes after the transformer: pooling (modes concatenated in order), Dense
+    layers, and L2 normalisation only where a Normalize module is listed."""
+
+    pooling: tuple[str, ...] = ("mean",)
+    dense: tuple[DenseConfig, ...] = ()
+    normalize: bool = False
+
+    def output_size(self, hidden_size: int) -> int:
+        return self.dense[-1].out_features if self.dense else len(self.pooling) * hidden_size
+
+
+def _pooling_modes(path: Path) -> tuple[str, ...]:
+    """The pooling modes of a 1_Pooling/config.json (new `pooling_mode` or legacy boolean keys)."""
+    raw = _read_json(path)
+    if raw.get("include_prompt", True) is False:
+        raise ModelFilesError(f"{path}: include_prompt false (prompt tokens left out of pooling) is not supported")
+    if "pooling_mode" in raw:
+        mode = raw["pooling_mode"]
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    else:
+        modes = tuple(m for key, m in _LEGACY_POOLING_KEYS.items() if raw.get(key)) or ("mean",)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown or not modes:
+        raise ModelFilesError(f"{path}: pooling_mode {unknown or modes} is not one of {list(POOLING_MODES)}")
+    return modes
+
+
+def _dense(directory: Path, hidden: int) -> DenseConfig:
+    """A Dense module's config and weights file, checked against the size that feeds it."""
+    raw = _read_json(directory / "config.json")
+    try:
+        in_features, out_features = int(raw["in_features"]), int(raw["out_features"])
+    except KeyError as exc:
+        raise ModelFilesError(f"{directory / 'config.json'}: missing key {exc.args[0]!r}") from None
+    if in_features != hidden:
+        raise ModelFilesError(f"{directory / 'config.json'}: in_features {in_features} does not match the {hidden} "
+                              "values the previous module produces")
+    activation = str(raw.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if activation not in DENSE_ACTIVATIONS:
+        raise ModelFilesError(f"{directory / 'config.json'}: activation_function {raw['activation_function']!r} is not "
+                              f"one of {list(DENSE_ACTIVATIONS)}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise ModelFilesError(f"{directory} lacks model.safetensors (Dense weights; a pytorch_model.bin is not read: "
+                              "re-save the model with safe_serialization)")
+    return DenseConfig(weights, in_features, out_features, bool(raw.get("bias", True)), activation)
+
+
+def read_head(root: Path, hidden_size: int) -> HeadConfig:
+    """The modules after the transformer, from modules.json, as sentence-transformers would run them; refuse, naming
+    the file and field, what the encoder cannot compute exactly. Without modules.json sentence-transformers
+    mean-pools and does not normalise."""
+    listing = root / "modules.json"
+    if not listing.is_file():
+        return HeadConfig()
+    modules = _read_json(listing)
+    if not isinstance(modules, list) or not modules:
+        raise ModelFilesError(f"{listing}: expected a list of modules")
+    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
+    if kinds[0] != ("Transformer", ""):
+        raise ModelFilesError(f"{listing}: the first module must be the Transformer at path '' (got {kinds[0]})")
+    pooling: tuple[str, ...] | None = None
+    dense: list[DenseConfig] = []
+    normalize = False
+    size = hidden_size
+    for kind, path in kinds[1:]:
+        if normalize:
+            raise ModelFilesError(f"{listing}: module {kind!r} after Normalize is not supported")
+        if kind == "Pooling" and pooling is None:
+            pooling = _pooling_modes(root / path / "config.json")
+            size = len(pooling) * hidden_size
+        elif kind == "Dense" and pooling is not None:
+            dense.append(_dense(root / path, size))
+            size = dense[-1].out_features
+        elif kind == "Normalize" and pooling is not None:
+            normalize = True
+        else:
+            raise ModelFilesError(f"{listing}: module type {kind!r} at path {path!r} is not supported here "
+                                  "(Transformer, Pooling, Dense..., Normalize in that order)")
+    if pooling is None:
+        raise ModelFilesError(f"{listing}: no Pooling module (token embeddings are not served)")
+    return HeadConfig(pooling, tuple(dense), normalize)
+
+
 @dataclass(frozen=True)
 class SentenceModelFiles:
     """A validated sentence-transformers BERT directory and its parsed settings."""
@@ -81,6 +202,7 @@ class SentenceModelFiles:
     root: Path
     bert: BertConfig
     max_seq_length: int
+    head: HeadConfig = HeadConfig(normalize=True)
 
     @property
     def tokenizer_json(self) -> Path:
@@ -89,6 +211,11 @@ class SentenceModelFiles:
     @property
     def weights(self) -> Path:
         return self.root / "model.safetensors"
+
+    @property
+    def embedding_size(self) -> int:
+        """The size of the served embedding (pooling, then the last Dense)."""
+        return self.head.output_size(self.bert.hidden_size)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> "SentenceModelFiles":
@@ -100,24 +227,8 @@ class SentenceModelFiles:
             if not (root / name).is_file():
                 raise ModelFilesError(f"model directory {root} lacks {name}")
         bert = BertConfig.from_dict(_read_json(root / "config.json"), root / "config.json")
-        st_config = _read_json(root / "sentence_bert_config.json")
-        max_len = int(st_config.get("max_seq_length", bert.max_position_embeddings))
+        max_len, source = _max_seq_length(root, bert)
         if not 2 <= max_len <= bert.max_position_embeddings:
-            raise ModelFilesError(
-                f"{root / 'sentence_bert_config.json'}: max_seq_length {max_len} outside "
-                f"[2, {bert.max_position_embeddings}]"
-            )
-        _check_pooling(root)
-        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len)
-
-
-def _check_pooling(root: Path) -> None:
-    """Refuse models whose pooling is not mean pooling (the only one the encoder implements)."""
-    pooling = root / "1_Pooling" / "config.json"
-    if not pooling.is_file():
-        return
-    raw = _read_json(pooling)
-    if not raw.get("pooling_mode_mean_tokens", True) or any(
-        raw.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")
-    ):
-        raise ModelFilesError(f"{pooling}: only mean pooling is supported")
+            raise ModelFilesError(f"{source}: max_seq_length {max_len} outside [2, {bert.max_position_embeddings}]")
+        head = read_head(root, bert.hidden_size)
+        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head)

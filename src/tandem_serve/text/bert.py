@@ -1,8 +1,9 @@
-"""BERT token embedding and transformer encoder with mean pooling, loaded from safetensors.
+"""BERT token embedding and transformer encoder with the model's sentence head, loaded from safetensors.
 
 Split at the seam the pipeline cares about: `TokenEmbedding` (word + position + token-type
-embeddings and their LayerNorm) can run on the CPU, `SentenceEncoder` (transformer layers, masked
-mean pooling, L2 normalisation) on the GPU; `SentenceEncoder(embedding=...)` fuses both.
+embeddings and their LayerNorm) can run on the CPU, `SentenceEncoder` (transformer layers, then the
+pooling, Dense layers and normalisation its sentence-transformers modules list) on the GPU;
+`SentenceEncoder(embedding=...)` fuses both.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tandem_serve.errors import InvalidInputError, ModelFilesError
-from tandem_serve.model_files import BertConfig, SentenceModelFiles
+from tandem_serve.model_files import BertConfig, HeadConfig, SentenceModelFiles
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -81,23 +82,71 @@ class _Layer(nn.Module):
         return self.output_norm(x + self.output(F.gelu(self.intermediate(x))))
 
 
+class SentenceHead(nn.Module):
+    """What sentence-transformers computes from the last hidden states: the pooling modes (concatenated in their
+    order), its Dense layers, then L2 normalisation where the model lists Normalize. Computed in fp32.
+
+    Padding is on the right (the tokenizer's), so the first position is the CLS token and position i of a row
+    has weight i + 1 in weighted-mean pooling."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.modes = config.pooling
+        self.normalize = config.normalize
+        self.dense = nn.ModuleList(nn.Linear(d.in_features, d.out_features, bias=d.bias) for d in config.dense)
+        self.activations = [_ACTIVATIONS[d.activation] for d in config.dense]
+
+    def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """hidden [b, n, h], keep [b, n] bool -> [b, embedding] fp32."""
+        hidden = hidden.to(torch.float32)
+        weights = keep.to(torch.float32).unsqueeze(-1)
+        counts = weights.sum(dim=1).clamp(min=1e-9)
+        pooled = []
+        for mode in self.modes:
+            if mode == "cls":
+                pooled.append(hidden[:, 0])
+            elif mode == "max":
+                pooled.append(hidden.masked_fill(~keep.unsqueeze(-1), float("-inf")).max(dim=1).values)
+            elif mode == "mean":
+                pooled.append((hidden * weights).sum(dim=1) / counts)
+            elif mode == "mean_sqrt_len_tokens":
+                pooled.append((hidden * weights).sum(dim=1) / counts.sqrt())
+            elif mode == "weightedmean":
+                position = weights * torch.arange(1, hidden.shape[1] + 1, device=hidden.device,
+                                                  dtype=torch.float32).view(1, -1, 1)
+                pooled.append((hidden * position).sum(dim=1) / position.sum(dim=1).clamp(min=1e-9))
+            else:  # lasttoken: the last kept position of each row
+                last = (keep.sum(dim=1) - 1).clamp(min=0)
+                pooled.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        x = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+        for linear, activation in zip(self.dense, self.activations):
+            x = activation(linear(x.to(linear.weight.dtype)).to(torch.float32))
+        return F.normalize(x, p=2, dim=1) if self.normalize else x
+
+
+_ACTIVATIONS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": F.relu, "GELU": F.gelu, "Sigmoid": torch.sigmoid,
+                "SiLU": F.silu}
+
+
 class SentenceEncoder(nn.Module):
-    """Transformer layers + attention-masked mean pooling + L2 normalisation.
+    """Transformer layers + the model's sentence head (pooling, Dense, optional normalisation).
 
     With `embedding` given the encoder takes token ids (fused placement); otherwise it takes the
-    hidden states produced by a separate `TokenEmbedding` stage.
+    hidden states produced by a separate `TokenEmbedding` stage. Without `head`: mean pooling and L2
+    normalisation (all-MiniLM-L6-v2's).
     """
 
-    def __init__(self, config: BertConfig, embedding: TokenEmbedding | None = None):
+    def __init__(self, config: BertConfig, embedding: TokenEmbedding | None = None, head: HeadConfig | None = None):
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
             raise ModelFilesError("hidden_size is not a multiple of num_attention_heads")
         self.config = config
         self.embedding = embedding
         self.layers = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
+        self.head = SentenceHead(head or HeadConfig(normalize=True))
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ids [b, n] (fused) or hidden [b, n, h], mask [b, n] -> unit-norm embeddings [b, h] fp32."""
+        """ids [b, n] (fused) or hidden [b, n, h], mask [b, n] -> embeddings [b, embedding size] fp32."""
         x = self.embedding(inputs) if self.embedding is not None else inputs
         dtype = next(self.layers.parameters()).dtype
         x = x.to(dtype)
@@ -105,15 +154,7 @@ class SentenceEncoder(nn.Module):
         attend = keep[:, None, None, :]
         for layer in self.layers:
             x = layer(x, attend)
-        return mean_pool_normalize(x, keep)
-
-
-def mean_pool_normalize(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where `keep` is true, then L2-normalise; computed in fp32."""
-    weights = keep.to(torch.float32).unsqueeze(-1)
-    summed = (hidden.to(torch.float32) * weights).sum(dim=1)
-    counts = weights.sum(dim=1).clamp(min=1e-9)
-    return F.normalize(summed / counts, p=2, dim=1)
+        return self.head(x, keep)
 
 
 def _hf_key(name: str) -> str:
@@ -138,7 +179,8 @@ def _hf_key(name: str) -> str:
 
 def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module`'s weights under HuggingFace BERT checkpoint keys (what `_load_weights` reads back)."""
-    return {_hf_key(name): tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+    return {_hf_key(name): tensor.detach().contiguous() for name, tensor in module.state_dict().items()
+            if not name.startswith("head.")}
 
 
 def _load_weights(module: nn.Module, weights_path: Path) -> None:
@@ -150,13 +192,33 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
     checkpoint = {k.removeprefix("bert."): v for k, v in raw.items()}
     state = {}
     for name, param in module.state_dict().items():
+        if name.startswith("head."):
+            continue  # the sentence head's Dense layers have files of their own (_load_head)
         key = _hf_key(name)
         if key not in checkpoint:
             raise ModelFilesError(f"{weights_path} lacks tensor {key!r}")
         if tuple(checkpoint[key].shape) != tuple(param.shape):
             raise ModelFilesError(f"{weights_path}: {key} has shape {tuple(checkpoint[key].shape)}, expected {tuple(param.shape)}")
         state[name] = checkpoint[key].to(torch.float32)
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)
+    missing = [n for n in module.state_dict() if n not in state and not n.startswith("head.")]
+    if missing:
+        raise ModelFilesError(f"{weights_path}: no tensors for {missing[:3]}")
+
+
+def _load_head(head: SentenceHead, config: HeadConfig) -> None:
+    """Each Dense layer's weights from its module's model.safetensors (linear.weight, linear.bias)."""
+    for linear, dense in zip(head.dense, config.dense):
+        try:
+            raw = load_file(str(dense.weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelFilesError(f"cannot read Dense weights {dense.weights}: {exc}") from exc
+        for name, param in linear.named_parameters():
+            key = f"linear.{name}"
+            if key not in raw or tuple(raw[key].shape) != tuple(param.shape):
+                found = tuple(raw[key].shape) if key in raw else "nothing"
+                raise ModelFilesError(f"{dense.weights}: {key} should have shape {tuple(param.shape)}, found {found}")
+            param.data.copy_(raw[key].to(torch.float32))
 
 
 def load_token_embedding(files: SentenceModelFiles, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TokenEmbedding:
@@ -170,8 +232,9 @@ def load_sentence_encoder(
     files: SentenceModelFiles, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, fused: bool = False
 ) -> SentenceEncoder:
     """The encoder stage (optionally with the token embedding fused in), in eval mode."""
-    module = SentenceEncoder(files.bert, TokenEmbedding(files.bert) if fused else None)
+    module = SentenceEncoder(files.bert, TokenEmbedding(files.bert) if fused else None, files.head)
     _load_weights(module, files.weights)
+    _load_head(module.head, files.head)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
