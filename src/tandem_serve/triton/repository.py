@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tandem_serve.errors import ConfigError
 from tandem_serve.paths import default_repositories
-from tandem_serve.tuning.render import apply_model_files, hidden_size_of, read_config, write_config
+from tandem_serve.tuning.render import apply_model_files, read_config, text_sizes_of, write_config
 
 logger = logging.getLogger(__name__)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -32,7 +32,7 @@ def export_repository(target: Path, model_dir: Path | None = None, weights: Path
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"detector weights {weights} do not exist")
     models = {"model_dir": str(Path(model_dir).expanduser().resolve())} if model_dir else {}
-    hidden = hidden_size_of(models)
+    sizes = text_sizes_of(models)
     written = []
     for source in default_repositories():
         for model in sorted(p for p in source.iterdir() if (p / "config.pbtxt").is_file()):
@@ -42,7 +42,7 @@ def export_repository(target: Path, model_dir: Path | None = None, weights: Path
             if weights is not None and "weights" in config.parameters:
                 shutil.copy2(weights, destination / Path(weights).name)
                 config.parameters["weights"].string_value = Path(weights).name  # read from the model's directory
-            apply_model_files(config, models, hidden)
+            apply_model_files(config, models, sizes)
             write_config(config, destination / "config.pbtxt")
             written.append(model.name)
     target.chmod(0o755)  # the server in an image may run as another user than the one exporting

@@ -59,10 +59,11 @@ class EncoderModel:
         config, settings = backend.stage_settings(args, EncoderConfig)
         self.stage = EncoderStage(settings, backend.instance_device(args))
         self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
-        hidden = self.stage.hidden_size
         if not settings.fuse_token_embedding:
-            backend.expect_dims(config, "input", "HIDDEN", [-1, hidden])
-        backend.expect_dims(config, "output", "EMBEDDING", [hidden])
+            backend.expect_dims(config, "input", "HIDDEN", [-1, self.stage.hidden_size])
+        backend.expect_dims(config, "output", "EMBEDDING", [self.stage.files.embedding_size],
+                            "set EMBEDDING dims to the model's embedding size here and in the ensembles "
+                            "(`tandem repository export --model-dir` writes them)")
         logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.device)
 
     def execute(self, requests: list[Any]) -> list[Any]:

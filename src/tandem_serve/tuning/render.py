@@ -66,28 +66,30 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     return out
 
 
-def apply_model_files(config: mc.ModelConfig, models: dict[str, str], hidden_size: int | None) -> None:
-    """Point a rendered config at the profiled model: its `model_dir` / `weights` parameter, and the hidden
-    size in the dims of EMBEDDING / HIDDEN tensors (the adapters check them against the model files)."""
+def apply_model_files(config: mc.ModelConfig, models: dict[str, str], sizes: tuple[int, int] | None) -> None:
+    """Point a rendered config at the profiled model: its `model_dir` / `weights` parameter, and the model's
+    (hidden, embedding) sizes in the dims of HIDDEN / EMBEDDING tensors (the adapters check them against the files)."""
     for key, value in (("model_dir", models.get("model_dir", "")), ("weights", models.get("detector_weights", ""))):
         if value and key in config.parameters:
             config.parameters[key].string_value = value
-    if hidden_size is None:
+    if sizes is None:
         return
+    hidden, embedding = sizes
     for tensor in list(config.input) + list(config.output):
         if tensor.name.upper() == "EMBEDDING":
-            tensor.dims[:] = [hidden_size]
+            tensor.dims[:] = [embedding]
         elif tensor.name.upper() == "HIDDEN":
-            tensor.dims[:] = [-1, hidden_size]
+            tensor.dims[:] = [-1, hidden]
 
 
-def hidden_size_of(models: dict[str, str]) -> int | None:
-    """The hidden size of the profiled text model; None for the shipped one (its configs already match)."""
+def text_sizes_of(models: dict[str, str]) -> tuple[int, int] | None:
+    """(hidden size, embedding size) of the profiled text model; None for the shipped one (its configs match)."""
     if not models.get("model_dir"):
         return None
     from tandem_serve.model_files import SentenceModelFiles
 
-    return SentenceModelFiles.load(models["model_dir"]).bert.hidden_size
+    files = SentenceModelFiles.load(models["model_dir"])
+    return files.bert.hidden_size, files.embedding_size
 
 
 def _ensemble_batch(ensembles: Path, name: str) -> int:
@@ -102,20 +104,20 @@ def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, 
     ensembles = ensembles or root / "ensembles"
     need = _ensemble_batch(ensembles, plan.ensemble)
     model_files = model_files or {}
-    hidden = hidden_size_of(model_files) if plan.pipeline == "text" else None
+    sizes = text_sizes_of(model_files) if plan.pipeline == "text" else None
     written = []
     for stage in plan.stages:
         source = models / stage.model
         destination = target / stage.model
         shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         config = apply_stage(read_config(source / "config.pbtxt"), stage, need, plan.gpus)
-        apply_model_files(config, model_files, hidden)
+        apply_model_files(config, model_files, sizes)
         write_config(config, destination / "config.pbtxt")
         written.append(destination / "config.pbtxt")
     shutil.copytree(ensembles / plan.ensemble, target / plan.ensemble, dirs_exist_ok=True)
-    if hidden is not None:
+    if sizes is not None:
         ensemble = read_config(target / plan.ensemble / "config.pbtxt")
-        apply_model_files(ensemble, {}, hidden)
+        apply_model_files(ensemble, {}, sizes)
         write_config(ensemble, target / plan.ensemble / "config.pbtxt")
     return written
 
