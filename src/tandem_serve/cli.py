@@ -46,6 +46,9 @@ def _add_server_options(parser: argparse.ArgumentParser, default_ports: tuple[in
     parser.add_argument("--tritonserver", type=Path, metavar="DIR",
                         help="an installed Triton (the directory with bin/tritonserver and backends/, e.g. "
                              "/opt/tritonserver in the NGC image); default the embedded one (the [embedded] extra)")
+    parser.add_argument("--exit-on-error", action="store_true",
+                        help="stop the server when any model fails to load; by default such a model is refused "
+                             "alone (logged, listed by the health endpoint) and the others serve")
     parser.add_argument("--key-file", type=Path, metavar="FILE",
                         help="use the keys in this keys.json (e.g. a mounted secret; `tandem keys FILE` writes one); "
                              "default fresh keys each start")
@@ -59,7 +62,7 @@ def _triton_options(args: argparse.Namespace) -> "TritonOptions":
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, workspace=args.workspace,
         log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout, model_control=args.model_control,
         health_port=args.health_port, supervise=not args.no_supervise, tritonserver_home=args.tritonserver,
-        keys_file=args.key_file,
+        keys_file=args.key_file, exit_on_error=args.exit_on_error,
         **({"stub_python_path": args.stub_pythonpath} if args.stub_pythonpath else {}),
     )
 

@@ -18,6 +18,7 @@ Use `EmbeddedTriton` as a context manager.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -92,6 +93,9 @@ class TritonOptions:
     tritonserver_home: Path | None = None
     # A keys.json to use (e.g. a mounted secret); None: fresh keys each start. Either way the workspace gets a copy.
     keys_file: Path | None = None
+    # False (the default): a model that fails to load is refused alone; the others serve, the refusal is logged and
+    # shown by the health endpoint. True: any load failure stops the server (tritonserver --exit-on-error).
+    exit_on_error: bool = False
 
 
 EMBEDDED_EXTRA = "pip install 'tandem-serve[embedded]'"
@@ -206,6 +210,7 @@ class EmbeddedTriton(ServerProcess):
         self.metrics_port = self.options.metrics_port or free_port(self._client_host)
         self.supervisor: TritonSupervisor | None = None
         self.health: HealthServer | None = None
+        self.refused: dict[str, str] = {}  # models that failed to load at start (exit_on_error false): name -> reason
 
     @property
     def _client_host(self) -> str:
@@ -245,7 +250,7 @@ class EmbeddedTriton(ServerProcess):
             *(["--allow-client-shm=true"] if client_shm_flag else []),
             *(["--model-control-mode=explicit", "--load-model=*"] if explicit else ["--model-control-mode=none"]),
             "--strict-readiness=true",
-            "--exit-on-error=true",
+            f"--exit-on-error={'true' if self.options.exit_on_error else 'false'}",
             "--exit-timeout-secs=30",  # 10 s was not always enough to unload on the H100
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
@@ -326,7 +331,8 @@ class EmbeddedTriton(ServerProcess):
     def _start_supervision(self) -> None:
         assert self.process is not None
         if self.options.supervise:
-            self.supervisor = TritonSupervisor(self.process.pid, self.http_url, self.keys, self.options.supervisor).start()
+            self.supervisor = TritonSupervisor(self.process.pid, self.http_url, self.keys, self.options.supervisor,
+                                               refused=self.refused).start()
         if self.options.health_port is not None:
             self.health = HealthServer(self.health_status, self.host, self.options.health_port).start()
 
@@ -335,8 +341,18 @@ class EmbeddedTriton(ServerProcess):
         if self.supervisor is not None:
             return self.supervisor.status()
         live = self.is_alive()
-        ready = live and self._triton_ready()
-        return HealthStatus(live=live, ready=ready, server="tritonserver", reason="" if ready else "not ready")
+        if not self.refused:
+            ready = live and self._triton_ready()
+            return HealthStatus(live=live, ready=ready, server="tritonserver", reason="" if ready else "not ready")
+        # Triton's strict readiness stays false with a refused model: ready when every other model is
+        states = self._index_states() if live else {}
+        waiting = [e["name"] for state, entries in states.items() if state != "READY" for e in entries
+                   if e["name"] not in self.refused]
+        ready = bool(states) and not waiting
+        models = {name: {"state": "refused", "last_failure": reason} for name, reason in self.refused.items()}
+        return HealthStatus(live=live, ready=ready, server="tritonserver", models=models,
+                            reason=f"refused at load: {', '.join(sorted(self.refused))}" + (
+                                f"; not ready: {', '.join(waiting)}" if waiting else ""))
 
     def _triton_ready(self) -> bool:
         try:
@@ -346,7 +362,50 @@ class EmbeddedTriton(ServerProcess):
             return False
 
     def _wait_ready(self) -> None:
-        self._wait_until(self._triton_ready, self.options.startup_timeout_s, ())
+        """Until Triton is ready; without exit_on_error, until no model is still loading (one that failed is
+        refused alone: logged, kept in `refused`, and the start fails only when no model loaded at all)."""
+        if self.options.exit_on_error:
+            self._wait_until(self._triton_ready, self.options.startup_timeout_s, ())
+            return
+        self._wait_until(self._models_settled, self.options.startup_timeout_s, ())
+        for name, reason in sorted(self.refused.items()):
+            logger.error("model %s was refused at load and does not serve (the other models do): %s", name, reason)
+        if self.refused and not self._index_states().get("READY"):
+            raise TritonStartError(f"no model loaded; refused: {self.refused}\n{self.log_tail()}")
+
+    def _index_states(self) -> dict[str, list[dict]]:
+        """The model repository index grouped by state (READY, UNAVAILABLE, LOADING...); empty while unreachable."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers=self.keys.admin_headers("http"))
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                entries = json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return {}
+        states: dict[str, list[dict]] = {}
+        for entry in entries:
+            states.setdefault(entry.get("state", ""), []).append(entry)
+        return states
+
+    def _models_settled(self) -> bool:
+        """Whether every model of the index has loaded or been refused; refused ones go to `refused`."""
+        if not self._triton_live():
+            return False
+        states = self._index_states()
+        if not states or "LOADING" in states or "UNLOADING" in states:
+            return False
+        # UNAVAILABLE with Triton's reason (the adapter's error, then a traceback: its first line is kept); an
+        # ensemble whose step was refused is never loaded and has no state
+        self.refused = {e["name"]: (e.get("reason") or "not loaded: a model it needs was refused").split("\n")[0]
+                        for state, entries in states.items() if state != "READY" for e in entries}
+        return True
+
+    def _triton_live(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""

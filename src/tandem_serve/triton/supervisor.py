@@ -86,8 +86,10 @@ def declared_instances(config: dict[str, Any]) -> int:
 class TritonSupervisor:
     """Use `start()` once the server is ready, `stop()` before stopping the server; `status()` from any thread."""
 
-    def __init__(self, server_pid: int, http_url: str, keys: TritonKeys, options: SupervisorOptions | None = None):
+    def __init__(self, server_pid: int, http_url: str, keys: TritonKeys, options: SupervisorOptions | None = None,
+                 refused: dict[str, str] | None = None):
         self.server_pid = server_pid
+        self.refused = dict(refused or {})  # models that failed to load at start: shown, not reloaded, not waited for
         self.http_url = http_url
         self.keys = keys
         self.options = options or SupervisorOptions()
@@ -147,9 +149,14 @@ class TritonSupervisor:
                       for name, m in sorted(self.models.items())}
             triton_ready = self._triton_ready
         broken = [name for name, m in models.items() if m["state"] != "serving"]
+        # Triton's strict readiness stays false while a model is refused; the check then asks each model instead
+        triton_ready = triton_ready or bool(self.refused)
         reason = ("tritonserver is not running" if not live else
                   f"not serving: {', '.join(broken)}" if broken else
                   "" if triton_ready else "tritonserver reports not ready")
+        if self.refused:
+            reason = "; ".join(filter(None, [reason, f"refused at load: {', '.join(sorted(self.refused))}"]))
+            models.update({name: {"state": "refused", "last_failure": why} for name, why in sorted(self.refused.items())})
         return HealthStatus(live=live, ready=live and triton_ready and not broken, server="tritonserver",
                             models=models, reason=reason, detail=asdict(self.counters))
 

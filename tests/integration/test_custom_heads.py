@@ -1,0 +1,76 @@
+"""A user's sentence-transformers model with its own head (CLS + mean pooling, a Dense layer, no Normalize), exported
+with `tandem repository export --model-dir` and served by a real Triton through both text ensembles, against
+sentence-transformers loading the same directory (issue 19)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.triton.repository import export_repository
+from tandem_serve.workloads import mixed_length_texts, random_bert
+
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers.models import Dense, Pooling, Transformer  # noqa: E402
+
+
+def test_a_cls_mean_dense_head_without_normalize_is_served_as_sentence_transformers_computes(tmp_path):
+    torch.manual_seed(3)
+    transformer = Transformer(str(random_bert("tiny", tmp_path / "bert")))
+    model = tmp_path / "mine"
+    st.SentenceTransformer(modules=[transformer, Pooling(128, pooling_mode=("cls", "mean")),
+                                    Dense(256, 80, activation_function=torch.nn.Tanh())], device="cpu").save(str(model))
+    texts = mixed_length_texts(24, seed=8)
+    want = st.SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
+    export_repository(tmp_path / "repo", model_dir=model)
+    for name in ("image_preprocess", "detector", "nms", "object_detection"):
+        shutil.rmtree(tmp_path / "repo" / name)
+    with EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws")) as server:
+        for ensemble in ("text_embedding", "text_embedding_fused"):
+            with TextEmbeddingClient(server.grpc_url, model=ensemble) as client:
+                got = np.concatenate([client.embed(texts[:5]), client.embed(texts[5:])])
+            assert got.shape == (24, 80), ensemble
+            cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            assert cosine.min() >= 0.9999, (ensemble, cosine.min())
+            np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-3)
+            assert abs(np.linalg.norm(got, axis=1).mean() - 1) > 0.05  # not normalised, as the model says
+
+
+def test_a_refused_model_leaves_the_rest_of_the_repository_serving(tmp_path):
+    """A text model the encoder cannot serve faithfully (an unknown pooling mode) is refused at load with the file
+    and field named; detection keeps serving, the health endpoint says what was refused. With exit_on_error the
+    server refuses to start instead."""
+    import json
+    import urllib.request
+
+    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.triton.launcher import TritonStartError
+    from tandem_serve.vision.shapes import encode_scene, generate_scene
+
+    model = tmp_path / "mine"
+    st.SentenceTransformer(modules=[Transformer(str(random_bert("tiny", tmp_path / "bert"))),
+                                    Pooling(128, pooling_mode="mean")], device="cpu").save(str(model))
+    export_repository(tmp_path / "repo", model_dir=model)  # export refuses such a model itself: break it after
+    pooling = model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": "median"}))
+    rng = np.random.default_rng(5)
+    with EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws")) as server:
+        assert {"tokenizer", "encoder", "encoder_fused", "text_embedding"} <= set(server.refused)
+        assert "pooling_mode ['median']" in server.refused["encoder"]
+        with ObjectDetectionClient(server.grpc_url) as client:
+            assert len(client.detect(encode_scene(generate_scene(rng), rng)).boxes) >= 1
+        with urllib.request.urlopen(f"{server.health_url}/ready", timeout=5) as response:
+            status = json.loads(response.read())
+        assert response.status == 200 and status["models"]["encoder"]["state"] == "refused"
+        assert "refused at load" in status["reason"] and status["models"]["nms"]["state"] == "serving"
+        with pytest.raises(Exception, match="text_embedding"):
+            with TextEmbeddingClient(server.grpc_url) as client:
+                client.embed(["not served"])
+    with pytest.raises(TritonStartError):
+        EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws2",
+                                     exit_on_error=True, startup_timeout_s=120)).start()
