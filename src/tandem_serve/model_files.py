@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors", "sentenc
 
 
 MODEL_DIR_ENV = "TANDEM_MODEL_DIR"
+logger = logging.getLogger(__name__)
 
 
 def default_model_dir() -> Path:
@@ -37,6 +39,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelFilesError(f"cannot read {path}: {exc}") from exc
 
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
+
+
 @dataclass(frozen=True)
 class BertConfig:
     """The parts of a HuggingFace BERT `config.json` the stages use."""
@@ -50,10 +55,19 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float
     pad_token_id: int = 0
+    model_type: str = "bert"  # bert | roberta | xlm-roberta (the same encoder, positions offset past padding)
+
+    @property
+    def position_offset(self) -> int:
+        """The first token's position id: 0 for BERT; RoBERTa and XLM-R count from padding_idx + 1."""
+        return self.pad_token_id + 1 if self.model_type in ROBERTA_TYPES else 0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: Path) -> "BertConfig":
         """Build from a parsed config.json, rejecting architectures the stages cannot run."""
+        model_type = str(raw.get("model_type", "bert"))
+        if model_type not in ("bert", *ROBERTA_TYPES):
+            raise ModelFilesError(f"{source}: model_type {model_type!r} is not served (bert, roberta, xlm-roberta)")
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ModelFilesError(f"{source}: hidden_act {raw.get('hidden_act')!r} unsupported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":
@@ -69,6 +83,7 @@ class BertConfig:
                 type_vocab_size=int(raw.get("type_vocab_size", 2)),
                 layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
                 pad_token_id=int(raw.get("pad_token_id") or 0),
+                model_type=model_type,
             )
         except KeyError as exc:
             raise ModelFilesError(f"{source}: missing key {exc.args[0]!r}") from exc
@@ -86,7 +101,7 @@ def _max_seq_length(root: Path, bert: BertConfig) -> tuple[int, Path]:
         length = _read_json(tokenizer_config).get("model_max_length")
         if isinstance(length, (int, float)) and length < 1e9:
             return int(length), tokenizer_config
-    return bert.max_position_embeddings, root / "config.json"
+    return bert.max_position_embeddings - bert.position_offset, root / "config.json"
 
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -228,7 +243,12 @@ class SentenceModelFiles:
                 raise ModelFilesError(f"model directory {root} lacks {name}")
         bert = BertConfig.from_dict(_read_json(root / "config.json"), root / "config.json")
         max_len, source = _max_seq_length(root, bert)
-        if not 2 <= max_len <= bert.max_position_embeddings:
-            raise ModelFilesError(f"{source}: max_seq_length {max_len} outside [2, {bert.max_position_embeddings}]")
+        positions = bert.max_position_embeddings - bert.position_offset
+        if max_len > positions:  # sentence-transformers would index past the position table on such texts
+            logger.warning("%s: max_seq_length %d exceeds the %d positions of %s: texts are truncated at %d tokens",
+                           source, max_len, positions, root / "config.json", positions)
+            max_len = positions
+        if max_len < 2:
+            raise ModelFilesError(f"{source}: max_seq_length {max_len} is below 2")
         head = read_head(root, bert.hidden_size)
         return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head)

@@ -44,7 +44,8 @@ class TokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[batch, length] int64 ids -> [batch, length, hidden]."""
         length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device)
+        # right padding: the real tokens' positions are offset + 0, 1, ...; padded positions are masked out
+        positions = torch.arange(length, device=input_ids.device) + self.config.position_offset
         hidden = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)[None]
@@ -189,7 +190,7 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
         raw = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFilesError(f"cannot read weights {weights_path}: {exc}") from exc
-    checkpoint = {k.removeprefix("bert."): v for k, v in raw.items()}
+    checkpoint = {k.removeprefix("bert.").removeprefix("roberta."): v for k, v in raw.items()}
     state = {}
     for name, param in module.state_dict().items():
         if name.startswith("head."):
