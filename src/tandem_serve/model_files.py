@@ -55,7 +55,9 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float
     pad_token_id: int = 0
-    model_type: str = "bert"  # bert | roberta | xlm-roberta (the same encoder, positions offset past padding)
+    # bert | roberta | xlm-roberta (positions offset past padding) | distilbert (no token types, its own names):
+    # the same post-LayerNorm encoder
+    model_type: str = "bert"
 
     @property
     def position_offset(self) -> int:
@@ -66,8 +68,15 @@ class BertConfig:
     def from_dict(cls, raw: dict[str, Any], source: Path) -> "BertConfig":
         """Build from a parsed config.json, rejecting architectures the stages cannot run."""
         model_type = str(raw.get("model_type", "bert"))
-        if model_type not in ("bert", *ROBERTA_TYPES):
-            raise ModelFilesError(f"{source}: model_type {model_type!r} is not served (bert, roberta, xlm-roberta)")
+        if model_type not in ("bert", "distilbert", *ROBERTA_TYPES):
+            raise ModelFilesError(f"{source}: model_type {model_type!r} is not served "
+                                  "(bert, roberta, xlm-roberta, distilbert)")
+        if model_type == "distilbert":
+            if raw.get("sinusoidal_pos_embds"):
+                raise ModelFilesError(f"{source}: sinusoidal_pos_embds true is not supported (learned positions only)")
+            raw = {**raw, "hidden_size": raw.get("dim"), "num_hidden_layers": raw.get("n_layers"),
+                   "num_attention_heads": raw.get("n_heads"), "intermediate_size": raw.get("hidden_dim"),
+                   "hidden_act": raw.get("activation", "gelu"), "type_vocab_size": 0, "layer_norm_eps": 1e-12}
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ModelFilesError(f"{source}: hidden_act {raw.get('hidden_act')!r} unsupported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":

@@ -145,10 +145,11 @@ def test_legacy_pooling_keys_and_no_modules_json_read_as_sentence_transformers_d
     assert SentenceModelFiles.load(model).head.pooling == ("mean",) and not SentenceModelFiles.load(model).head.normalize
 
 
-@pytest.fixture(scope="module", params=["roberta", "xlm-roberta"])
-def roberta_dir(request, tmp_path_factory) -> Path:
-    """A random 2-layer RoBERTa / XLM-R saved by transformers (positions offset past padding_idx 1, one token
-    type), with the shipped WordPiece tokenizer files beside it (the encoder's arithmetic is what is tested)."""
+@pytest.fixture(scope="module", params=["roberta", "xlm-roberta", "distilbert"])
+def other_arch_dir(request, tmp_path_factory) -> Path:
+    """A random 2-layer RoBERTa / XLM-R (positions offset past padding_idx 1, one token type) or DistilBERT (its own
+    names, no token types) saved by transformers, with the shipped WordPiece tokenizer files beside it (the
+    encoder's arithmetic is what is tested)."""
     import shutil
 
     import transformers
@@ -158,18 +159,25 @@ def roberta_dir(request, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (source / name).is_file():
             shutil.copy(source / name, target / name)
-    config_cls = transformers.RobertaConfig if request.param == "roberta" else transformers.XLMRobertaConfig
-    config = config_cls(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=256, max_position_embeddings=258, type_vocab_size=1, pad_token_id=1)
+    if request.param == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=30522, dim=128, n_layers=2, n_heads=2, hidden_dim=256,
+                                               max_position_embeddings=512)
+    else:
+        config_cls = transformers.RobertaConfig if request.param == "roberta" else transformers.XLMRobertaConfig
+        config = config_cls(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=256, max_position_embeddings=258, type_vocab_size=1, pad_token_id=1)
     torch.manual_seed(11)
     transformers.AutoModel.from_config(config).save_pretrained(target)
     return target
 
 
-def test_roberta_and_xlm_roberta_encoders_match_sentence_transformers(roberta_dir, tmp_path):
-    model = saved_model(roberta_dir, tmp_path / "model", "mean", normalize=True)
+def test_roberta_xlm_roberta_and_distilbert_encoders_match_sentence_transformers(other_arch_dir, tmp_path):
+    model = saved_model(other_arch_dir, tmp_path / "model", "mean", normalize=True)
     files = SentenceModelFiles.load(model)
-    assert files.bert.position_offset == 2 and files.max_seq_length <= 256
+    if files.bert.model_type == "distilbert":
+        assert files.bert.type_vocab_size == 0 and files.bert.position_offset == 0
+    else:  # positions 2..257 of 258: sentence-transformers' saved 258 is cut to what the table holds
+        assert files.bert.position_offset == 2 and files.max_seq_length == 256
     assert_same_embeddings(served(model), reference(model))
     assert_same_embeddings(served(model, fused=False), reference(model))
 
@@ -179,6 +187,6 @@ def test_other_architectures_are_refused_naming_the_field(bert_dir, tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(bert_dir, model)
-    _edit(model / "config.json", model_type="distilbert")
-    with pytest.raises(ModelFilesError, match=r"config.json: model_type 'distilbert' is not served"):
+    _edit(model / "config.json", model_type="mpnet")
+    with pytest.raises(ModelFilesError, match=r"config.json: model_type 'mpnet' is not served"):
         SentenceModelFiles.load(model)

@@ -38,7 +38,9 @@ class TokenEmbedding(nn.Module):
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # DistilBERT has none (type_vocab_size 0)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.type_vocab_size else None)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -46,11 +48,9 @@ class TokenEmbedding(nn.Module):
         length = input_ids.shape[1]
         # right padding: the real tokens' positions are offset + 0, 1, ...; padded positions are masked out
         positions = torch.arange(length, device=input_ids.device) + self.config.position_offset
-        hidden = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)[None]
-            + self.token_type_embeddings.weight[0]
-        )
+        hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if self.token_type_embeddings is not None:
+            hidden = hidden + self.token_type_embeddings.weight[0]
         return self.LayerNorm(hidden)
 
 
@@ -158,24 +158,24 @@ class SentenceEncoder(nn.Module):
         return self.head(x, keep)
 
 
-def _hf_key(name: str) -> str:
-    """Map a parameter name of these modules to its HuggingFace BERT checkpoint key."""
+_BERT_NAMES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+               "attention_out": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
+               "intermediate": "intermediate.dense", "output": "output.dense", "output_norm": "output.LayerNorm"}
+_DISTILBERT_NAMES = {"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
+                     "attention_out": "attention.out_lin", "attention_norm": "sa_layer_norm",
+                     "intermediate": "ffn.lin1", "output": "ffn.lin2", "output_norm": "output_layer_norm"}
+
+
+def _hf_key(name: str, model_type: str = "bert") -> str:
+    """Map a parameter name of these modules to its HuggingFace checkpoint key (BERT / RoBERTa, or DistilBERT)."""
     if name.startswith("embedding."):
         return "embeddings." + name[len("embedding."):]
     if not name.startswith("layers."):
         return "embeddings." + name
     _, index, module, param = name.split(".")
-    prefix = f"encoder.layer.{index}."
-    return prefix + {
-        "query": "attention.self.query",
-        "key": "attention.self.key",
-        "value": "attention.self.value",
-        "attention_out": "attention.output.dense",
-        "attention_norm": "attention.output.LayerNorm",
-        "intermediate": "intermediate.dense",
-        "output": "output.dense",
-        "output_norm": "output.LayerNorm",
-    }[module] + "." + param
+    if model_type == "distilbert":
+        return f"transformer.layer.{index}.{_DISTILBERT_NAMES[module]}.{param}"
+    return f"encoder.layer.{index}.{_BERT_NAMES[module]}.{param}"
 
 
 def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -190,12 +190,14 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
         raw = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFilesError(f"cannot read weights {weights_path}: {exc}") from exc
-    checkpoint = {k.removeprefix("bert.").removeprefix("roberta."): v for k, v in raw.items()}
+    checkpoint = {k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert."): v
+                  for k, v in raw.items()}
+    model_type = module.config.model_type
     state = {}
     for name, param in module.state_dict().items():
         if name.startswith("head."):
             continue  # the sentence head's Dense layers have files of their own (_load_head)
-        key = _hf_key(name)
+        key = _hf_key(name, model_type)
         if key not in checkpoint:
             raise ModelFilesError(f"{weights_path} lacks tensor {key!r}")
         if tuple(checkpoint[key].shape) != tuple(param.shape):
