@@ -98,6 +98,21 @@ class BertConfig:
             raise ModelFilesError(f"{source}: missing key {exc.args[0]!r}") from exc
 
 
+def _default_prompt(root: Path) -> str:
+    """The prompt sentence-transformers prepends when encode() names none: prompts[default_prompt_name]."""
+    path = root / "config_sentence_transformers.json"
+    if not path.is_file():
+        return ""
+    raw = _read_json(path)
+    name = raw.get("default_prompt_name")
+    if not name:
+        return ""
+    prompts = raw.get("prompts") or {}
+    if name not in prompts:
+        raise ModelFilesError(f"{path}: default_prompt_name {name!r} is not one of prompts {sorted(prompts)}")
+    return str(prompts[name])
+
+
 def _max_seq_length(root: Path, bert: BertConfig) -> tuple[int, Path]:
     """Where sentence-transformers reads it: sentence_bert_config.json's max_seq_length (older saves), else the
     tokenizer's model_max_length (tokenizer_config.json; transformers writes a huge number when unset), else
@@ -227,6 +242,7 @@ class SentenceModelFiles:
     bert: BertConfig
     max_seq_length: int
     head: HeadConfig = HeadConfig(normalize=True)
+    prompt: str = ""  # config_sentence_transformers.json's default prompt: prepended to every text, as encode() does
 
     @property
     def tokenizer_json(self) -> Path:
@@ -260,4 +276,4 @@ class SentenceModelFiles:
         if max_len < 2:
             raise ModelFilesError(f"{source}: max_seq_length {max_len} is below 2")
         head = read_head(root, bert.hidden_size)
-        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head)
+        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head, prompt=_default_prompt(root))

@@ -190,3 +190,24 @@ def test_other_architectures_are_refused_naming_the_field(bert_dir, tmp_path):
     _edit(model / "config.json", model_type="mpnet")
     with pytest.raises(ModelFilesError, match=r"config.json: model_type 'mpnet' is not served"):
         SentenceModelFiles.load(model)
+
+
+def test_a_default_prompt_is_prepended_as_sentence_transformers_does(bert_dir, tmp_path):
+    from tandem_serve.stage_config import TokenizerConfig
+    from tandem_serve.text.stages import TokenizeStage
+
+    model = saved_model(bert_dir, tmp_path / "model", "mean", normalize=True)
+    _edit(model / "config_sentence_transformers.json", prompts={"query": "query: ", "document": ""},
+          default_prompt_name="query")
+    files = SentenceModelFiles.load(model)
+    assert files.prompt == "query: "
+    batch = TokenizeStage(TokenizerConfig(model_dir=str(model)))([TEXTS])[0]
+    encoder = load_sentence_encoder(files, "cpu", torch.float32, fused=True)
+    with torch.inference_mode():
+        got = encoder(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)).numpy()
+    want = reference(model)
+    assert_same_embeddings(got, want)
+    assert not np.allclose(got, served(model), atol=1e-3)  # the prompt changes the embeddings
+    _edit(model / "config_sentence_transformers.json", default_prompt_name="passage")
+    with pytest.raises(ModelFilesError, match="default_prompt_name 'passage' is not one of prompts"):
+        SentenceModelFiles.load(model)

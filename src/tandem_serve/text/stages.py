@@ -39,9 +39,10 @@ class TokenizeStage:
         self.files = SentenceModelFiles.load(config.model_dir or None)
         self.tokenizer = TextTokenizer(
             self.files.tokenizer_json, self.files.max_seq_length, config.pad_multiple, self.files.bert.pad_token_id,
-            parallel=config.parallel,
+            parallel=config.parallel, prompt=self.files.prompt,
         )
-        logger.info("tokenizer: %s, max_seq_length %d", self.files.root, self.files.max_seq_length)
+        logger.info("tokenizer: %s, max_seq_length %d%s", self.files.root, self.files.max_seq_length,
+                    f", default prompt {self.files.prompt!r}" if self.files.prompt else "")
 
     def decode(self, raw: np.ndarray | Sequence[bytes | str]) -> list[str]:
         """A request's TEXT tensor (bytes objects) or texts -> strings; invalid UTF-8 or texts over the

@@ -66,13 +66,14 @@ class TextTokenizer:
     """Tokenizes with truncation at the model's max_seq_length and the padding policy above."""
 
     def __init__(self, tokenizer_json: str | Path, max_length: int, pad_multiple: int = 8, pad_id: int = 0,
-                 parallel: bool = True):
+                 parallel: bool = True, prompt: str = ""):
         if pad_multiple < 1:
             raise ValueError("pad_multiple must be >= 1")
         self.max_length = max_length
         self.pad_multiple = pad_multiple
         self.pad_id = pad_id
         self.parallel = parallel  # False: one text after another on the calling thread (one core per instance)
+        self.prompt = prompt  # prepended to every text (the model's default prompt)
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
         # tokenizer.json files often carry their own fixed padding/truncation: replace both.
         self._tokenizer.no_padding()
@@ -84,7 +85,8 @@ class TextTokenizer:
 
     def tokenize_groups(self, groups: Sequence[Sequence[str]]) -> list[TokenizedBatch]:
         """Tokenize several requests in one parallel call, padding each request on its own."""
-        flat = [text for group in groups for text in group]
+        flat = [self.prompt + text for group in groups for text in group] if self.prompt else \
+            [text for group in groups for text in group]
         if self.parallel:
             encodings = self._tokenizer.encode_batch(flat, add_special_tokens=True)  # spread over all cores
         else:
