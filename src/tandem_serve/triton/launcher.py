@@ -355,8 +355,15 @@ class EmbeddedTriton(ServerProcess):
                                 f"; not ready: {', '.join(waiting)}" if waiting else ""))
 
     def _triton_ready(self) -> bool:
+        return self._probe("ready")
+
+    def _triton_live(self) -> bool:
+        return self._probe("live")
+
+    def _probe(self, which: str) -> bool:
+        """Triton's own /v2/health/<which> answers 200."""
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/{which}", timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
@@ -399,13 +406,6 @@ class EmbeddedTriton(ServerProcess):
         self.refused = {e["name"]: (e.get("reason") or "not loaded: a model it needs was refused").split("\n")[0]
                         for state, entries in states.items() if state != "READY" for e in entries}
         return True
-
-    def _triton_live(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
