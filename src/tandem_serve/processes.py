@@ -115,9 +115,16 @@ def stop_process(process: subprocess.Popen, what: str, timeout_s: float, signum:
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
-    """The last lines of a log file, for error messages."""
+    """The last lines of a log file, for error messages; where the log is longer, its first lines and its lines
+    naming an error come first (tritonserver prints an option's error above a usage text longer than the tail)."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return f"(no log at {path})"
-    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
+    tail = f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
+    earlier = text[:-lines]
+    if not earlier:
+        return tail
+    errors = [line for line in earlier[3:] if "error" in line.lower()][:5]
+    return "\n".join(["--- first lines ---", *earlier[:3], *(["--- lines naming an error ---", *errors] if errors else []),
+                      tail])
