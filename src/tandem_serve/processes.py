@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 import psutil
 
@@ -19,9 +20,25 @@ logger = logging.getLogger(__name__)
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1", taken: Sequence[int] = ()) -> list[int]:
+    """`count` distinct TCP ports free on `host` right now, none of them in `taken`: all bound at once (ports taken
+    one after another can repeat: CI saw tritonserver refuse the same port for HTTP and gRPC)."""
+    sockets: list[socket.socket] = []
+    try:
+        while len(sockets) < count:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.bind((host, 0))
+            if sock.getsockname()[1] in taken:
+                sock.close()
+                continue
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def is_loopback(host: str) -> bool:

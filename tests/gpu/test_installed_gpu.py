@@ -15,7 +15,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
-from tandem_serve.processes import free_port
+from tandem_serve.processes import free_ports
 from tandem_serve.vision.metrics import MatchCounts
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
@@ -32,7 +32,8 @@ def test_the_entrypoint_serves_the_installed_package_on_the_gpu(tmp_path, refere
     for kept in ("TANDEM_MODEL_DIR", "TANDEM_STUB_PYTHONPATH", "LD_LIBRARY_PATH"):
         if kept in os.environ:
             env[kept] = os.environ[kept]
-    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "HEALTH")}
+    names = ("HTTP", "GRPC", "METRICS", "HEALTH")
+    ports = dict(zip(names, free_ports(len(names))))
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_WORKSPACE=str(tmp_path / "ws"), TANDEM_KEY_FILE=str(tmp_path / "none"))
     (tmp_path / "elsewhere").mkdir()

@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
-from tandem_serve.processes import free_port
+from tandem_serve.processes import free_ports
 from tandem_serve.torchserve.client import TorchServeClient
 from tandem_serve.triton.keys import TritonKeys
 from tandem_serve.vision.metrics import MatchCounts
@@ -118,7 +118,8 @@ def test_the_triton_entrypoint_serves_text_and_images_from_the_installed_package
     keys_file = installed / "secret" / "keys.json"
     keys_file.parent.mkdir()
     _run([str(venv / "bin" / "tandem"), "keys", str(keys_file)], env=env, cwd=elsewhere)  # the installed CLI
-    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "HEALTH")}
+    names = ("HTTP", "GRPC", "METRICS", "HEALTH")
+    ports = dict(zip(names, free_ports(len(names))))
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_KEY_FILE=str(keys_file), TANDEM_WORKSPACE=str(installed / "ws-triton"))
     with Entrypoint("triton/entrypoint.sh", env, elsewhere, installed / "triton.log") as server:
@@ -158,8 +159,8 @@ def test_the_torchserve_entrypoint_serves_archives_built_by_the_installed_cli(in
     env = _clean_env(venv)
     store = installed / "model-store"
     _run([str(venv / "bin" / "tandem"), "archive", "--store", str(store)], env=env, cwd=elsewhere, timeout=600)
-    ports = {name: free_port() for name in ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT",
-                                            "HEALTH")}
+    names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT", "HEALTH")
+    ports = dict(zip(names, free_ports(len(names))))
     env.update({f"TANDEM_{name}_PORT": str(port) for name, port in ports.items()})
     workspace = installed / "ws-torchserve"
     env.update(TANDEM_HOST="127.0.0.1", TANDEM_MODEL_STORE=str(store), TANDEM_WORKSPACE=str(workspace))

@@ -18,3 +18,13 @@ def test_a_long_log_keeps_its_first_lines_and_error_lines_before_the_tail(tmp_pa
     short.write_text("one\ntwo\n")
     assert log_tail(short, 20) == f"--- last 20 lines of {short} ---\none\ntwo"
     assert "no log at" in log_tail(tmp_path / "missing.log")
+
+
+def test_free_ports_are_distinct_and_avoid_the_taken_ones():
+    from tandem_serve.processes import free_ports
+
+    for _ in range(50):
+        ports = free_ports(5)
+        assert len(set(ports)) == 5 and all(1024 <= p <= 65535 for p in ports)
+    taken = free_ports(3)
+    assert not set(free_ports(20, taken=taken)) & set(taken)

@@ -30,7 +30,7 @@ from pathlib import Path
 from tandem_serve.health import HealthServer, HealthStatus
 from tandem_serve.processes import (
     client_host,
-    free_port,
+    free_ports,
     is_loopback,
     kill_process_group,
     log_tail,
@@ -104,8 +104,10 @@ class EmbeddedTorchServe(ServerProcess):
         self.log_path = self.workspace / "torchserve.log"
         self.host = options.host
         reach = client_host(self.host)
-        self.ports = {name: getattr(options, f"{name}_port") or free_port(reach)
-                      for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+        given = {name: getattr(options, f"{name}_port")
+                 for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+        picked = iter(free_ports(list(given.values()).count(0), reach, taken=[p for p in given.values() if p]))
+        self.ports = {name: port or next(picked) for name, port in given.items()}
         self.health: HealthServer | None = None
 
     @property

@@ -36,7 +36,7 @@ from tandem_serve.health import HealthServer, HealthStatus
 from tandem_serve.paths import default_repositories
 from tandem_serve.processes import (
     client_host,
-    free_port,
+    free_ports,
     is_loopback,
     kill_process_group,
     log_tail,
@@ -205,9 +205,9 @@ class EmbeddedTriton(ServerProcess):
         self.keys = read_keys_file(self.options.keys_file) if self.options.keys_file else TritonKeys.generate()
         self.log_path = self.workspace / "server.log"
         self.host = self.options.host
-        self.http_port = self.options.http_port or free_port(self._client_host)
-        self.grpc_port = self.options.grpc_port or free_port(self._client_host)
-        self.metrics_port = self.options.metrics_port or free_port(self._client_host)
+        given = [self.options.http_port, self.options.grpc_port, self.options.metrics_port]
+        picked = iter(free_ports(given.count(0), self._client_host, taken=[p for p in given if p]))
+        self.http_port, self.grpc_port, self.metrics_port = (port or next(picked) for port in given)
         self.supervisor: TritonSupervisor | None = None
         self.health: HealthServer | None = None
         self.refused: dict[str, str] = {}  # models that failed to load at start (exit_on_error false): name -> reason
