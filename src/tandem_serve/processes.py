@@ -18,11 +18,6 @@ import psutil
 logger = logging.getLogger(__name__)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    return free_ports(1, host)[0]
-
-
 def free_ports(count: int, host: str = "127.0.0.1", taken: Sequence[int] = ()) -> list[int]:
     """`count` distinct TCP ports free on `host` right now, none of them in `taken`: all bound at once (ports taken
     one after another can repeat: CI saw tritonserver refuse the same port for HTTP and gRPC)."""
