@@ -130,7 +130,10 @@ class ImagePreprocessConfig:
 class DetectorConfig:
     """Settings of the `detector` stage."""
 
-    weights: str = ""  # empty: the shipped shapes detector; else .safetensors, a state-dict .pt or TorchScript
+    # empty: the shipped shapes detector; else .safetensors, a state-dict .pt, a torch.export program (.pt2) or
+    # TorchScript
+    weights: str = ""
+    head_format: str = "yolov5"  # what the network outputs (vision/nms.py HEAD_FORMATS): yolov5, yolov8, boxes-scores-classes
     size: str = ""  # n/s/m/l/x for a state dict without metadata
     num_classes: int = 0  # for a state dict without metadata
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
@@ -156,6 +159,8 @@ class DetectorConfig:
             raise ConfigError("parameter 'prefilter_conf' must lie in [0, 1)")
         if self.max_candidates < 1:
             raise ConfigError("parameter 'max_candidates' must be >= 1")
+        if self.head_format not in ("yolov5", "yolov8", "boxes-scores-classes"):
+            raise ConfigError("parameter 'head_format' must be yolov5, yolov8 or boxes-scores-classes")
 
 
 @dataclass(frozen=True)

@@ -67,3 +67,24 @@ def test_pixels_of_an_impossible_shape_are_invalid_input(shape):
     with pytest.raises(InvalidInputError, match="PIXELS must be uint8"):
         DetectStage.check(torch.zeros(shape, dtype=torch.uint8))
     assert DetectStage.check(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 3, 64, 64)
+
+
+def test_a_torch_export_program_serves_the_candidates_of_its_network(tmp_path, pixels):
+    """The library's YOLOv5 exported with torch.export (dynamic batch) and loaded from its .pt2 finds exactly what
+    the same weights find as a state dict; an archive that is not a program is refused by name."""
+    network = YoloV5(YoloSpec.of_size("n", 3)).eval()
+    torch.save(network.state_dict(), tmp_path / "n.pt")
+    batch = torch.export.Dim("batch", min=1, max=16)
+    size = pixels.shape[-1]  # the served image size is fixed by the configs; only the batch varies
+    program = torch.export.export(network, (torch.zeros(2, 3, size, size, dtype=torch.uint8),),
+                                  dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, tmp_path / "n.pt2")
+    images = torch.cat([pixels, torch.full_like(pixels, 114), pixels.flip(-1)])
+    exported = DetectStage(DetectorConfig(weights=str(tmp_path / "n.pt2"), prefilter_conf=0.001))
+    reference = DetectStage(DetectorConfig(weights=str(tmp_path / "n.pt"), size="n", num_classes=3, prefilter_conf=0.001))
+    got, want = exported([images]), reference([images])
+    assert got[0].shape == want[0].shape and want[0].shape[1] > 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(ModelFilesError, match="bad.pt2 is not a torch.export program"):
+        load_detector(DetectorConfig(weights=str(tmp_path / "bad.pt2")), CPU)

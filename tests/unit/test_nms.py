@@ -126,3 +126,23 @@ def test_batched_candidates_in_half_precision_score_as_float32():
     for image in range(2):
         expected = candidates(predictions[image].float(), 0.2)
         torch.testing.assert_close(rows[image, : counts[image]], expected, rtol=0, atol=0)
+
+
+def test_yolov8_and_decoded_head_formats_filter_like_the_yolov5_one():
+    """The same boxes and scores given as a YOLOv8 head ([B, 4 + classes, N], no objectness) and as decoded rows
+    ([B, N, 6]) keep the rows the YOLOv5 layout keeps."""
+    rng = torch.Generator().manual_seed(3)
+    xywh = torch.rand(3, 200, 4, generator=rng) * torch.tensor([640, 640, 80, 80])
+    classes = torch.rand(3, 200, 5, generator=rng)
+    v5 = torch.cat((xywh, torch.ones(3, 200, 1), classes), dim=2)  # objectness 1: score = best class
+    want_rows, want_counts = batched_candidates(v5, 0.6, 50)
+    rows, counts = batched_candidates(torch.cat((xywh, classes), dim=2).transpose(1, 2), 0.6, 50, "yolov8")
+    torch.testing.assert_close(rows, want_rows, rtol=0, atol=0)
+    assert counts.tolist() == want_counts.tolist()
+    score, cls = classes.max(dim=2)
+    decoded = torch.cat((xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2, score[..., None],
+                         cls[..., None].float()), dim=2)
+    rows, counts = batched_candidates(decoded, 0.6, 50, "boxes-scores-classes")
+    torch.testing.assert_close(rows, want_rows, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head format 'ssd'"):
+        batched_candidates(decoded, 0.6, 50, "ssd")

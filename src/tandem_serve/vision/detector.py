@@ -1,4 +1,5 @@
-"""Load a detector (shipped safetensors, a user's state dict or TorchScript) and run it batched."""
+"""Load a detector (shipped safetensors, a user's state dict, a torch.export program or TorchScript) and run it
+batched."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Modu
     path = Path(config.weights).expanduser() if config.weights else default_weights()
     if not path.is_file():
         raise ModelFilesError(f"detector weights {path} do not exist")
+    if path.suffix == ".pt2":  # torch.export: the program carries its own network, any head format
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad archive
+            raise ModelFilesError(f"{path} is not a torch.export program: {str(exc)[:300]}") from None
+        return program.module().to(device)
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
@@ -176,7 +183,8 @@ class DetectStage:
         """The network and the candidate filter, with fixed shapes and no host synchronisation."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             predictions = self.model(images)
-        return batched_candidates(predictions, self.config.prefilter_conf, self.config.max_candidates)
+        return batched_candidates(predictions, self.config.prefilter_conf, self.config.max_candidates,
+                                  self.config.head_format)
 
     @torch.inference_mode()
     def enqueue(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,17 +45,34 @@ def candidates(predictions: torch.Tensor, conf_threshold: float) -> torch.Tensor
     return torch.cat((p[:, :2] - half, p[:, :2] + half, score[:, None], cls[:, None].to(p.dtype)), dim=1)
 
 
-def batched_candidates(predictions: torch.Tensor, conf_threshold: float, max_candidates: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, N, 5 + classes] -> rows [B, K, 6] and counts [B]: per image the rows `candidates` keeps (at most
-    `max_candidates`, the highest scores), in prediction order, then padding rows of -1; K = min(max_candidates, N).
+HEAD_FORMATS = ("yolov5", "yolov8", "boxes-scores-classes")
+
+
+def batched_candidates(predictions: torch.Tensor, conf_threshold: float, max_candidates: int,
+                       head_format: str = "yolov5") -> tuple[torch.Tensor, torch.Tensor]:
+    """A detector's raw output -> rows [B, K, 6] (x1, y1, x2, y2, score, class) and counts [B]: per image the rows
+    scoring above the threshold (at most `max_candidates`, the highest), in prediction order, then padding rows of
+    -1; K = min(max_candidates, N). Head formats:
+      yolov5                [B, N, 5 + classes]: cx, cy, w, h, objectness, class probabilities (score = obj x best)
+      yolov8                [B, 4 + classes, N]: cx, cy, w, h, class scores, no objectness (score = best class)
+      boxes-scores-classes  [B, N, 6]: x1, y1, x2, y2, score, class, already decoded
 
     Fixed shapes and no host synchronisation, so it runs inside a CUDA graph; the caller reads `counts` once
     per batch. Scores are computed in float32 from the predictions' own values, as `candidates` does.
     """
-    batch, count = predictions.shape[:2]
-    class_prob, cls = predictions[..., 5:].max(dim=2)
-    score = predictions[..., 4].float() * class_prob.float()
+    if head_format == "yolov5":
+        class_prob, cls = predictions[..., 5:].max(dim=2)
+        score = predictions[..., 4].float() * class_prob.float()
+        xywh = predictions[..., :4]
+    elif head_format == "yolov8":
+        predictions = predictions.transpose(1, 2)  # [B, N, 4 + classes]
+        class_score, cls = predictions[..., 4:].max(dim=2)
+        score, xywh = class_score.float(), predictions[..., :4]
+    elif head_format == "boxes-scores-classes":
+        score, cls, xywh = predictions[..., 4].float(), predictions[..., 5].round().long(), None
+    else:
+        raise ValueError(f"head format {head_format!r} is not one of {HEAD_FORMATS}")
+    count = score.shape[1]
     keep = score > conf_threshold
     width = min(max_candidates, count)
     # kept rows first (the highest scores where more are kept than fit), then restored to prediction order
@@ -64,10 +81,13 @@ def batched_candidates(predictions: torch.Tensor, conf_threshold: float, max_can
     order = torch.where(kept, top, top + count).sort(dim=1).values  # kept ones first, each part by index
     index = order % count
     valid = order < count
-    p = predictions.gather(1, index[..., None].expand(-1, -1, 4)).float()
-    half = p[..., 2:4] / 2
-    rows = torch.cat((p[..., :2] - half, p[..., :2] + half, score.gather(1, index)[..., None],
-                      cls.gather(1, index)[..., None].float()), dim=2)
+    if xywh is None:
+        boxes = predictions[..., :4].gather(1, index[..., None].expand(-1, -1, 4)).float()
+    else:
+        p = xywh.gather(1, index[..., None].expand(-1, -1, 4)).float()
+        half = p[..., 2:4] / 2
+        boxes = torch.cat((p[..., :2] - half, p[..., :2] + half), dim=2)
+    rows = torch.cat((boxes, score.gather(1, index)[..., None], cls.gather(1, index)[..., None].float()), dim=2)
     rows = torch.where(valid[..., None], rows, torch.full_like(rows, -1.0))
     return rows, valid.sum(dim=1)
 
