@@ -89,16 +89,21 @@ class LoadPoint:
     stages: list[StageStats] = field(default_factory=list)  # Triton statistics of the window, per model
 
     @property
+    def answered(self) -> int:
+        """Requests the server answered in the level: completed, failed and the warm-up ones."""
+        return self.completed + self.errors + self.warm_up_requests
+
+    @property
     def server_cpu_ms_per_request(self) -> float | None:
         """The server's CPU time per request it answered in the level (ms; warm-up and errors included), apart from
         the load generator's."""
-        answered = self.completed + self.errors + self.warm_up_requests
-        return None if self.server_cpu_s is None or not answered else self.server_cpu_s / answered * 1e3
+        return None if self.server_cpu_s is None or not self.answered else self.server_cpu_s / self.answered * 1e3
 
     def server_cpu_ms_by_part(self) -> dict[str, float]:
         """`server_cpu_ms_per_request` split by process (the server itself, each model's stubs)."""
-        answered = self.completed + self.errors + self.warm_up_requests
-        return {part: seconds / answered * 1e3 for part, seconds in sorted(self.server_cpu_parts.items())} if answered else {}
+        if not self.answered:
+            return {}
+        return {part: seconds / self.answered * 1e3 for part, seconds in sorted(self.server_cpu_parts.items())}
 
     def record(self) -> dict:
         """JSON-ready dict (stages as dicts)."""

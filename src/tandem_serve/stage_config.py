@@ -126,6 +126,9 @@ class ImagePreprocessConfig:
             raise ConfigError("parameter 'max_pixels' must be >= 4")
 
 
+HEAD_FORMATS = ("yolov5", "yolov8", "boxes-scores-classes")  # what a detector outputs (vision/nms.batched_candidates)
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Settings of the `detector` stage."""
@@ -133,7 +136,7 @@ class DetectorConfig:
     # empty: the shipped shapes detector; else .safetensors, a state-dict .pt, a torch.export program (.pt2) or
     # TorchScript
     weights: str = ""
-    head_format: str = "yolov5"  # what the network outputs (vision/nms.py HEAD_FORMATS): yolov5, yolov8, boxes-scores-classes
+    head_format: str = "yolov5"  # what the network outputs: one of HEAD_FORMATS
     size: str = ""  # n/s/m/l/x for a state dict without metadata
     num_classes: int = 0  # for a state dict without metadata
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
@@ -159,8 +162,8 @@ class DetectorConfig:
             raise ConfigError("parameter 'prefilter_conf' must lie in [0, 1)")
         if self.max_candidates < 1:
             raise ConfigError("parameter 'max_candidates' must be >= 1")
-        if self.head_format not in ("yolov5", "yolov8", "boxes-scores-classes"):
-            raise ConfigError("parameter 'head_format' must be yolov5, yolov8 or boxes-scores-classes")
+        if self.head_format not in HEAD_FORMATS:
+            raise ConfigError(f"parameter 'head_format' must be one of {', '.join(HEAD_FORMATS)}")
 
 
 @dataclass(frozen=True)

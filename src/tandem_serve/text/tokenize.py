@@ -85,8 +85,7 @@ class TextTokenizer:
 
     def tokenize_groups(self, groups: Sequence[Sequence[str]]) -> list[TokenizedBatch]:
         """Tokenize several requests in one parallel call, padding each request on its own."""
-        flat = [self.prompt + text for group in groups for text in group] if self.prompt else \
-            [text for group in groups for text in group]
+        flat = [self.prompt + text for group in groups for text in group]  # "" + text is text itself
         if self.parallel:
             encodings = self._tokenizer.encode_batch(flat, add_special_tokens=True)  # spread over all cores
         else:

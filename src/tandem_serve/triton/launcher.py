@@ -47,7 +47,7 @@ from tandem_serve.processes import (
 from tandem_serve.server_process import ServerProcess
 from tandem_serve.triton.keys import KEYS_FILE, TritonKeys
 from tandem_serve.triton.stubs import Stub, all_stubs, kill_stubs, orphaned_stubs, unlink_region
-from tandem_serve.triton.supervisor import SupervisorOptions, TritonSupervisor
+from tandem_serve.triton.supervisor import SupervisorOptions, TritonSupervisor, refused_entries
 
 logger = logging.getLogger(__name__)
 
@@ -349,10 +349,9 @@ class EmbeddedTriton(ServerProcess):
         waiting = [e["name"] for state, entries in states.items() if state != "READY" for e in entries
                    if e["name"] not in self.refused]
         ready = bool(states) and not waiting
-        models = {name: {"state": "refused", "last_failure": reason} for name, reason in self.refused.items()}
+        models, reason = refused_entries(self.refused)
         return HealthStatus(live=live, ready=ready, server="tritonserver", models=models,
-                            reason=f"refused at load: {', '.join(sorted(self.refused))}" + (
-                                f"; not ready: {', '.join(waiting)}" if waiting else ""))
+                            reason=reason + (f"; not ready: {', '.join(waiting)}" if waiting else ""))
 
     def _triton_ready(self) -> bool:
         return self._probe("ready")

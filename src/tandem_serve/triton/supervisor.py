@@ -83,6 +83,12 @@ def declared_instances(config: dict[str, Any]) -> int:
     return total
 
 
+def refused_entries(refused: dict[str, str]) -> tuple[dict[str, dict[str, str]], str]:
+    """The health endpoint's view of models refused at load: their /status entries and the reason's words."""
+    models = {name: {"state": "refused", "last_failure": why} for name, why in sorted(refused.items())}
+    return models, f"refused at load: {', '.join(sorted(refused))}"
+
+
 class TritonSupervisor:
     """Use `start()` once the server is ready, `stop()` before stopping the server; `status()` from any thread."""
 
@@ -155,8 +161,9 @@ class TritonSupervisor:
                   f"not serving: {', '.join(broken)}" if broken else
                   "" if triton_ready else "tritonserver reports not ready")
         if self.refused:
-            reason = "; ".join(filter(None, [reason, f"refused at load: {', '.join(sorted(self.refused))}"]))
-            models.update({name: {"state": "refused", "last_failure": why} for name, why in sorted(self.refused.items())})
+            refused, why = refused_entries(self.refused)
+            reason = "; ".join(filter(None, [reason, why]))
+            models.update(refused)
         return HealthStatus(live=live, ready=live and triton_ready and not broken, server="tritonserver",
                             models=models, reason=reason, detail=asdict(self.counters))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tandem_serve.stage_config import HEAD_FORMATS
 from tandem_serve.vision.letterbox import Letterbox
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,6 @@ def candidates(predictions: torch.Tensor, conf_threshold: float) -> torch.Tensor
     p, score, cls = predictions[keep], score[keep], cls[keep]
     half = p[:, 2:4] / 2
     return torch.cat((p[:, :2] - half, p[:, :2] + half, score[:, None], cls[:, None].to(p.dtype)), dim=1)
-
-
-HEAD_FORMATS = ("yolov5", "yolov8", "boxes-scores-classes")
 
 
 def batched_candidates(predictions: torch.Tensor, conf_threshold: float, max_candidates: int,
