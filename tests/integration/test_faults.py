@@ -221,8 +221,14 @@ def _serves_both_pipelines(server) -> None:
 
 
 def test_a_malformed_length_prefix_fails_only_its_own_request(server):
-    """BYTES whose length prefix claims 0xFFFFFFF0 bytes, sent with 15 good requests, 10 rounds: only it fails."""
+    """BYTES whose length prefix claims 0xFFFFFFF0 bytes, sent with 31 good requests, 10 rounds: only it fails. The
+    tokenizer (max_batch_size 0) ran each request alone while the encoder batched them: the load that made a
+    batching tokenizer fail the malformed request's batch-mates."""
+    from tandem_serve.stats import read_statistics
+
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_url))
+    status = grpcclient.InferenceServerClient(server.grpc_url)
+    before = {s.model: s for s in read_statistics(status, "grpc")}
 
     def send(payload: bytes) -> str:
         request = service_pb2.ModelInferRequest(model_name="text_embedding_fused")
@@ -235,12 +241,53 @@ def test_a_malformed_length_prefix_fails_only_its_own_request(server):
             return f"{exc.code().name}: {exc.details()}"
 
     bad = struct.pack("<I", 0xFFFFFFF0) + b"abcd"
-    good = [struct.pack("<I", len(t)) + t for t in (f"good request {i}".encode() for i in range(15))]
+    good = [struct.pack("<I", len(t)) + t for t in (f"good request {i}".encode() for i in range(31))]
     for _ in range(10):
-        with ThreadPoolExecutor(16) as pool:
+        with ThreadPoolExecutor(32) as pool:
             results = list(pool.map(send, [bad, *good]))
         assert results[0].startswith("INVALID_ARGUMENT") and "string" in results[0], results[0]
-        assert results[1:] == ["ok"] * 15, Counter(results[1:])
+        assert results[1:] == ["ok"] * 31, Counter(results[1:])
+    after = {s.model: s for s in read_statistics(status, "grpc")}
+    delta = {m: (after[m].requests - before[m].requests, after[m].executions - before[m].executions)
+             for m in ("tokenizer", "encoder_fused")}
+    assert delta["tokenizer"][0] == delta["tokenizer"][1] == 310, delta  # one request per execution
+    assert delta["encoder_fused"][0] == 310 and delta["encoder_fused"][1] < 310, delta  # batched across clients
+
+
+def test_the_tokenizer_never_batches_a_malformed_request_with_queued_ones(tmp_path):
+    """One tokenizer instance, 63 long texts and one malformed request at once, straight to the model: requests
+    queue up (a dynamic batcher would batch them, and the Python backend would fail the whole batch); each is
+    executed alone and only the malformed one fails."""
+    from tandem_serve.stats import read_statistics
+
+    repo = _tokenizer_repository(tmp_path / "repo", queue_size=1024)
+    with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", supervise=False)) as triton:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
+
+        def send(payload: bytes) -> str:
+            request = service_pb2.ModelInferRequest(model_name="tokenizer")
+            request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
+            request.raw_input_contents.append(payload)
+            try:
+                stub.ModelInfer(request, timeout=ANSWER_BOUND_S)
+                return "ok"
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+
+        long = " ".join(["blocking"] * 7000).encode()  # ~62 KiB: tens of ms, while the others queue behind it
+        texts = [f"queued request {i}".encode() for i in range(62)]
+        good = [struct.pack("<I", len(t)) + t for t in [long, *texts]]
+        bad = struct.pack("<I", 0xFFFFFFF0) + b"abcd"
+        for _ in range(3):
+            with ThreadPoolExecutor(64) as pool:
+                first = pool.submit(send, good[0])
+                time.sleep(0.005)
+                results = [first.result(), *pool.map(send, [*good[1:32], bad, *good[32:]])]
+            assert results[32].startswith("INVALID_ARGUMENT"), results[32]
+            assert results[:32] + results[33:] == ["ok"] * 63, Counter(results)
+        (stats,) = [s for s in read_statistics(grpcclient.InferenceServerClient(triton.grpc_url), "grpc")
+                    if s.model == "tokenizer"]
+    assert stats.requests == stats.executions == 189
 
 
 def test_a_sigkilled_shm_client_has_its_registrations_reclaimed(server):

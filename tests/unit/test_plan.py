@@ -84,13 +84,16 @@ def test_token_embedding_moves_onto_the_gpu_when_shipping_hidden_states_costs_mo
 
 
 def test_the_tokenizer_takes_one_request_per_execution(tmp_path):
-    """It reads the clients' BYTES: the plan never batches requests there, and renders it so (preferred [1], no delay)."""
+    """It reads the clients' BYTES: the plan never batches requests there, and renders it so (max_batch_size 0: a
+    dynamic batcher would batch queued requests even with preferred size 1), beside ensembles of max_batch_size 64."""
     report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
     tokenize = report.chosen["text"].stages[0]
     assert tokenize.stage == "tokenize" and tokenize.batch == 1 and tokenize.queue_delay_us == 0
     render(report, tmp_path)
     config = read_config(tmp_path / "triton" / "tokenizer" / "config.pbtxt")
-    assert list(config.dynamic_batching.preferred_batch_size) == [1]
+    assert config.max_batch_size == 0 and list(config.dynamic_batching.preferred_batch_size) == []
+    assert read_config(tmp_path / "triton" / report.chosen["text"].ensemble / "config.pbtxt").max_batch_size == 64
+    assert ensemble_problems(tmp_path / "triton", report.chosen["text"].ensemble) == []
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.dynamic_batching.default_queue_policy.max_queue_size > 0  # the shipped queue bound is kept
 

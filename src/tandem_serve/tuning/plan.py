@@ -40,8 +40,9 @@ MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding",
 # Stages that may run on both devices at once (Triton instance groups of both kinds): image_preprocess decodes
 # JPEGs with nvJPEG on a KIND_GPU instance and on the cores of its KIND_CPU instances.
 SPLITTABLE = {"encoder", "encoder_fused", "detector", "image_preprocess"}
-# Stages that read the clients' BYTES take one request per execution: Triton's Python backend fails a whole
-# batch when one request's string data is malformed, so such a stage never batches clients together.
+# Stages that read the clients' BYTES take one request per execution (their models have max_batch_size 0): Triton's
+# Python backend fails a whole batch when one request's string data is malformed, so such a stage never batches
+# clients together (a dynamic batcher with preferred size 1 still would: see model_repository/tokenizer).
 ONE_REQUEST_STAGES = {"tokenize"}
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
@@ -89,12 +90,12 @@ class StagePlan:
 
     @property
     def preferred_batches(self) -> list[int]:
-        """Triton's preferred batch sizes. A one-request stage keeps [1] (each execution takes one request); any other
-        stage of batch 1 gets none, so that Triton hands it whatever is queued (up to max_batch_size) at once:
-        its cost per item does not grow with the batch, and one execution amortises the stub's round trip."""
-        if self.batch > 1:
+        """Triton's preferred batch sizes. A stage of batch 1 gets none: a one-request stage never batches, any other
+        is handed whatever is queued (up to max_batch_size) at once: its cost per item does not grow with the batch,
+        and one execution amortises the stub's round trip."""
+        if self.batch > 1 and self.stage not in ONE_REQUEST_STAGES:
             return sorted({max(1, self.batch // 2), self.batch})
-        return [1] if self.stage in ONE_REQUEST_STAGES else []
+        return []
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,11 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     out = mc.ModelConfig()
     out.CopyFrom(config)
     # a stage without preferred sizes (flat cost per item) keeps the shipped max_batch_size: Triton then hands one
-    # execution whatever is queued, up to that
-    out.max_batch_size = max(stage.batch if stage.preferred_batches else config.max_batch_size, min_batch)
+    # execution whatever is queued, up to that; a model of max_batch_size 0 (one request per execution) keeps 0
+    if config.max_batch_size == 0:
+        out.max_batch_size = 0
+    else:
+        out.max_batch_size = max(stage.batch if stage.preferred_batches else config.max_batch_size, min_batch)
     del out.instance_group[:]
     if stage.device.startswith("cuda"):
         if gpus > 1:
@@ -190,7 +193,7 @@ def ensemble_problems(repository: Path, ensemble: str) -> list[str]:
                 problems.append(f"{step.model_name} has no output {key}")
             else:
                 types[tensor] = outputs[key]
-        if config.max_batch_size > model.max_batch_size:
+        if model.max_batch_size and config.max_batch_size > model.max_batch_size:  # 0: takes whole requests
             problems.append(f"{step.model_name}: max_batch_size {model.max_batch_size} < the ensemble's {config.max_batch_size}")
     for t in config.output:
         if types.get(t.name) not in (None, t.data_type):

@@ -133,12 +133,15 @@ class Tuner:
         return max(trial.stages, key=busy).model
 
     def candidates(self, model: str) -> list[tuple[str, mc.ModelConfig]]:
-        """Changes to try on the bottleneck, in order."""
+        """Changes to try on the bottleneck, in order (a model of max_batch_size 0 never batches: instances only)."""
         current = self.config(model)
         more = mc.ModelConfig()
         more.CopyFrom(current)
         for group in more.instance_group:
             group.count += 1
+        counts = "+".join(str(g.count) for g in more.instance_group)
+        if current.max_batch_size == 0:
+            return [(f"{model}: {counts} instance(s)", more)]
         batch = mc.ModelConfig()
         batch.CopyFrom(current)
         delay = max(500, 2 * batch.dynamic_batching.max_queue_delay_microseconds)
@@ -146,7 +149,6 @@ class Tuner:
         top = max(list(batch.dynamic_batching.preferred_batch_size) or [1])
         if 2 * top <= batch.max_batch_size:
             batch.dynamic_batching.preferred_batch_size.append(2 * top)
-        counts = "+".join(str(g.count) for g in more.instance_group)
         return [(f"{model}: {counts} instance(s)", more), (f"{model}: queue delay {delay} us, batches up to {2 * top}", batch)]
 
     def run(self) -> list[Trial]:
