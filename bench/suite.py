@@ -18,7 +18,7 @@ the naive baseline's best throughput for p99 under the same offered load. Prints
 writes DIR/suite.json, DIR/suite.md and a latency-throughput plot per workload.
 
     python bench/suite.py --out DIR --plans PLANS [--workloads minilm bert-base yolov5s] [--seconds 3]
-                          [--protocol grpc] [--shm none]
+                          [--protocol grpc] [--shm none] [--triton-arg=--tritonserver-flag=value ...]
 """
 
 from __future__ import annotations
@@ -207,7 +207,9 @@ def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rou
 
 def _triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
                    open_spec: list[LoadSpec]) -> tuple[list, list[LoadPoint]]:
-    with EmbeddedTriton(TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600)) as server:
+    options = TritonOptions(model_repositories=[repository], model_control=True, startup_timeout_s=600,
+                            extra_args=list(args.triton_arg or []))
+    with EmbeddedTriton(options) as server:
         tuner = Tuner(TuneOptions(server.grpc_url, ensemble, tuple(args.concurrency), args.seconds, rounds,
                                   admin_key=server.admin_key, client_processes=args.client_processes,
                                   protocol=args.protocol, http_url=server.http_url, shm=args.shm,
@@ -393,6 +395,9 @@ def main() -> int:
                         help="the Triton systems' inputs and outputs through shared memory regions")
     parser.add_argument("--stub-profile", action="store_true",
                         help="cProfile the triton-plugin system's stubs (TANDEM_STUB_PROFILE); OUT/stub-profile-<workload>.md")
+    parser.add_argument("--triton-arg", action="append", metavar="ARG",
+                        help="an extra tritonserver argument for every Triton system (repeatable), e.g. "
+                             "--triton-arg=--cuda-memory-pool-byte-size=0:1073741824")
     parser.add_argument("--client-processes", type=int, default=4,
                         help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()

@@ -293,3 +293,21 @@ def test_batching_delays_and_step_costs_follow_where_inputs_come_from(tmp_path):
     render(make_plan(Profile(profile.machine, profile.stages, profile.transfers, serving=serving), Objective()), tmp_path)
     config = read_config(tmp_path / "triton" / "nms" / "config.pbtxt")
     assert list(config.dynamic_batching.preferred_batch_size) == [] and config.max_batch_size > 1
+
+
+def test_every_profiled_batch_counts_though_bigger_batches_padded_longer():
+    """The profile's texts pad to 48 tokens in batches of 1 and 16 but to 56 in batches of 64: the plan still weighs
+    every batch size at the size asked for (before, only the batch of 64 was left at size 56), and a one-request
+    stage is costed and shown at batch 1."""
+    from tandem_serve.tuning.plan import TimingTable
+
+    rows = []
+    for batch, size in ((1, 48), (16, 48), (64, 56)):
+        rows += [timing("tokenize", "cpu", batch, 0.05, "-", 0, size * 16, size=size, pipeline="text"),
+                 timing("encoder_fused", "cuda:0", batch, 0.05, "fp16", size * 16, 384 * 4, size, 1.0, 0.9999, "text")]
+    profile = Profile({"cpus": 8, "gpus": ["Test GPU"]}, rows, transfers(25.0))
+    options = TimingTable(profile).options("encoder_fused", 56, 0.99)
+    assert [t.batch for t in options[("cuda:0", "fp16")]] == [1, 16, 64]
+    plan = make_plan(profile, Objective(), sizes={"text": 56}).chosen["text"]
+    tokenize = plan.stages[0]
+    assert tokenize.batch == 1 and tokenize.cost_per_item_ms == pytest.approx(0.05)

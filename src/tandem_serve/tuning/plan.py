@@ -147,16 +147,19 @@ class TimingTable:
         return sorted({t.size for t in self.profile.stages if t.pipeline == pipeline})
 
     def options(self, stage: str, size: int, min_accuracy: float) -> dict[tuple[str, str], list[StageTiming]]:
-        """(device, precision) -> timings by batch at `size` (the nearest profiled size)."""
-        rows = [t for t in self.profile.stages if t.stage == stage]
-        if not rows:
-            return {}
-        nearest = min({t.size for t in rows}, key=lambda s: abs(s - size))
-        found: dict[tuple[str, str], list[StageTiming]] = {}
-        for t in rows:
+        """(device, precision) -> timings by batch, each batch at the profiled size nearest `size` (texts of the same
+        words pad to longer lengths in bigger batches: one size for all would drop the other batch sizes)."""
+        nearest: dict[tuple[str, str, int], StageTiming] = {}
+        for t in self.profile.stages:
             # int8 is profiled for its accuracy and speed, but no stage config offers it yet
-            if t.size == nearest and t.precision != "int8" and (t.accuracy is None or t.accuracy >= min_accuracy):
-                found.setdefault((t.device, t.precision), []).append(t)
+            if t.stage != stage or t.precision == "int8" or (t.accuracy is not None and t.accuracy < min_accuracy):
+                continue
+            key = (t.device, t.precision, t.batch)
+            if key not in nearest or abs(t.size - size) < abs(nearest[key].size - size):
+                nearest[key] = t
+        found: dict[tuple[str, str], list[StageTiming]] = {}
+        for (device, precision, _), t in nearest.items():
+            found.setdefault((device, precision), []).append(t)
         return {k: sorted(v, key=lambda t: t.batch) for k, v in found.items()}
 
     def copy_seconds(self, nbytes: float) -> float:
@@ -188,8 +191,9 @@ def _cpu_batch(rows: list[StageTiming]) -> list[StageTiming]:
 
 def _batch_choices(stage: str, device: str, rows: list[StageTiming]) -> list[StageTiming]:
     """The batch sizes the plan may give a stage: one request for ONE_REQUEST_STAGES, one batch for a CPU stage."""
-    if stage in ONE_REQUEST_STAGES:
-        return [min(rows, key=lambda t: t.batch)]
+    if stage in ONE_REQUEST_STAGES:  # one request per execution: the per-item cost of its smallest profiled batch
+        smallest = min(rows, key=lambda t: t.batch)
+        return [replace(smallest, batch=1, seconds=smallest.seconds / smallest.batch)]
     return _cpu_batch(rows) if device == "cpu" else rows
 
 
