@@ -6,6 +6,7 @@ runs it, checking every 0.25 s and reclaiming registrations every second.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -220,6 +221,18 @@ def _serves_both_pipelines(server) -> None:
         assert len(client.detect(encode_scene(generate_scene(rng), rng)).boxes) > 0
 
 
+def _send_bytes(stub: service_pb2_grpc.GRPCInferenceServiceStub, model: str, name: str, payload: bytes) -> str:
+    """One raw BYTES request of shape [1, 1] (`payload` is its length-prefixed content): "ok" or the error."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(payload)
+    try:
+        stub.ModelInfer(request, timeout=ANSWER_BOUND_S)
+        return "ok"
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+
+
 def test_a_malformed_length_prefix_fails_only_its_own_request(server):
     """BYTES whose length prefix claims 0xFFFFFFF0 bytes, sent with 31 good requests, 10 rounds: only it fails. The
     tokenizer (max_batch_size 0) ran each request alone while the encoder batched them: the load that made a
@@ -229,16 +242,7 @@ def test_a_malformed_length_prefix_fails_only_its_own_request(server):
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_url))
     status = grpcclient.InferenceServerClient(server.grpc_url)
     before = {s.model: s for s in read_statistics(status, "grpc")}
-
-    def send(payload: bytes) -> str:
-        request = service_pb2.ModelInferRequest(model_name="text_embedding_fused")
-        request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
-        request.raw_input_contents.append(payload)
-        try:
-            stub.ModelInfer(request, timeout=ANSWER_BOUND_S)
-            return "ok"
-        except grpc.RpcError as exc:
-            return f"{exc.code().name}: {exc.details()}"
+    send = functools.partial(_send_bytes, stub, "text_embedding_fused", "text")
 
     bad = struct.pack("<I", 0xFFFFFFF0) + b"abcd"
     good = [struct.pack("<I", len(t)) + t for t in (f"good request {i}".encode() for i in range(31))]
@@ -263,16 +267,7 @@ def test_the_tokenizer_never_batches_a_malformed_request_with_queued_ones(tmp_pa
     repo = _tokenizer_repository(tmp_path / "repo", queue_size=1024)
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", supervise=False)) as triton:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
-
-        def send(payload: bytes) -> str:
-            request = service_pb2.ModelInferRequest(model_name="tokenizer")
-            request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
-            request.raw_input_contents.append(payload)
-            try:
-                stub.ModelInfer(request, timeout=ANSWER_BOUND_S)
-                return "ok"
-            except grpc.RpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"
+        send = functools.partial(_send_bytes, stub, "tokenizer", "TEXT")
 
         long = " ".join(["blocking"] * 7000).encode()  # ~62 KiB: tens of ms, while the others queue behind it
         texts = [f"queued request {i}".encode() for i in range(62)]

@@ -84,8 +84,8 @@ def test_token_embedding_moves_onto_the_gpu_when_shipping_hidden_states_costs_mo
 
 
 def test_the_tokenizer_takes_one_request_per_execution(tmp_path):
-    """It reads the clients' BYTES: the plan never batches requests there, and renders it so (max_batch_size 0: a
-    dynamic batcher would batch queued requests even with preferred size 1), beside ensembles of max_batch_size 64."""
+    """It reads the clients' BYTES: the plan never batches requests there, and renders it so (max_batch_size 0, which
+    no batcher setting can override), beside ensembles of max_batch_size 64."""
     report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
     tokenize = report.chosen["text"].stages[0]
     assert tokenize.stage == "tokenize" and tokenize.batch == 1 and tokenize.queue_delay_us == 0

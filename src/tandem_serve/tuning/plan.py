@@ -42,7 +42,7 @@ MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding",
 SPLITTABLE = {"encoder", "encoder_fused", "detector", "image_preprocess"}
 # Stages that read the clients' BYTES take one request per execution (their models have max_batch_size 0): Triton's
 # Python backend fails a whole batch when one request's string data is malformed, so such a stage never batches
-# clients together (a dynamic batcher with preferred size 1 still would: see model_repository/tokenizer).
+# clients together (preferred sizes only steer a dynamic batcher: see model_repository/tokenizer).
 ONE_REQUEST_STAGES = {"tokenize"}
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
