@@ -20,7 +20,7 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 from _common import machine
-from suite import ceiling, planned_ensemble
+from suite import ceiling, planned
 from tandem_serve.loadgen import LoadSpec, TritonSender, measure
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--client-processes", type=int, default=4)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ensemble = planned_ensemble(args.repository, "text")
+    ensemble = planned(args.repository, "text")["ensemble"]
     files = SentenceModelFiles.load()
     top = ceiling("text", files.root)
     rows = []

@@ -188,9 +188,10 @@ def shipped_repository(models: dict[str, str], target: Path) -> Path:
     return target
 
 
-def planned_ensemble(repository: Path, pipeline: str) -> str:
-    """The ensemble `tandem plan` chose for `pipeline`, from the plan.json beside its triton/ folder."""
-    return json.loads((repository.parent / "plan.json").read_text())["plans"][pipeline]["ensemble"]
+def planned(repository: Path, pipeline: str) -> dict:
+    """What `tandem plan` chose for `pipeline` (ensemble, estimated throughput, stages), from the plan.json beside its
+    triton/ folder."""
+    return json.loads((repository.parent / "plan.json").read_text())["plans"][pipeline]
 
 
 def triton_trials(repository: Path, ensemble: str, args: argparse.Namespace, rounds: int,
@@ -249,7 +250,9 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     plugin = None
     plan_repo = args.plans / name / "triton" if args.plans else None
     if plan_repo is not None and plan_repo.is_dir():
-        ensemble = planned_ensemble(plan_repo, pipeline)
+        chosen = planned(plan_repo, pipeline)
+        ensemble = chosen["ensemble"]
+        result["plan_estimate_per_s"] = chosen["throughput"]
         logger.info("%s: triton-plugin (%s planned, then tuned)", name, ensemble)
         profile_dir = scratch / f"{name}-stub-profile" if args.stub_profile else None
         trials, plugin_open = triton_trials(plan_repo, ensemble, args, args.tune_rounds, open_spec, profile_dir)
@@ -293,6 +296,9 @@ def summary(name: str, r: dict) -> dict:
         closed = [p for p in points.get(label, []) if p.mode == "closed" and not p.errors]
         top = max(closed, key=lambda p: p.throughput, default=None)
         out[f"{label}_server_cpu_ms"] = top.server_cpu_ms_per_request if top else None
+    if r.get("plan_estimate_per_s") and "triton-planned" in points:  # what the plan predicted for its own configs
+        out["plan_estimate_per_s"] = r["plan_estimate_per_s"]
+        out["triton-planned/estimate"] = best(points["triton-planned"]) / r["plan_estimate_per_s"]
     for label in ("ts-plugin", "triton-plugin"):
         if label in points and best(naive):
             out[f"{label}/naive"] = best(points[label]) / best(naive)
@@ -313,7 +319,10 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
                      f"{r.get(f'{plugin}/naive', float('nan')):.2f}x ({plugin}) | {r.get(f'{plugin}/ceiling', float('nan')):.0%} | "
                      f"{r.get(f'{plugin}/naive p50 c1', float('nan')):.2f}x | "
                      f"{r.get('naive_p99_open_ms') or float('nan'):.0f} / {r.get(f'{plugin}_p99_open_ms') or float('nan'):.0f} |")
-    return "\n".join(lines)
+    estimates = [f"{r['workload']}: `tandem plan` estimated {r['plan_estimate_per_s']:.0f}/s for the configs it rendered; "
+                 f"served {r['triton-planned_best_per_s']:.0f}/s ({r['triton-planned/estimate']:.2f}x the estimate)"
+                 for r in rows if "triton-planned/estimate" in r]
+    return "\n".join(lines + ([""] + estimates if estimates else []))
 
 
 def stage_lines(name: str, r: dict) -> list[str]:
@@ -334,7 +343,8 @@ def stage_lines(name: str, r: dict) -> list[str]:
         for s in point.stages:
             if s.model != ensemble:
                 cpu = parts.pop(f"stub:{s.model}", None)
-                lines.append(f"| {name} | {level} | {s.model} | {s.mean_batch:.1f} | {s.queue_ms:.2f} | {s.compute_ms:.2f} | "
+                split = f" ({s.input_ms:.2f} / {s.infer_ms:.2f} / {s.output_ms:.2f})" if s.infer_ms else ""
+                lines.append(f"| {name} | {level} | {s.model} | {s.mean_batch:.1f} | {s.queue_ms:.2f} | {s.compute_ms:.2f}{split} | "
                              f"{'' if cpu is None else f'{cpu:.3f}'} |")
         for part, cpu in parts.items():  # tritonserver itself (gRPC, ensemble scheduling, backend IPC)
             lines.append(f"| {name} | {level} | ({part}) | | | | {cpu:.3f} |")
@@ -346,7 +356,7 @@ def stage_table(results: dict[str, dict]) -> str:
     if not lines:
         return ""
     return ("Where the plugin's time goes (Triton's statistics of each level's window; compute = a batch's input, "
-            "infer and output, per request; CPU = the CPU time of that model's stub processes, or of the server process "
+            "infer and output, per request, and in brackets those three apart; CPU = the CPU time of that model's stub processes, or of the server process "
             "itself, per request answered):\n\n| workload | level | model | mean batch | queue ms | compute ms | CPU ms |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 

@@ -16,6 +16,9 @@ class StageStats:
     inferences: int
     queue_ms: float  # mean per request
     compute_ms: float  # mean per request: input + infer + output
+    input_ms: float = 0.0  # of compute_ms: the backend gathering the batch's inputs (for the Python backend: into the
+    infer_ms: float = 0.0  # stub's shared memory), the model's execute (the stub's round trip), the outputs
+    output_ms: float = 0.0
 
     @property
     def mean_batch(self) -> float:
@@ -33,14 +36,17 @@ def parse_statistics(raw: dict[str, Any]) -> list[StageStats]:
     for model in raw.get("model_stats", []):
         inference = model.get("inference_stats", {})
         _, queue = _mean_ms(inference.get("queue", {}))
-        compute = sum(_mean_ms(inference.get(k, {}))[1] for k in ("compute_input", "compute_infer", "compute_output"))
+        parts = [_mean_ms(inference.get(k, {}))[1] for k in ("compute_input", "compute_infer", "compute_output")]
         stages.append(StageStats(
             model=model["name"],
             requests=int(inference.get("success", {}).get("count", 0)),
             executions=int(model.get("execution_count", 0)),
             inferences=int(model.get("inference_count", 0)),
             queue_ms=queue,
-            compute_ms=compute,
+            compute_ms=sum(parts),
+            input_ms=parts[0],
+            infer_ms=parts[1],
+            output_ms=parts[2],
         ))
     return stages
 
@@ -55,7 +61,9 @@ def stats_delta(now: StageStats, before: StageStats | None) -> StageStats:
         return (a * now.requests - b * before.requests) / requests if requests else 0.0
 
     return StageStats(now.model, requests, now.executions - before.executions, now.inferences - before.inferences,
-                      mean(now.queue_ms, before.queue_ms), mean(now.compute_ms, before.compute_ms))
+                      mean(now.queue_ms, before.queue_ms), mean(now.compute_ms, before.compute_ms),
+                      mean(now.input_ms, before.input_ms), mean(now.infer_ms, before.infer_ms),
+                      mean(now.output_ms, before.output_ms))
 
 
 def read_statistics(client: Any, protocol: str) -> list[StageStats]:

@@ -12,7 +12,8 @@
 # Issue 6 (after wheels, model1, numpy1): profile carry [".carry/model2"], then tune (no carry).
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
-# Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"].
+# Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"]; after
+# suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824").
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -96,15 +97,16 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"  # the profile's serving-cost probe starts the embedded Triton
     python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert; random_bert('base', Path('$base/models'))"
-    quick="--batch-sizes 1 16 64 --repeats 3"
+    # the text encoders up to 256 (the ceiling's best batch on the H200); PLAN_ARGS e.g. "--cpus 12" where the
+    # suite's load processes take the other cores
     for w in ${PREP_WORKLOADS:-minilm bert-base yolov5s}; do
         case "$w" in
-        minilm) args="--pipelines text --seq-lengths 32" ;;
-        bert-base) args="--pipelines text --seq-lengths 32 --model-dir $base/models/bert-base-random" ;;
-        yolov5s) args="--pipelines detection --detector-size s" ;;
+        minilm) args="--pipelines text --seq-lengths 32 --batch-sizes 1 16 64 256" ;;
+        bert-base) args="--pipelines text --seq-lengths 32 --batch-sizes 1 16 64 256 --model-dir $base/models/bert-base-random" ;;
+        yolov5s) args="--pipelines detection --detector-size s --batch-sizes 1 16 64" ;;
         esac
-        python3 -m tandem_serve.cli profile $args $quick --out "$out/profile-$w.json" 2>&1 | grep -v "\] " | tail -3
-        python3 -m tandem_serve.cli plan "$out/profile-$w.json" --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
+        python3 -m tandem_serve.cli profile $args --repeats 3 --out "$out/profile-$w.json" 2>&1 | grep -v "\] " | tail -3
+        python3 -m tandem_serve.cli plan "$out/profile-$w.json" ${PLAN_ARGS:-} --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
     done
     ;;
 suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm); results under $OUT/suite
@@ -112,6 +114,12 @@ suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm)
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/suite.py --out "$out/suite" --plans "$base/plans" ${SUITE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
         | tee "$out/suite.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -60
+    ;;
+flags)  # after suite-prep: one plan served under several tritonserver flag sets (FLAGS_ARGS: --variant NAME=FLAG ...)
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    (cd bench && python3 server_flags.py --repository "$base/plans/${FLAGS_WORKLOAD:-yolov5s}/triton" --out "$out/flags" \
+        ${FLAGS_ARGS:---variant base=}) 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/flags.log" | grep -v "^20[0-9-]* [0-9:,]*" | tail -40
     ;;
 items)  # after suite-prep (PREP_WORKLOADS=minilm is enough): 1, 4 and 16 texts per request vs the ceiling
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

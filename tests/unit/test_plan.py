@@ -122,6 +122,48 @@ def test_measured_ensemble_step_costs_favour_the_pipeline_with_fewer_steps_and_b
     assert Profile.load(saved).serving == profile.serving
 
 
+def test_measured_cpu_times_are_what_the_cores_are_charged_a_one_request_step_paying_its_execution_alone():
+    """With CPU times in the serving cost, the cores pay each step's CPU time (its per-execution part shared by the
+    step's batch: whole for the one-request tokenizer, a 32nd for an encoder at batch 32) and each request's own; the
+    latency figures stay the instances' busy time. Fewer cores (`cpus`) lower the CPU bound in proportion."""
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.serving = ServingCost(step_s=0.1e-3, byte_s=0.0, payload_bytes=MB, latencies_s={}, step_cpu_s=0.4e-3,
+                                  step_cpu_shared_s=0.3e-3, byte_cpu_s=0.0, request_cpu_s=0.25e-3, batched_mean=6.0)
+    plan = make_plan(profile, Objective()).chosen["text"]
+    assert plan.ensemble == "text_embedding_fused"
+    tokenize, encoder = plan.stages
+    assert tokenize.batch == 1 and tokenize.serving_cpu_per_item_ms == pytest.approx(0.4)
+    assert encoder.serving_cpu_per_item_ms == pytest.approx(0.1 + 0.3 / encoder.batch)
+    assert tokenize.serving_per_item_ms == pytest.approx(0.1)  # latency, not CPU
+    sum_c_ms = tokenize.cost_per_item_ms + tokenize.serving_cpu_per_item_ms + encoder.serving_cpu_per_item_ms + 0.25
+    cores = 8 - encoder.instances
+    assert plan.cpu_bound == pytest.approx(cores / (sum_c_ms / 1e3), rel=1e-6)
+    fewer = make_plan(profile, Objective(), cpus=6).chosen["text"]
+    assert fewer.cpu_bound == pytest.approx((6 - fewer.stages[1].instances) / (sum_c_ms / 1e3), rel=1e-6)
+    legacy = ServingCost.from_json({"step_s": 1e-3, "byte_s": 0.0, "payload_bytes": MB, "latencies_s": {}})
+    assert not legacy.cpu_measured and legacy.step_cpu_seconds(0, 32) == pytest.approx(1e-3)  # older profiles
+
+
+def test_the_cpu_fit_separates_per_execution_per_request_and_per_byte_costs():
+    """Chains of 1 and 3 steps whose CPU per request follows request + steps x (own + shared / batch) + bytes."""
+    from tandem_serve.tuning.serving_cost import CpuRun, _fit_cpu
+
+    request, own, shared, per_byte, small, large = 0.2e-3, 0.05e-3, 0.15e-3, 1e-9, 16, MB
+
+    def cpu(steps: int, size: int, batch: float) -> CpuRun:
+        return CpuRun(request + steps * (own + shared / batch + per_byte * size), batch)
+
+    fit = _fit_cpu({(n, b): cpu(n, b, 1.0) for n in (1, 3) for b in (small, large)}, {n: cpu(n, small, 5.0) for n in (1, 3)},
+                   small, large)
+    assert fit["step_cpu_s"] == pytest.approx(own + shared + per_byte * small)
+    assert fit["step_cpu_shared_s"] == pytest.approx(shared)
+    assert fit["byte_cpu_s"] == pytest.approx(per_byte, rel=1e-6)
+    assert fit["request_cpu_s"] == pytest.approx(request)
+    unbatched = _fit_cpu({(n, b): cpu(n, b, 1.0) for n in (1, 3) for b in (small, large)},
+                         {n: cpu(n, small, 1.0) for n in (1, 3)}, small, large)
+    assert unbatched["step_cpu_shared_s"] == 0.0  # nothing batched: no split, the whole step per request
+
+
 def test_gpu_instances_follow_their_step_cost_and_bound_the_pipeline():
     # a cheap GPU stage behind a per-item step cost of 2 ms: one instance serves 1/(2 ms + compute) items/s at most
     profile = detection_profile(gpu_ms=0.2, cpu_ms=10_000.0, image_bytes=10_000, gb_per_s=25.0, cpus=64)  # no CPU share

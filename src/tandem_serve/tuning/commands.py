@@ -36,7 +36,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     objective = Objective(p99_ms=args.p99_ms, min_accuracy=args.min_accuracy)
     sizes = {k: v for k, v in (("text", args.seq_length), ("detection", args.image_size)) if v}
     profile = Profile.load(args.profile)
-    report = make_plan(profile, objective, sizes, args.gpus)
+    report = make_plan(profile, objective, sizes, args.gpus, args.cpus)
     if not report.chosen:
         logger.error("%s holds no stage timings to plan from", args.profile)
         return 1
@@ -102,6 +102,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--image-size", type=int, help="plan for this network input side (default the largest profiled)")
     plan.add_argument("--gpus", type=int, help="plan for N GPUs like the profiled one in one host: GPU stages get "
                       "instance groups on GPUs 0..N-1 (default the profiled machine's count)")
+    plan.add_argument("--cpus", type=int, help="plan for N cores for the server (default the profiled machine's; "
+                      "fewer where a load generator or other services share the host)")
     plan.add_argument("--out", type=Path, help="write Triton configs, TorchServe model-config.yaml and plan.json here")
     plan.set_defaults(func=cmd_plan)
 

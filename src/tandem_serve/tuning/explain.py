@@ -7,12 +7,12 @@ from tandem_serve.tuning.plan import PipelinePlan, PlanReport, feasible
 
 def _stage_table(plan: PipelinePlan) -> list[str]:
     lines = [f"  {'stage':<17}{'model':<17}{'device':<15}{'prec':<6}{'batch':>6}{'inst':>5}{'delay us':>9}"
-             f"{'ms/item':>9}{'xfer ms/item':>13}{'step ms/item':>13}"]
+             f"{'ms/item':>9}{'xfer ms/item':>13}{'step ms/item':>13}{'step CPU ms':>12}"]
     for s in plan.stages:
         device = s.device + (f"+{s.cpu_instances}cpu" if s.cpu_share else "")
         lines.append(f"  {s.stage:<17}{s.model:<17}{device:<15}{s.precision:<6}{s.batch:>6}{s.instances:>5}"
                      f"{s.queue_delay_us:>9}{s.cost_per_item_ms:>9.3f}{s.transfer_per_item_ms:>13.4f}"
-                     f"{s.serving_per_item_ms:>13.4f}")
+                     f"{s.serving_per_item_ms:>13.4f}{s.serving_cpu_per_item_ms:>12.4f}")
     return lines
 
 
@@ -34,13 +34,24 @@ def _why(plan: PipelinePlan, alternatives: list[PipelinePlan]) -> list[str]:
     return lines
 
 
+def _serving_line(report: PlanReport) -> str:
+    """What the profile measured of Triton's own costs, as the plan charges them."""
+    serving = report.serving
+    if serving is None:
+        return "Triton step cost: not in the profile (stage compute only; profile with the serving cost for it)"
+    line = (f"Triton step cost (measured): latency {serving.step_s * 1e3:.3f} ms per request + "
+            f"{serving.byte_s * (1 << 20) * 1e3:.3f} ms per MiB it receives")
+    if not serving.cpu_measured:
+        return line + " (also charged as CPU time: the profile has no CPU times)"
+    return (line + f"; CPU {serving.step_cpu_s * 1e3:.3f} ms per step ({serving.step_cpu_shared_s * 1e3:.3f} ms of it "
+            f"per execution, shared by a batch) + {serving.byte_cpu_s * (1 << 20) * 1e3:.3f} ms per MiB, and "
+            f"{serving.request_cpu_s * 1e3:.3f} ms per request (gRPC, the ensemble)")
+
+
 def format_report(report: PlanReport, top: int = 5) -> str:
     """The report as text: per pipeline the chosen plan, the runners-up, and the reasons."""
     out = [f"objective: {report.objective.describe()} (precisions within {report.objective.min_accuracy:g} of fp32)"]
-    serving = report.serving
-    out.append(f"Triton step cost: {serving.step_s * 1e3:.3f} ms per request + {serving.byte_s * (1 << 20) * 1e3:.3f} ms "
-               "per MiB it receives (measured), CPU time" if serving else
-               "Triton step cost: not in the profile (stage compute only; profile with the serving cost for it)")
+    out.append(_serving_line(report))
     for pipeline, plan in report.chosen.items():
         alternatives = report.alternatives[pipeline]
         ok = "" if feasible(plan, report.objective) else "  (NO plan meets the latency bound: the fastest shown)"

@@ -12,9 +12,11 @@ The model (documented in the README, section Placement):
 - pipeline throughput T = min(CPU cores / sum c, GPUs / sum g, the instance bounds); a stage allowed on both devices
   may give a share f of its items to CPU instances when that raises T (Triton hands each batch to
   whichever instance is free, so the split follows the instances' speeds);
-- every stage is also one Triton ensemble step: the profile's measured serving cost (a step, plus the
-  bytes it receives from the previous step) is CPU time per item, charged to the shared cores; without
-  serving costs in the profile only the stages' compute counts;
+- every stage is also one Triton ensemble step: the profile's measured serving cost (the server's and the
+  stub's CPU time for a step, its per-execution part shared by the step's batch, plus the bytes it receives
+  from the previous step), and each request's own CPU time in the server (gRPC, the ensemble), are CPU
+  time per item (one item per request), charged to the shared cores; the step's latency counts in the
+  instances' busy time and in latency; without serving costs in the profile only the stages' compute counts;
 - latency = sum over stages of (queue delay + seconds(b) + transfer + step cost); the p99 objective keeps
   plans whose latency, doubled for queueing, stays under the bound.
 Every (placement, precision, batch size) combination is scored; the best wins.
@@ -79,7 +81,8 @@ class StagePlan:
     cpu_instances: int = 0
     cost_per_item_ms: float = 0.0  # core-ms (CPU) or GPU-ms incl. transfers
     transfer_per_item_ms: float = 0.0
-    serving_per_item_ms: float = 0.0  # the ensemble step around the stage (CPU time, any device)
+    serving_per_item_ms: float = 0.0  # the ensemble step around the stage (latency, any device)
+    serving_cpu_per_item_ms: float = 0.0  # the same step's CPU time in the server and the stub, per item
     latency_ms: float = 0.0
     input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
     host_input_step_ms: float = 0.0  # per item, the step's CPU cost of receiving its input through host memory
@@ -182,6 +185,16 @@ class TimingTable:
         serving = self.profile.serving
         return serving.step_seconds(in_bytes) if serving else 0.0
 
+    def step_cpu_seconds(self, in_bytes: float, batch: int) -> float:
+        """The server's and stub's CPU seconds per request of a step receiving `in_bytes` in batches of `batch`."""
+        serving = self.profile.serving
+        return serving.step_cpu_seconds(in_bytes, batch) if serving else 0.0
+
+    def request_cpu_seconds(self) -> float:
+        """A request's CPU seconds in the server besides its steps (0 where not measured)."""
+        serving = self.profile.serving
+        return serving.request_cpu_s if serving else 0.0
+
 
 def _cpu_batch(rows: list[StageTiming]) -> list[StageTiming]:
     """A CPU stage's batch: the smallest within 5 % of its best cost per item (larger only adds latency)."""
@@ -210,8 +223,10 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
             transfer += table.copy_seconds(timing.out_bytes * timing.batch)
     seconds = timing.seconds + transfer
     # an input the previous GPU stage left on the GPU crosses by CUDA IPC: no bytes through host memory
-    step = table.step_seconds(0 if on_gpu and previous_on_gpu else timing.in_bytes)
-    host_input_step = table.step_seconds(timing.in_bytes) - table.step_seconds(0)
+    received = 0 if on_gpu and previous_on_gpu else timing.in_bytes
+    step = table.step_seconds(received)
+    step_cpu = table.step_cpu_seconds(received, timing.batch)
+    host_input_step = table.step_cpu_seconds(timing.in_bytes, timing.batch) - table.step_cpu_seconds(0, timing.batch)
     input_copy = table.copy_seconds(timing.in_bytes * timing.batch) / timing.batch
     if stage in ONE_REQUEST_STAGES:
         delay = 0
@@ -219,7 +234,8 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
         delay = int(min(MAX_QUEUE_DELAY_US, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
-                     serving_per_item_ms=step * 1e3, latency_ms=(seconds + step) * 1e3 + delay / 1e3,
+                     serving_per_item_ms=step * 1e3, serving_cpu_per_item_ms=step_cpu * 1e3,
+                     latency_ms=(seconds + step) * 1e3 + delay / 1e3,
                      input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3)
 
 
@@ -229,12 +245,13 @@ def _instance_seconds(stage: StagePlan) -> float:
 
 
 def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,
-          split_options: dict[int, StagePlan]) -> PipelinePlan:
+          split_options: dict[int, StagePlan], request_cpu_s: float = 0.0) -> PipelinePlan:
     """Throughput bounds, instance counts and an optional CPU share for a splittable GPU stage."""
     gpu_stages = [s for s in stages if s.device.startswith("cuda")]
     busiest = max(gpu_stages, key=lambda g: g.cost_per_item_ms).stage if gpu_stages else None
     counts = {s.stage: 2 if s.stage == busiest else 1 for s in gpu_stages}  # two overlap the busiest's Python work
-    serving = sum(s.serving_per_item_ms for s in stages) / 1e3  # every step's stub and server work, on the cores
+    # every step's stub and server work, and each request's own, on the cores
+    serving = sum(s.serving_cpu_per_item_ms for s in stages) / 1e3 + request_cpu_s
     sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
     gpu_bound = gpus / sum_g if sum_g else math.inf
@@ -281,10 +298,12 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
 
 
 def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None,
-                  gpus: int | None = None) -> list[PipelinePlan]:
+                  gpus: int | None = None, cpus: int | None = None) -> list[PipelinePlan]:
     """Every scored combination for one pipeline, best first (the objective's feasible plans lead). `gpus`: plan for
-    that many GPUs of the profiled kind in one host (default the profiled machine's)."""
-    cpus = int(table.profile.machine.get("cpus", 1))
+    that many GPUs of the profiled kind in one host (default the profiled machine's); `cpus`: for that many cores
+    (default the profiled machine's)."""
+    cpus = cpus or int(table.profile.machine.get("cpus", 1))
+    request_cpu = table.request_cpu_seconds()
     gpus = gpus or max(1, len(table.profile.machine.get("gpus", [])))
     sizes = table.sizes(pipeline)
     if not sizes:
@@ -308,9 +327,9 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
                         best = min(cpu_rows, key=lambda t: t.seconds / t.batch)
                         split[index] = _stage_plan(stage, best, False, table)
                 previous_on_gpu = device.startswith("cuda")
-            plans.append(score(pipeline, ensemble, size, stages, cpus, gpus, {}))
+            plans.append(score(pipeline, ensemble, size, stages, cpus, gpus, {}, request_cpu))
             if split:  # the same placement with CPU instances helping the GPU stage: a plan of its own
-                helped = score(pipeline, ensemble, size, stages, cpus, gpus, split)
+                helped = score(pipeline, ensemble, size, stages, cpus, gpus, split, request_cpu)
                 if any(s.cpu_share for s in helped.stages):
                     plans.append(helped)
 
@@ -327,8 +346,9 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
 
 
 def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None,
-              gpus: int | None = None) -> PlanReport:
-    """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one, when given)."""
+              gpus: int | None = None, cpus: int | None = None) -> PlanReport:
+    """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one and `cpus` cores,
+    when given)."""
     table = TimingTable(profile)
     report = PlanReport(objective, serving=profile.serving)
     seen = {(t.stage, t.device, t.precision): t.accuracy for t in profile.stages if t.accuracy is not None}
@@ -337,7 +357,7 @@ def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | No
             why = "below the accuracy floor" if accuracy < objective.min_accuracy else "no stage config offers int8"
             report.rejected.append(f"{stage} {device} {precision}: accuracy {accuracy:.4f} vs fp32 ({why})")
     for pipeline in PIPELINES:
-        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline), gpus)
+        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline), gpus, cpus)
         if ranked:
             report.chosen[pipeline] = ranked[0]
             report.alternatives[pipeline] = ranked
