@@ -145,23 +145,44 @@ def test_measured_cpu_times_are_what_the_cores_are_charged_a_one_request_step_pa
 
 
 def test_the_cpu_fit_separates_per_execution_per_request_and_per_byte_costs():
-    """Chains of 1 and 3 steps whose CPU per request follows request + steps x (own + shared / batch) + bytes."""
+    """Chains of 1 and 3 steps whose CPU per request follows request + steps x (own + shared / batch + bytes), the
+    one-request chains at batch 1, the batching ones at 5."""
     from tandem_serve.tuning.serving_cost import CpuRun, _fit_cpu
 
-    request, own, shared, per_byte, small, large = 0.2e-3, 0.05e-3, 0.15e-3, 1e-9, 16, MB
+    request, own, shared, stub, per_byte, small, large = 0.2e-3, 0.05e-3, 0.15e-3, 0.08e-3, 1e-9, 16, MB
 
     def cpu(steps: int, size: int, batch: float) -> CpuRun:
-        return CpuRun(request + steps * (own + shared / batch + per_byte * size), batch)
+        return CpuRun(request + steps * (own + shared / batch + per_byte * size), steps * stub, batch)
 
-    fit = _fit_cpu({(n, b): cpu(n, b, 1.0) for n in (1, 3) for b in (small, large)}, {n: cpu(n, small, 5.0) for n in (1, 3)},
-                   small, large)
+    runs = {(f"{'single' if batch == 1 else 'chain'}_{n}", b): cpu(n, b, batch)
+            for n in (1, 3) for b in (small, large) for batch in (1.0, 5.0)}
+    fit = _fit_cpu(runs, small, large)
     assert fit["step_cpu_s"] == pytest.approx(own + shared + per_byte * small)
     assert fit["step_cpu_shared_s"] == pytest.approx(shared)
+    assert fit["step_stub_cpu_s"] == pytest.approx(stub)
     assert fit["byte_cpu_s"] == pytest.approx(per_byte, rel=1e-6)
     assert fit["request_cpu_s"] == pytest.approx(request)
-    unbatched = _fit_cpu({(n, b): cpu(n, b, 1.0) for n in (1, 3) for b in (small, large)},
-                         {n: cpu(n, small, 1.0) for n in (1, 3)}, small, large)
+    unbatched = _fit_cpu({k: cpu(int(k[0][-1]), k[1], 1.0) for k in runs}, small, large)
     assert unbatched["step_cpu_shared_s"] == 0.0  # nothing batched: no split, the whole step per request
+
+
+def test_a_one_request_stage_measured_served_is_costed_and_given_instances_by_what_was_measured():
+    """The tokenizer served alone kept an instance 0.6 ms per request and spent 0.35 ms of its stub's CPU: the cores
+    pay that plus the server's side of its step, and it gets instances enough for 0.6 ms each at the plan's rate."""
+    from tandem_serve.tuning.serving_cost import AdapterCost
+
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.machine["cpus"] = 32
+    serving = ServingCost(step_s=0.1e-3, byte_s=0.0, payload_bytes=MB, latencies_s={}, step_cpu_s=0.4e-3,
+                          step_cpu_shared_s=0.3e-3, step_stub_cpu_s=0.25e-3, request_cpu_s=0.25e-3,
+                          adapters={"tokenize": AdapterCost("tokenizer", busy_s=0.6e-3, stub_cpu_s=0.35e-3)})
+    profile.serving = serving
+    plan = make_plan(profile, Objective()).chosen["text"]
+    tokenize = plan.stages[0]
+    assert tokenize.cost_per_item_ms == pytest.approx(0.35) and tokenize.busy_per_item_ms == pytest.approx(0.6)
+    assert tokenize.serving_cpu_per_item_ms == pytest.approx(0.4 - 0.25)  # tritonserver's side only
+    assert tokenize.instances >= plan.throughput * 0.6e-3 - 0.5  # enough instances of 0.6 ms for the rate
+    assert ServingCost.from_json(serving.to_json()) == serving  # the adapters survive the profile's JSON
 
 
 def test_gpu_instances_follow_their_step_cost_and_bound_the_pipeline():

@@ -43,9 +43,13 @@ def _serving_line(report: PlanReport) -> str:
             f"{serving.byte_s * (1 << 20) * 1e3:.3f} ms per MiB it receives")
     if not serving.cpu_measured:
         return line + " (also charged as CPU time: the profile has no CPU times)"
-    return (line + f"; CPU {serving.step_cpu_s * 1e3:.3f} ms per step ({serving.step_cpu_shared_s * 1e3:.3f} ms of it "
-            f"per execution, shared by a batch) + {serving.byte_cpu_s * (1 << 20) * 1e3:.3f} ms per MiB, and "
-            f"{serving.request_cpu_s * 1e3:.3f} ms per request (gRPC, the ensemble)")
+    line += (f"; CPU {serving.step_cpu_s * 1e3:.3f} ms per step ({serving.step_cpu_shared_s * 1e3:.3f} ms of it "
+             f"per execution, shared by a batch) + {serving.byte_cpu_s * (1 << 20) * 1e3:.3f} ms per MiB, and "
+             f"{serving.request_cpu_s * 1e3:.3f} ms per request (gRPC, the ensemble)")
+    for stage, adapter in serving.adapters.items():
+        line += (f"\n{stage} served alone: an instance busy {adapter.busy_s * 1e3:.3f} ms and its stub "
+                 f"{adapter.stub_cpu_s * 1e3:.3f} ms of CPU per request (measured)")
+    return line
 
 
 def format_report(report: PlanReport, top: int = 5) -> str:

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tandem_serve.tuning.profile import Profile, StageTiming
-from tandem_serve.tuning.serving_cost import ServingCost
+from tandem_serve.tuning.serving_cost import AdapterCost, ServingCost
 
 PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
     "text": [("text_embedding", ("tokenize", "token_embedding", "encoder")),
@@ -83,6 +83,7 @@ class StagePlan:
     transfer_per_item_ms: float = 0.0
     serving_per_item_ms: float = 0.0  # the ensemble step around the stage (latency, any device)
     serving_cpu_per_item_ms: float = 0.0  # the same step's CPU time in the server and the stub, per item
+    busy_per_item_ms: float = 0.0  # an instance's time per item where measured served (0: compute + step latency)
     latency_ms: float = 0.0
     input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
     host_input_step_ms: float = 0.0  # per item, the step's CPU cost of receiving its input through host memory
@@ -190,6 +191,18 @@ class TimingTable:
         serving = self.profile.serving
         return serving.step_cpu_seconds(in_bytes, batch) if serving else 0.0
 
+    def adapter(self, stage: str) -> "AdapterCost | None":
+        """The stage's real adapter as measured served alone, if the profile has it."""
+        serving = self.profile.serving
+        return serving.adapters.get(stage) if serving else None
+
+    def server_step_cpu_seconds(self, in_bytes: float) -> float:
+        """tritonserver's own CPU seconds per request of a one-request step (the step's CPU less its stub's part)."""
+        serving = self.profile.serving
+        if not serving:
+            return 0.0
+        return serving.step_cpu_s - serving.step_stub_cpu_s + serving.byte_cpu_s * in_bytes
+
     def request_cpu_seconds(self) -> float:
         """A request's CPU seconds in the server besides its steps (0 where not measured)."""
         serving = self.profile.serving
@@ -228,6 +241,13 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
     step_cpu = table.step_cpu_seconds(received, timing.batch)
     host_input_step = table.step_cpu_seconds(timing.in_bytes, timing.batch) - table.step_cpu_seconds(0, timing.batch)
     input_copy = table.copy_seconds(timing.in_bytes * timing.batch) / timing.batch
+    adapter = table.adapter(stage) if stage in ONE_REQUEST_STAGES else None
+    if adapter is not None:  # measured served: its stub's CPU (compute and its side of the step), the server's side
+        return StagePlan(stage, timing.device, timing.precision, 1, 1, 0, cost_per_item_ms=adapter.stub_cpu_s * 1e3,
+                         serving_per_item_ms=step * 1e3,
+                         serving_cpu_per_item_ms=table.server_step_cpu_seconds(received) * 1e3,
+                         busy_per_item_ms=adapter.busy_s * 1e3, latency_ms=adapter.busy_s * 1e3 + step * 1e3,
+                         input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3)
     if stage in ONE_REQUEST_STAGES:
         delay = 0
     else:
@@ -240,8 +260,9 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
 
 
 def _instance_seconds(stage: StagePlan) -> float:
-    """Seconds an instance of the stage is busy per item: its compute and copies plus its ensemble step."""
-    return (stage.cost_per_item_ms + stage.serving_per_item_ms) / 1e3
+    """Seconds an instance of the stage is busy per item: as measured served, else its compute and copies plus its
+    ensemble step."""
+    return (stage.busy_per_item_ms or stage.cost_per_item_ms + stage.serving_per_item_ms) / 1e3
 
 
 def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,

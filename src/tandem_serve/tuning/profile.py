@@ -13,14 +13,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from tandem_serve.timing import median_seconds
-from tandem_serve.tuning.serving_cost import ServingCost, measure_serving_cost
+from tandem_serve.tuning.serving_cost import ServingCost, measure_serving_cost, measure_tokenizer_cost
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,13 @@ def run_profile(options: ProfileOptions) -> Profile:
         logger.info("Triton ensemble step costs (embedded server)")
         try:
             profile.serving = measure_serving_cost()
+            if "text" in options.pipelines:  # the one-request stage measured as served, at the plan's default length
+                from tandem_serve.tuning.stage_timers import sentences
+
+                logger.info("the tokenizer served alone (embedded server)")
+                texts = sentences(64, max(options.seq_lengths) - 2, seed=7)
+                adapters = {"tokenize": measure_tokenizer_cost(options.model_dir, texts)}
+                profile.serving = replace(profile.serving, adapters=adapters)
         except TritonStartError as exc:
             logger.warning("no serving costs in the profile (the plan counts stage compute only): %s", exc)
     return profile

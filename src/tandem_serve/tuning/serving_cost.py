@@ -23,17 +23,28 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
-STEP_MODEL = "pass_through"
+STEP_MODEL = "pass_through"  # batches what queues (max_batch_size 8)
+SINGLE_MODEL = "pass_through_single"  # one request per execution (max_batch_size 0), as the tokenizer
 MODEL_PY = ('"""Triton Python-backend model used by `tandem profile` to time ensemble steps."""\n\n'
             "from tandem_serve.triton.probe_models import PassThroughModel as TritonPythonModel\n\n"
             '__all__ = ["TritonPythonModel"]\n')
+
+
+@dataclass(frozen=True)
+class AdapterCost:
+    """One real adapter served alone, one request per execution, under load: what its instance is busy with and
+    what its stub spends per request (compute and the stub's own share of the step)."""
+
+    model: str
+    busy_s: float  # Triton's compute time per execution (input, execute, output): an instance's time per request
+    stub_cpu_s: float  # CPU seconds of the model's stub per request
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,11 @@ class ServingCost:
     latencies_s: dict[str, float]  # median round trip per (steps, payload) case, e.g. "3x1048576"
     step_cpu_s: float = 0.0  # CPU seconds of one more step, one request per execution
     step_cpu_shared_s: float = 0.0  # the part of step_cpu_s spent once per execution (a batch shares it)
+    step_stub_cpu_s: float = 0.0  # the part of step_cpu_s spent in the step's stub (the rest: tritonserver)
     byte_cpu_s: float = 0.0  # CPU seconds per byte a step receives
     request_cpu_s: float = 0.0  # a request's CPU seconds in the server besides its steps (gRPC, the ensemble)
-    batched_mean: float = 0.0  # requests per execution of the pass-through step in the concurrent run
+    batched_mean: float = 0.0  # requests per execution of the batching pass-through step in its run
+    adapters: dict[str, AdapterCost] = field(default_factory=dict)  # by stage: real adapters measured served
 
     @property
     def cpu_measured(self) -> bool:
@@ -71,34 +84,45 @@ class ServingCost:
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "ServingCost | None":
+        if not raw:
+            return None
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known}) if raw else None
+        values = {k: v for k, v in raw.items() if k in known}
+        values["adapters"] = {stage: AdapterCost(**a) for stage, a in raw.get("adapters", {}).items()}
+        return cls(**values)
 
 
-def _tensor(name: str) -> mc.ModelInput:
-    return mc.ModelInput(name=name, data_type=mc.TYPE_UINT8, dims=[-1])
+def _tensor(name: str, dims: list[int]) -> mc.ModelInput:
+    return mc.ModelInput(name=name, data_type=mc.TYPE_UINT8, dims=dims)
+
+
+def _output(name: str, dims: list[int]) -> mc.ModelOutput:
+    return mc.ModelOutput(name=name, data_type=mc.TYPE_UINT8, dims=dims)
 
 
 def write_probe_repository(root: Path, lengths: tuple[int, ...] = (1, 3)) -> Path:
-    """A model repository with the pass-through model and one ensemble `chain_N` per length."""
+    """A model repository with the two pass-through models and ensembles `chain_N` (of the batching one) and
+    `single_N` (of the one-request one) per length."""
     from tandem_serve.tuning.render import write_config  # render imports the profile, which imports this
 
-    model = mc.ModelConfig(name=STEP_MODEL, backend="python", max_batch_size=8,
-                           input=[_tensor("DATA")], output=[mc.ModelOutput(name="DATA", data_type=mc.TYPE_UINT8, dims=[-1])],
-                           instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
-                           dynamic_batching=mc.ModelDynamicBatching())  # batches what queues (the CPU-time run)
-    (root / STEP_MODEL / "1").mkdir(parents=True, exist_ok=True)
-    (root / STEP_MODEL / "1" / "model.py").write_text(MODEL_PY)
-    write_config(model, root / STEP_MODEL / "config.pbtxt")
-    for length in lengths:
-        ensemble = mc.ModelConfig(name=f"chain_{length}", platform="ensemble", max_batch_size=8, input=[_tensor("data")],
-                                  output=[mc.ModelOutput(name="out", data_type=mc.TYPE_UINT8, dims=[-1])])
-        names = ["data"] + [f"t{i}" for i in range(1, length)] + ["out"]
-        for source, target in zip(names, names[1:]):
-            ensemble.ensemble_scheduling.step.add(model_name=STEP_MODEL, model_version=-1,
-                                                  input_map={"DATA": source}, output_map={"DATA": target})
-        (root / ensemble.name / "1").mkdir(parents=True, exist_ok=True)
-        write_config(ensemble, root / ensemble.name / "config.pbtxt")
+    for name, batch in ((STEP_MODEL, 8), (SINGLE_MODEL, 0)):
+        dims = [-1] if batch else [-1, -1]
+        model = mc.ModelConfig(name=name, backend="python", max_batch_size=batch, input=[_tensor("DATA", dims)],
+                               output=[_output("DATA", dims)],
+                               instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
+                               dynamic_batching=mc.ModelDynamicBatching())
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        (root / name / "1" / "model.py").write_text(MODEL_PY)
+        write_config(model, root / name / "config.pbtxt")
+        for length in lengths:
+            ensemble = mc.ModelConfig(name=f"{'chain' if batch else 'single'}_{length}", platform="ensemble",
+                                      max_batch_size=batch, input=[_tensor("data", dims)], output=[_output("out", dims)])
+            names = ["data"] + [f"t{i}" for i in range(1, length)] + ["out"]
+            for source, target in zip(names, names[1:]):
+                ensemble.ensemble_scheduling.step.add(model_name=name, model_version=-1,
+                                                      input_map={"DATA": source}, output_map={"DATA": target})
+            (root / ensemble.name / "1").mkdir(parents=True, exist_ok=True)
+            write_config(ensemble, root / ensemble.name / "config.pbtxt")
     return root
 
 
@@ -130,19 +154,23 @@ def _median_round_trips(url: str, cases: list[tuple[int, int]], requests: int, w
 
 @dataclass(frozen=True)
 class CpuRun:
-    """The server's CPU seconds per request of one chain and payload, and the pass-through step's batching."""
+    """The server's CPU seconds per request of one chain and payload (all of it, and its stubs' part), and how many
+    requests each execution of its step held."""
 
     cpu_s: float
+    stub_s: float
     mean_batch: float
 
 
-def _cpu_per_request(server_pid: int, url: str, steps: int, size: int, requests: int, threads: int) -> CpuRun:
-    """Send `requests` to chain_<steps> from `threads` clients at once; CPU time of the server's process tree."""
+def _cpu_per_request(server_pid: int, url: str, chain: str, size: int, requests: int, threads: int) -> CpuRun:
+    """Send `requests` to `chain` from `threads` clients at once (the server kept busy: CPU time read while idle
+    would count waiting); the CPU time of the server's process tree per request."""
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.loadgen import ProcessTreeCpu
     from tandem_serve.stats import read_statistics
 
+    step = STEP_MODEL if chain.startswith("chain") else SINGLE_MODEL
     data = np.random.default_rng(size).integers(0, 255, (1, size), dtype=np.uint8)
     clients = [grpcclient.InferenceServerClient(url) for _ in range(threads)]
 
@@ -150,11 +178,11 @@ def _cpu_per_request(server_pid: int, url: str, steps: int, size: int, requests:
         tensor = grpcclient.InferInput("data", [1, size], "UINT8")
         tensor.set_data_from_numpy(data)
         for _ in range(count):
-            client.infer(f"chain_{steps}", [tensor])
+            client.infer(chain, [tensor])
 
     def step_stats() -> tuple[int, int]:
-        stats = next(s for s in read_statistics(clients[0], "grpc") if s.model == STEP_MODEL)
-        return stats.requests, stats.executions
+        stats = next(s for s in read_statistics(clients[0], "grpc") if s.model == step)
+        return stats.inferences, stats.executions
 
     try:
         send(clients[0], 5)  # warm
@@ -166,28 +194,31 @@ def _cpu_per_request(server_pid: int, url: str, steps: int, size: int, requests:
     finally:
         for client in clients:
             client.close()
-    executions = max(1, after[1] - before[1])
-    return CpuRun((cpu.seconds or 0.0) / (per_thread * threads), (after[0] - before[0]) / executions)
+    sent = per_thread * threads
+    stubs = sum(seconds for part, seconds in cpu.parts.items() if part.startswith("stub:"))
+    return CpuRun((cpu.seconds or 0.0) / sent, stubs / sent, (after[0] - before[0]) / max(1, after[1] - before[1]))
 
 
-def _fit_cpu(seq: dict[tuple[int, int], CpuRun], batched: dict[int, CpuRun], small: int, large: int) -> dict[str, float]:
-    """Per-step, per-execution, per-byte and per-request CPU seconds from the chains' CPU per request."""
-    step = max(0.0, (seq[(3, small)].cpu_s - seq[(1, small)].cpu_s) / 2)
-    step_batched = max(0.0, (batched[3].cpu_s - batched[1].cpu_s) / 2)
-    mean = batched[3].mean_batch
-    # step(b) = own + shared / b, seen at b = 1 and b = mean
+def _fit_cpu(runs: dict[tuple[str, int], CpuRun], small: int, large: int) -> dict[str, float]:
+    """Per-step (and its stub's part), per-execution, per-byte and per-request CPU seconds from the chains' CPU per
+    request: `single_N` at one request per execution, `chain_N` batched."""
+    step = max(0.0, (runs[("single_3", small)].cpu_s - runs[("single_1", small)].cpu_s) / 2)
+    stub = min(step, max(0.0, (runs[("single_3", small)].stub_s - runs[("single_1", small)].stub_s) / 2))
+    step_batched = max(0.0, (runs[("chain_3", small)].cpu_s - runs[("chain_1", small)].cpu_s) / 2)
+    mean = runs[("chain_3", small)].mean_batch
+    # step(b) = own + shared / b, seen at b = 1 (single) and b = mean (chain)
     shared = min(step, max(0.0, (step - step_batched) / (1 - 1 / mean))) if mean > 1.2 else 0.0
-    extra_large = (seq[(3, large)].cpu_s - seq[(1, large)].cpu_s) / 2
-    byte = max(0.0, (extra_large - step) / (large - small))
-    request = max(0.0, seq[(1, small)].cpu_s - step)
-    return {"step_cpu_s": step, "step_cpu_shared_s": shared, "byte_cpu_s": byte, "request_cpu_s": request,
-            "batched_mean": mean}
+    extra_large = (runs[("chain_3", large)].cpu_s - runs[("chain_1", large)].cpu_s) / 2
+    byte = max(0.0, (extra_large - step_batched) / (large - small))
+    request = max(0.0, runs[("single_1", small)].cpu_s - step)
+    return {"step_cpu_s": step, "step_cpu_shared_s": shared, "step_stub_cpu_s": stub, "byte_cpu_s": byte,
+            "request_cpu_s": request, "batched_mean": mean}
 
 
 def measure_serving_cost(requests: int = 300, payload_bytes: int = 1 << 20, small_bytes: int = 16,
                          warm_up: int = 10, threads: int = 16) -> ServingCost:
     """Start the embedded Triton on a probe repository and derive the per-step and per-byte costs: latency one
-    request at a time, CPU time one at a time and from `threads` clients at once."""
+    request at a time, CPU time from `threads` clients at once."""
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 
     with tempfile.TemporaryDirectory(prefix="tandem-probe-") as tmp:
@@ -196,20 +227,73 @@ def measure_serving_cost(requests: int = 300, payload_bytes: int = 1 << 20, smal
             cases = [(steps, size) for steps in (1, 3) for size in (small_bytes, payload_bytes)]
             logger.info("serving cost: %d requests per case over %s", requests, server.grpc_url)
             medians = _median_round_trips(server.grpc_url, cases, requests, warm_up)
-            pid = server.process.pid
-            # CPU time is read in clock ticks (10 ms): enough requests that a tick is under 2 % of a case
-            seq = {(steps, size): _cpu_per_request(pid, server.grpc_url, steps, size, requests * (4 if size == small_bytes else 1), 1)
-                   for steps, size in cases}
-            batched = {steps: _cpu_per_request(pid, server.grpc_url, steps, small_bytes, requests * 8, threads)
-                       for steps in (1, 3)}
+            # CPU time is read in clock ticks (10 ms): enough requests that a tick is a small part of a case
+            runs = {(chain, size): _cpu_per_request(server.process.pid, server.grpc_url, chain, size,
+                                                    requests * (8 if size == small_bytes else 1), threads)
+                    for chain in ("single_1", "single_3", "chain_1", "chain_3")
+                    for size in ((small_bytes, payload_bytes) if chain.startswith("chain") else (small_bytes,))}
     small_extra = medians[(3, small_bytes)] - medians[(1, small_bytes)]
     large_extra = medians[(3, payload_bytes)] - medians[(1, payload_bytes)]
     step_s = max(0.0, small_extra / 2)
     byte_s = max(0.0, (large_extra - small_extra) / 2 / (payload_bytes - small_bytes))
-    cpu = _fit_cpu(seq, batched, small_bytes, payload_bytes)
-    cost = ServingCost(step_s, byte_s, payload_bytes, {f"{s}x{b}": v for (s, b), v in medians.items()}, **cpu)
+    cost = ServingCost(step_s, byte_s, payload_bytes, {f"{s}x{b}": v for (s, b), v in medians.items()},
+                       **_fit_cpu(runs, small_bytes, payload_bytes))
     logger.info("serving cost: latency %.3f ms per step, %.3f ms per MiB crossing between steps; CPU %.3f ms per step "
-                "(%.3f ms of it per execution, batches of %.1f shared it), %.3f ms per MiB, %.3f ms per request",
-                step_s * 1e3, byte_s * (1 << 20) * 1e3, cost.step_cpu_s * 1e3, cost.step_cpu_shared_s * 1e3,
-                cost.batched_mean, cost.byte_cpu_s * (1 << 20) * 1e3, cost.request_cpu_s * 1e3)
+                "(%.3f ms in its stub; %.3f ms per execution, batches of %.1f shared it), %.3f ms per MiB, %.3f ms per "
+                "request", step_s * 1e3, byte_s * (1 << 20) * 1e3, cost.step_cpu_s * 1e3, cost.step_stub_cpu_s * 1e3,
+                cost.step_cpu_shared_s * 1e3, cost.batched_mean, cost.byte_cpu_s * (1 << 20) * 1e3,
+                cost.request_cpu_s * 1e3)
+    return cost
+
+
+def measure_tokenizer_cost(model_dir: str, texts: list[str], requests: int = 2000, threads: int = 8) -> AdapterCost:
+    """The shipped tokenizer model served alone (one single-core instance, as `tandem plan` renders it), its texts
+    sent one per request from `threads` clients: Triton's compute time and the stub's CPU time per request."""
+    import shutil
+
+    import tritonclient.grpc as grpcclient
+
+    from tandem_serve.loadgen import ProcessTreeCpu
+    from tandem_serve.paths import assets_root
+    from tandem_serve.stats import read_statistics, stats_delta
+    from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+    from tandem_serve.tuning.render import read_config, write_config
+
+    with tempfile.TemporaryDirectory(prefix="tandem-adapter-") as tmp:
+        target = Path(tmp) / "repository" / "tokenizer"
+        shutil.copytree(assets_root() / "model_repository" / "tokenizer", target)
+        config = read_config(target / "config.pbtxt")
+        config.instance_group[0].count = 1
+        config.parameters["parallel"].string_value = "false"
+        config.parameters["model_dir"].string_value = model_dir
+        write_config(config, target / "config.pbtxt")
+        with EmbeddedTriton(TritonOptions(model_repositories=[target.parent])) as server:
+            clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(threads)]
+            inputs = []
+            for text in texts:
+                tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+                inputs.append(tensor)
+
+            def send(client: grpcclient.InferenceServerClient, count: int, offset: int) -> None:
+                for k in range(count):
+                    client.infer("tokenizer", [inputs[(offset + k) % len(inputs)]])
+
+            def stats():
+                return next(s for s in read_statistics(clients[0], "grpc") if s.model == "tokenizer")
+
+            try:
+                send(clients[0], 50, 0)  # warm
+                per_thread = max(1, requests // threads)
+                before = stats()
+                with ProcessTreeCpu(server.process.pid) as cpu, ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(send, clients, [per_thread] * threads, range(threads)))
+                window = stats_delta(stats(), before)
+            finally:
+                for client in clients:
+                    client.close()
+    sent = per_thread * threads
+    cost = AdapterCost("tokenizer", busy_s=window.compute_ms / 1e3, stub_cpu_s=cpu.parts.get("stub:tokenizer", 0.0) / sent)
+    logger.info("tokenizer served alone: busy %.3f ms and its stub %.3f ms of CPU per request (%d requests, %d "
+                "executions)", cost.busy_s * 1e3, cost.stub_cpu_s * 1e3, window.requests, window.executions)
     return cost
