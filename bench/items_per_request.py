@@ -14,7 +14,9 @@ import argparse
 import functools
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -24,9 +26,22 @@ from suite import ceiling, planned
 from tandem_serve.loadgen import LoadSpec, TritonSender, measure
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.workloads import OUTPUTS, triton_requests
 
 logger = logging.getLogger("bench.items_per_request")
+
+
+def with_encoder_batch(source: Path, target: Path, batch: int) -> Path:
+    """A copy of the repository whose encoder models batch up to `batch` (preferred `batch // 2` and `batch`)."""
+    shutil.copytree(source, target)
+    for path in target.glob("encoder*/config.pbtxt"):
+        config = read_config(path)
+        config.max_batch_size = batch
+        config.dynamic_batching.preferred_batch_size[:] = [batch // 2, batch]
+        write_config(config, path)
+    shutil.copy(source.parent / "plan.json", target.parent / "plan.json")
+    return target
 
 
 def main() -> int:
@@ -37,13 +52,20 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--encoder-max-batch", type=int,
+                        help="serve a copy whose encoder batches up to N texts (max_batch_size N, preferred N/2 and N): "
+                             "the plan sizes it for one text per request")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ensemble = planned(args.repository, "text")["ensemble"]
     files = SentenceModelFiles.load()
     top = ceiling("text", files.root)
     rows = []
-    with EmbeddedTriton(TritonOptions(model_repositories=[args.repository], startup_timeout_s=600)) as server:
+    scratch = tempfile.TemporaryDirectory()
+    repository = args.repository
+    if args.encoder_max_batch:
+        repository = with_encoder_batch(args.repository, Path(scratch.name) / "triton", args.encoder_max_batch)
+    with scratch, EmbeddedTriton(TritonOptions(model_repositories=[repository], startup_timeout_s=600)) as server:
         stats = grpcclient.InferenceServerClient(server.grpc_url)
         for items in args.items:
             sender = functools.partial(TritonSender, server.grpc_url, "grpc", ensemble,
