@@ -8,12 +8,12 @@ payload: the differences give the cost of one more step and of each byte crossin
 steps, free of the client's and the network's share. One request at a time is an upper bound for a
 step whose requests are batched (the per-execution part is then shared).
 
-Those round trips are latency. What bounds throughput is CPU time, so the same chains are also run
-with the server's processes' CPU time counted (tritonserver and the stubs, psutil): one request at a
-time, and from many client threads at once, where the pass-through step batches. The first gives a
-step's CPU time when every execution holds one request (a stage that takes one request per
-execution pays that per item), the second how much of it a batch shares; the chain of one step,
-less that step, is a request's own CPU time in the server (its gRPC call and the ensemble).
+Those round trips are latency. What bounds throughput is CPU time, so the chains are also run from
+many client threads at once with the server's processes' CPU time counted (tritonserver and the
+stubs, psutil): chains of a one-request pass-through (`single_N`) give a step's CPU time when every
+execution holds one request (a stage that takes one request per execution pays that per item) and
+its stub's part; the batching chains, how much of it a batch shares and what each byte costs; the
+one-step chain less that step, a request's own CPU time in the server (its gRPC call, the ensemble).
 """
 
 from __future__ import annotations
@@ -162,41 +162,48 @@ class CpuRun:
     mean_batch: float
 
 
-def _cpu_per_request(server_pid: int, url: str, chain: str, size: int, requests: int, threads: int) -> CpuRun:
-    """Send `requests` to `chain` from `threads` clients at once (the server kept busy: CPU time read while idle
-    would count waiting); the CPU time of the server's process tree per request."""
+def _drive(url: str, server_pid: int, model: str, infer: str, inputs: list, requests: int, threads: int,
+           warm: int = 5):
+    """Send `requests` to `infer` from `threads` clients at once, cycling over `inputs` (the server kept busy: CPU
+    time read while it idles would count waiting stubs): the server tree's CPU time, `model`'s statistics of the
+    window, and the number of requests sent."""
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.loadgen import ProcessTreeCpu
-    from tandem_serve.stats import read_statistics
+    from tandem_serve.stats import read_statistics, stats_delta
 
-    step = STEP_MODEL if chain.startswith("chain") else SINGLE_MODEL
-    data = np.random.default_rng(size).integers(0, 255, (1, size), dtype=np.uint8)
     clients = [grpcclient.InferenceServerClient(url) for _ in range(threads)]
 
-    def send(client: grpcclient.InferenceServerClient, count: int) -> None:
-        tensor = grpcclient.InferInput("data", [1, size], "UINT8")
-        tensor.set_data_from_numpy(data)
-        for _ in range(count):
-            client.infer(chain, [tensor])
+    def send(client: grpcclient.InferenceServerClient, count: int, offset: int) -> None:
+        for k in range(count):
+            client.infer(infer, [inputs[(offset + k) % len(inputs)]])
 
-    def step_stats() -> tuple[int, int]:
-        stats = next(s for s in read_statistics(clients[0], "grpc") if s.model == step)
-        return stats.inferences, stats.executions
+    def stats():
+        return next(s for s in read_statistics(clients[0], "grpc") if s.model == model)
 
     try:
-        send(clients[0], 5)  # warm
+        send(clients[0], warm, 0)
         per_thread = max(1, requests // threads)
-        before = step_stats()
+        before = stats()
         with ProcessTreeCpu(server_pid) as cpu, ThreadPoolExecutor(threads) as pool:
-            list(pool.map(send, clients, [per_thread] * threads))
-        after = step_stats()
+            list(pool.map(send, clients, [per_thread] * threads, range(threads)))
+        window = stats_delta(stats(), before)
     finally:
         for client in clients:
             client.close()
-    sent = per_thread * threads
+    return cpu, window, per_thread * threads
+
+
+def _cpu_per_request(server_pid: int, url: str, chain: str, size: int, requests: int, threads: int) -> CpuRun:
+    """The CPU time of the server's process tree per request of `chain`, sent from `threads` clients at once."""
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("data", [1, size], "UINT8")
+    tensor.set_data_from_numpy(np.random.default_rng(size).integers(0, 255, (1, size), dtype=np.uint8))
+    step = STEP_MODEL if chain.startswith("chain") else SINGLE_MODEL
+    cpu, window, sent = _drive(url, server_pid, step, chain, [tensor], requests, threads)
     stubs = sum(seconds for part, seconds in cpu.parts.items() if part.startswith("stub:"))
-    return CpuRun((cpu.seconds or 0.0) / sent, stubs / sent, (after[0] - before[0]) / max(1, after[1] - before[1]))
+    return CpuRun((cpu.seconds or 0.0) / sent, stubs / sent, window.mean_batch)
 
 
 def _fit_cpu(runs: dict[tuple[str, int], CpuRun], small: int, large: int) -> dict[str, float]:
@@ -253,9 +260,7 @@ def measure_tokenizer_cost(model_dir: str, texts: list[str], requests: int = 200
 
     import tritonclient.grpc as grpcclient
 
-    from tandem_serve.loadgen import ProcessTreeCpu
     from tandem_serve.paths import assets_root
-    from tandem_serve.stats import read_statistics, stats_delta
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
     from tandem_serve.tuning.render import read_config, write_config
 
@@ -268,31 +273,13 @@ def measure_tokenizer_cost(model_dir: str, texts: list[str], requests: int = 200
         config.parameters["model_dir"].string_value = model_dir
         write_config(config, target / "config.pbtxt")
         with EmbeddedTriton(TritonOptions(model_repositories=[target.parent])) as server:
-            clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(threads)]
             inputs = []
             for text in texts:
                 tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
                 inputs.append(tensor)
-
-            def send(client: grpcclient.InferenceServerClient, count: int, offset: int) -> None:
-                for k in range(count):
-                    client.infer("tokenizer", [inputs[(offset + k) % len(inputs)]])
-
-            def stats():
-                return next(s for s in read_statistics(clients[0], "grpc") if s.model == "tokenizer")
-
-            try:
-                send(clients[0], 50, 0)  # warm
-                per_thread = max(1, requests // threads)
-                before = stats()
-                with ProcessTreeCpu(server.process.pid) as cpu, ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(send, clients, [per_thread] * threads, range(threads)))
-                window = stats_delta(stats(), before)
-            finally:
-                for client in clients:
-                    client.close()
-    sent = per_thread * threads
+            cpu, window, sent = _drive(server.grpc_url, server.process.pid, "tokenizer", "tokenizer", inputs, requests,
+                                       threads, warm=50)
     cost = AdapterCost("tokenizer", busy_s=window.compute_ms / 1e3, stub_cpu_s=cpu.parts.get("stub:tokenizer", 0.0) / sent)
     logger.info("tokenizer served alone: busy %.3f ms and its stub %.3f ms of CPU per request (%d requests, %d "
                 "executions)", cost.busy_s * 1e3, cost.stub_cpu_s * 1e3, window.requests, window.executions)
