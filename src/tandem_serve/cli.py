@@ -99,7 +99,7 @@ def cmd_repository_export(args: argparse.Namespace) -> int:
     """Write the project's models and ensembles as one model repository."""
     from tandem_serve.triton.repository import export_repository
 
-    models = export_repository(args.directory, args.model_dir, args.weights, args.overwrite)
+    models = export_repository(args.directory, args.model_dir, args.weights, args.overwrite, args.head_format)
     print(f"wrote {len(models)} models to {args.directory}: {', '.join(models)}")
     print(f"serve it with: tritonserver --model-repository={args.directory.resolve()} (or tandem serve triton "
           f"--model-repository {args.directory})")
@@ -120,8 +120,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_archive(args: argparse.Namespace) -> int:
     from tandem_serve.torchserve.archive import build_archive
 
+    overrides = {"handler": {"detector": {"head_format": args.head_format}}} if args.head_format else None
     for name in args.models:
-        print(f"archive: {build_archive(name, args.store, args.model_dir, args.weights, args.format)}", flush=True)
+        path = build_archive(name, args.store, args.model_dir, args.weights, args.format,
+                             overrides if name == "object_detection" else None)
+        print(f"archive: {path}", flush=True)
+    return 0
+
+
+def cmd_detector_export(args: argparse.Namespace) -> int:
+    """Export a detector network (the shipped one, or weights the detector stage loads) as .pt2 or .onnx."""
+    import torch
+
+    from tandem_serve.stage_config import DetectorConfig
+    from tandem_serve.vision.detector import load_detector
+    from tandem_serve.vision.export import export_network
+
+    config = DetectorConfig(weights=str(args.weights or ""), head_format=args.head_format, size=args.size,
+                            num_classes=args.num_classes)
+    config.validate()
+    network = load_detector(config, torch.device("cpu"))
+    if not isinstance(network, torch.nn.Module):
+        raise SystemExit(f"{args.weights} is already an exported model")
+    out = export_network(network, args.out, args.image_size, args.max_batch)
+    print(f"wrote {out}: serve it with the detector parameters weights={out.name} head_format={args.head_format}")
     return 0
 
 
@@ -283,6 +305,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tandem_serve.stage_config import HEAD_FORMATS
     from tandem_serve.torchserve.client import DEFAULT_WORKSPACE
     from tandem_serve.triton.keys import DEFAULT_WORKSPACE as DEFAULT_TRITON_WORKSPACE
 
@@ -321,8 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("directory", type=Path)
     export.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
     export.add_argument("--weights", type=Path, help="detector weights, copied in (default the shipped shapes detector)")
+    export.add_argument("--head-format", choices=HEAD_FORMATS,
+                        help="what the detector given by --weights outputs (default the configs' yolov5)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     export.set_defaults(func=cmd_repository_export)
+
+    detector = commands.add_parser("detector", help="detector networks")
+    detector_commands = detector.add_subparsers(dest="action", required=True)
+    detector_export = detector_commands.add_parser(
+        "export", help="write a detector as a torch.export program (.pt2) or ONNX (.onnx), by OUT's suffix; the "
+                       "batch stays dynamic, the image size is fixed")
+    detector_export.add_argument("out", type=Path)
+    detector_export.add_argument("--weights", type=Path, help="a .safetensors or state-dict .pt (default the shipped "
+                                                              "shapes detector)")
+    detector_export.add_argument("--head-format", choices=("yolov5", "yolov8"), default="yolov5",
+                                 help="the library network the weights are for (default %(default)s)")
+    detector_export.add_argument("--size", default="", help="n/s/m/l/x, for a state dict without metadata")
+    detector_export.add_argument("--num-classes", type=int, default=0, help="for a state dict without metadata")
+    detector_export.add_argument("--image-size", type=int, default=640, help="the pipeline's image_size (default 640)")
+    detector_export.add_argument("--max-batch", type=int, default=64, help="the largest batch (default 64)")
+    detector_export.set_defaults(func=cmd_detector_export)
 
     keys = commands.add_parser("keys", help="write a new keys.json for Triton's restricted APIs (admin, shared memory)")
     keys.add_argument("file", type=Path)
@@ -335,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=("text_embedding", "object_detection"))
     archive.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
     archive.add_argument("--weights", type=Path, help="detector weights (default the shipped shapes detector)")
+    archive.add_argument("--head-format", choices=HEAD_FORMATS,
+                         help="what the detector given by --weights outputs (default the handler's yolov5)")
     archive.add_argument("--format", choices=("mar", "dir"), default="mar", help="dir: an unzipped archive directory")
     archive.set_defaults(func=cmd_archive)
 

@@ -257,7 +257,8 @@ def test_a_profiled_model_of_another_size_is_what_the_configs_point_at(tmp_path)
     assert SentenceModelFiles.load(model_dir).bert.hidden_size == 128
     profile = Profile({"cpus": 8, "gpus": ["Test GPU"]},
                       text_profile(1.0).stages + detection_profile(0.2, 10.0, 1_200_000, 25.0).stages, transfers(1.0),
-                      models={"model_dir": str(model_dir), "detector_weights": str(weights)})
+                      models={"model_dir": str(model_dir), "detector_weights": str(weights),
+                              "detector_head_format": "yolov8"})
     profile.save(tmp_path / "profile.json")
     report = make_plan(Profile.load(tmp_path / "profile.json"), Objective())
     render(report, tmp_path / "out", Profile.load(tmp_path / "profile.json").models)
@@ -267,12 +268,15 @@ def test_a_profiled_model_of_another_size_is_what_the_configs_point_at(tmp_path)
     assert [list(t.dims) for t in encoder.output if t.name == "EMBEDDING"] == [[128]]
     assert read_config(repo / "tokenizer" / "config.pbtxt").parameters["model_dir"].string_value == str(model_dir)
     assert list(read_config(repo / "text_embedding_fused" / "config.pbtxt").output[0].dims) == [128]
-    assert read_config(repo / "detector" / "config.pbtxt").parameters["weights"].string_value == str(weights)
+    detector = read_config(repo / "detector" / "config.pbtxt")
+    assert detector.parameters["weights"].string_value == str(weights)
+    assert detector.parameters["head_format"].string_value == "yolov8"
     assert ensemble_problems(repo, "text_embedding_fused") == [] and ensemble_problems(repo, "object_detection") == []
     served = yaml.safe_load((tmp_path / "out" / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
     assert served["handler"]["model_dir"] == str(model_dir)
     served = yaml.safe_load((tmp_path / "out" / "torchserve" / "object_detection" / "model-config.yaml").read_text())
     assert served["handler"]["detector"]["weights"] == str(weights)
+    assert served["handler"]["detector"]["head_format"] == "yolov8"
 
 
 def test_two_gpus_double_a_gpu_bound_plan_and_spread_its_instances(tmp_path):

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from tandem_serve.errors import ConfigError
+from tandem_serve.stage_config import HEAD_FORMATS
 from tandem_serve.paths import default_repositories
 from tandem_serve.tuning.render import apply_model_files, read_config, text_sizes_of, write_config
 
@@ -23,14 +24,16 @@ IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def export_repository(target: Path, model_dir: Path | None = None, weights: Path | None = None,
-                      overwrite: bool = False) -> list[str]:
-    """Copy every stage model and ensemble into `target`, pointed at `model_dir` / `weights` when given;
-    returns the model names written."""
+                      overwrite: bool = False, head_format: str | None = None) -> list[str]:
+    """Copy every stage model and ensemble into `target`, pointed at `model_dir` / `weights` (and the detector's
+    `head_format`) when given; returns the model names written."""
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target} is not empty; pass --overwrite to write the models into it anyway")
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"detector weights {weights} do not exist")
+    if head_format is not None and head_format not in HEAD_FORMATS:
+        raise ConfigError(f"head_format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
     models = {"model_dir": str(Path(model_dir).expanduser().resolve())} if model_dir else {}
     sizes = text_sizes_of(models)
     written = []
@@ -42,6 +45,8 @@ def export_repository(target: Path, model_dir: Path | None = None, weights: Path
             if weights is not None and "weights" in config.parameters:
                 shutil.copy2(weights, destination / Path(weights).name)
                 config.parameters["weights"].string_value = Path(weights).name  # read from the model's directory
+            if head_format is not None and config.name == "detector":
+                config.parameters["head_format"].string_value = head_format
             apply_model_files(config, models, sizes)
             write_config(config, destination / "config.pbtxt")
             written.append(model.name)

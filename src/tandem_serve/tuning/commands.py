@@ -16,6 +16,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     options = ProfileOptions(pipelines=tuple(args.pipelines), devices=tuple(args.devices or ()),
                              batch_sizes=tuple(args.batch_sizes), seq_lengths=tuple(args.seq_lengths),
                              image_sizes=tuple(args.image_sizes), detector_size=args.detector_size,
+                             detector_weights=str(args.detector_weights or ""), head_format=args.head_format,
                              repeats=args.repeats, cpu_max_batch=args.cpu_max_batch,
                              model_dir=str(args.model_dir or ""), serving_cost=args.serving_cost)
     profile = run_profile(options)
@@ -78,6 +79,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register profile, plan and tune on the `tandem` parser."""
+    from tandem_serve.stage_config import HEAD_FORMATS
+
     profile = commands.add_parser("profile", help="time every stage on every device/precision (JSON + PNG)")
     profile.add_argument("--out", type=Path, default=Path("profile.json"))
     profile.add_argument("--plot", type=Path, help="PNG (default: next to --out)")
@@ -87,6 +90,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--seq-lengths", nargs="+", type=int, default=[32, 128], help="tokens per text")
     profile.add_argument("--image-sizes", nargs="+", type=int, default=[640], help="network input side (pixels)")
     profile.add_argument("--detector-size", default="", help="n/s/m/l/x: a random-weight YOLOv5 of that size")
+    profile.add_argument("--detector-weights", type=Path,
+                         help="your detector: any file the detector stage loads (.safetensors, .pt, .pt2, .onnx)")
+    profile.add_argument("--head-format", default="yolov5", choices=HEAD_FORMATS,
+                         help="what --detector-weights outputs (default %(default)s)")
     profile.add_argument("--repeats", type=int, default=5)
     profile.add_argument("--cpu-max-batch", type=int, default=16, help="largest batch timed on the CPU")
     profile.add_argument("--model-dir", type=Path, help="sentence-transformers model (default all-MiniLM-L6-v2)")

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from tandem_serve.errors import ConfigError
 from tandem_serve.timing import median_seconds
 from tandem_serve.tuning.serving_cost import ServingCost, measure_serving_cost, measure_tokenizer_cost
 
@@ -69,6 +70,8 @@ class ProfileOptions:
     seq_lengths: tuple[int, ...] = (32, 128)
     image_sizes: tuple[int, ...] = (640,)
     detector_size: str = ""  # "": the shipped detector; n/s/m/l/x: random weights of that size (speed only)
+    detector_weights: str = ""  # a user's detector (any file the detector stage loads); excludes detector_size
+    head_format: str = "yolov5"  # what detector_weights outputs (stage_config.HEAD_FORMATS)
     repeats: int = 5
     cpu_max_batch: int = 16  # CPU stages beyond this batch size are skipped (they only get slower per call)
     model_dir: str = ""
@@ -163,7 +166,12 @@ def run_profile(options: ProfileOptions) -> Profile:
     profile = Profile(machine_facts())
     if options.model_dir:
         profile.models["model_dir"] = str(Path(options.model_dir).expanduser().resolve())
-    if options.detector_size and "detection" in options.pipelines:
+    if options.detector_size and options.detector_weights:
+        raise ConfigError("profile either a random detector of a size or the detector weights given, not both")
+    if options.detector_weights and "detection" in options.pipelines:
+        profile.models["detector_weights"] = str(Path(options.detector_weights).expanduser().resolve())
+        profile.models["detector_head_format"] = options.head_format
+    elif options.detector_size and "detection" in options.pipelines:
         profile.models["detector_weights"] = str(random_detector(options.detector_size))
     plan = []
     if "text" in options.pipelines:

@@ -70,9 +70,10 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
 
 
 def apply_model_files(config: mc.ModelConfig, models: dict[str, str], sizes: tuple[int, int] | None) -> None:
-    """Point a rendered config at the profiled model: its `model_dir` / `weights` parameter, and the model's
-    (hidden, embedding) sizes in the dims of HIDDEN / EMBEDDING tensors (the adapters check them against the files)."""
-    for key, value in (("model_dir", models.get("model_dir", "")), ("weights", models.get("detector_weights", ""))):
+    """Point a rendered config at the profiled model: its `model_dir` / `weights` / `head_format` parameter, and the
+    model's (hidden, embedding) sizes in the dims of HIDDEN / EMBEDDING tensors (the adapters check them against the files)."""
+    for key, value in (("model_dir", models.get("model_dir", "")), ("weights", models.get("detector_weights", "")),
+                       ("head_format", models.get("detector_head_format", ""))):
         if value and key in config.parameters:
             config.parameters[key].string_value = value
     if sizes is None:
@@ -148,6 +149,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
         section["model_dir"] = model_files["model_dir"]
     if plan.pipeline == "detection" and model_files.get("detector_weights"):
         stage_values["weights"] = model_files["detector_weights"]
+        stage_values["head_format"] = model_files.get("detector_head_format", "yolov5")
     pipeline = section.setdefault("pipeline", {})
     pipeline["micro_batch_size"] = max(1, device_stage.batch // 4)
     pipeline["cpu_lane_threads"] = device_stage.cpu_instances if device_stage.cpu_share else 0  # the balancer's CPU lane

@@ -169,9 +169,13 @@ def detection_timings(options: ProfileOptions, devices: list[str]) -> list[Stage
     from tandem_serve.vision.letterbox import preprocess
     from tandem_serve.vision.nms import postprocess
 
-    config = DetectorConfig(weights=str(random_detector(options.detector_size)) if options.detector_size else "")
-
-    detectors = [(device, precision) for device in devices for precision in precisions_for(device, "detector")]
+    weights = options.detector_weights or (str(random_detector(options.detector_size)) if options.detector_size else "")
+    config = DetectorConfig(weights=weights, head_format=options.head_format)
+    config.validate()
+    # an ONNX model runs in the precision it was exported in: autocast does not reach onnxruntime
+    own_precision = weights.endswith(".onnx")
+    detectors = [(device, precision) for device in devices for precision in precisions_for(device, "detector")
+                 if not own_precision or precision == "fp32"]
     cases = [(size, batch) for size in options.image_sizes for batch in options.batch_sizes]
     progress = Progress(len(cases) * (2 + len(detectors)))
     # the JPEG mix the suite and `tandem tune` send (PNGs cost several times more to decode and are rare in traffic)

@@ -1,5 +1,5 @@
-"""Load a detector (shipped safetensors, a user's state dict, a torch.export program or TorchScript) and run it
-batched."""
+"""Load a detector (shipped safetensors, a user's YOLOv5 / YOLOv8 state dict, a torch.export program, an ONNX model
+or TorchScript) and run it batched."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from tandem_serve.text.graphs import bucket, ladder
 from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import to_device
 from tandem_serve.vision.nms import batched_candidates
+from tandem_serve.vision.onnx_network import OnnxNetwork
 from tandem_serve.vision.yolo import YoloSpec, YoloV5
+from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,22 @@ def default_weights() -> Path:
     return path
 
 
-def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Module:
-    """The network in eval mode on `device`; its output is [B, N, 5 + classes] decoded predictions."""
+def _library_network(head_format: str, size: str, num_classes: int, path: Path) -> torch.nn.Module:
+    """The library's network whose output has `head_format`: YOLOv5 (objectness) or the anchor-free YOLOv8."""
+    if head_format == "yolov8":
+        return YoloV8(YoloV8Spec.of_size(size, num_classes))
+    if head_format == "yolov5":
+        return YoloV5(YoloSpec.of_size(size, num_classes))
+    raise ConfigError(f"{path}: a state dict is loaded into the library's YOLOv5 or YOLOv8 network (head_format "
+                      f"yolov5 or yolov8); a network with head_format {head_format!r} comes as .pt2 or .onnx")
+
+
+def load_detector(config: DetectorConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network on `device` (eval mode): images [B, 3, S, S] -> its head's output, in `config.head_format`.
+
+    By the file: .pt2 (torch.export) and .onnx (onnxruntime) carry their own network; .safetensors and state-dict
+    .pt files are loaded into the library's YOLOv5 or YOLOv8 (by head_format); anything else is tried as
+    TorchScript."""
     path = Path(config.weights).expanduser() if config.weights else default_weights()
     if not path.is_file():
         raise ModelFilesError(f"detector weights {path} do not exist")
@@ -48,11 +64,17 @@ def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Modu
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad archive
             raise ModelFilesError(f"{path} is not a torch.export program: {str(exc)[:300]}") from None
         return program.module().to(device)
+    if path.suffix == ".onnx":
+        return OnnxNetwork(path, device, config.cpu_threads)
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
         size = config.size or metadata.get("size", "")
         num_classes = config.num_classes or int(metadata.get("num_classes", 0))
+        written_for = metadata.get("head_format", "yolov5")
+        if written_for != config.head_format:
+            raise ConfigError(f"{path} holds a network with head_format {written_for!r}; the detector's head_format "
+                              f"parameter is {config.head_format!r}")
         state = load_file(str(path))
     else:
         try:
@@ -63,11 +85,12 @@ def load_detector(config: DetectorConfig, device: torch.device) -> torch.nn.Modu
         size, num_classes = config.size, config.num_classes
     if not size or not num_classes:
         raise ConfigError(f"{path}: set the detector parameters 'size' and 'num_classes' (no metadata in the file)")
-    model = YoloV5(YoloSpec.of_size(size, num_classes))
+    model = _library_network(config.head_format, size, num_classes, path)
     try:
         model.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
     except RuntimeError as exc:
-        raise ModelFilesError(f"{path} does not fit a YOLOv5{size} with {num_classes} classes: {str(exc)[:300]}") from None
+        name = "YOLOv8" if config.head_format == "yolov8" else "YOLOv5"
+        raise ModelFilesError(f"{path} does not fit a {name}{size} with {num_classes} classes: {str(exc)[:300]}") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -158,14 +181,18 @@ class DetectStage:
         self.model = load_detector(config, self.device)
         self.dtype = parse_dtype(config.precision) if self.device.type == "cuda" else torch.float32
         self.graphs: GraphedFilter | None = None
-        if self.device.type == "cuda" and config.cuda_graph_max_batch:
+        # onnxruntime launches its own kernels: no torch CUDA graph can hold them
+        if self.device.type == "cuda" and config.cuda_graph_max_batch and isinstance(self.model, torch.nn.Module):
             torch.backends.cudnn.benchmark = True  # fixed shapes per bucket: the fastest convolutions, chosen once
             self.graphs = GraphedFilter(self._filter, self.device, config.cuda_graph_max_batch)
         logger.info("detector on %s (%s), prefilter %.3f, CUDA graphs up to batch %s", self.device, self.dtype,
                     config.prefilter_conf, config.cuda_graph_max_batch if self.graphs else "none")
 
     def capture(self, size: int) -> None:
-        """Capture the CUDA graphs for images of `size` now (at load), not on the first batches."""
+        """Check the network takes images of `size` and capture its CUDA graphs now (at load), not on the first
+        batches."""
+        if isinstance(self.model, OnnxNetwork):
+            self.model.check_size(size)
         if self.graphs is not None:
             self.graphs.capture(size)
 

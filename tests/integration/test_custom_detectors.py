@@ -1,0 +1,120 @@
+"""Detectors users bring, served by a real Triton (issue 19): the shipped YOLOv5 exported to ONNX with `tandem detector
+export` keeps its accuracy and its boxes; the library's anchor-free YOLOv8 exported with torch.export, profiled and
+planned, and served with `head_format yolov8` answers what the same weights answer in-process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tandem_serve.client import ObjectDetectionClient
+from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
+from tandem_serve.vision.letterbox import preprocess
+from tandem_serve.vision.metrics import MatchCounts
+from tandem_serve.vision.nms import Detections, iou_one_to_many
+from tandem_serve.vision.shapes import encode_scene, generate_scene
+from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
+
+pytest.importorskip("onnxruntime")
+TANDEM = [sys.executable, "-m", "tandem_serve.cli"]
+TEXT_MODELS = ("tokenizer", "token_embedding", "encoder", "encoder_fused", "text_embedding", "text_embedding_fused")
+
+
+def _tandem(*args: str) -> str:
+    done = subprocess.run([*TANDEM, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _repository(tmp_path: Path, weights: Path, head_format: str) -> Path:
+    """`tandem repository export` with the detector's weights and head format, without the text models."""
+    repo = tmp_path / "repo"
+    _tandem("repository", "export", repo, "--weights", weights, "--head-format", head_format)
+    for name in TEXT_MODELS:
+        shutil.rmtree(repo / name, ignore_errors=True)
+    return repo
+
+
+def _in_process(detector: DetectorConfig, encoded: list[bytes], conf: float, max_det: int) -> list[Detections]:
+    """The same stages run in this process, on the CPU: the reference the served answers must equal."""
+    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), detector, NmsConfig()), torch.device("cpu"))
+    prepared = [stages.prepare(stages.request(data, conf=conf, max_det=max_det)) for data in encoded]
+    outputs = [t.cpu() for t in stages.infer(stages.collate(prepared))]
+    return stages.finish(outputs, prepared)
+
+
+def _same_detections(got: Detections, want: Detections) -> None:
+    """As many boxes, each wanted one found with the same class at IoU >= 0.99 and a score within 1e-3."""
+    assert len(got.boxes) == len(want.boxes)
+    for box, score, cls in zip(want.boxes, want.scores, want.classes):
+        iou = iou_one_to_many(box.astype(np.float64), got.boxes.astype(np.float64))
+        best = int(iou.argmax())
+        assert iou[best] >= 0.99 and got.classes[best] == cls and abs(got.scores[best] - score) < 1e-3
+
+
+def test_the_shipped_detector_exported_to_onnx_serves_its_accuracy_and_boxes(tmp_path):
+    onnx = tmp_path / "shapes.onnx"
+    assert "head_format=yolov5" in _tandem("detector", "export", onnx, "--max-batch", "16")
+    rng = np.random.default_rng(919)
+    scenes = [generate_scene(rng) for _ in range(24)]
+    encoded = [encode_scene(scene, rng) for scene in scenes]
+    want = _in_process(DetectorConfig(), encoded, conf=0.25, max_det=300)
+    repo = _repository(tmp_path, onnx, "yolov5")
+    with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws")) as server:
+        with ObjectDetectionClient(server.grpc_url) as client:
+            served = [client.detect(data) for data in encoded]
+    counts = MatchCounts()
+    for scene, got, expected in zip(scenes, served, want):
+        counts.add(got.boxes, got.scores, got.classes, scene.boxes, scene.classes)
+        _same_detections(got, expected)
+    assert counts.precision >= 0.9 and counts.recall >= 0.9, counts
+
+
+def test_an_anchor_free_yolov8_from_torch_export_is_profiled_planned_and_served_as_in_process(tmp_path):
+    """`tandem profile --detector-weights`, `tandem plan`, and Triton serving the plan's repository, against the same
+    weights in-process. Random weights leave every cell scoring alike (near-ties make NMS chaotic), so the
+    BatchNorms take the test images' statistics first and the class biases are set to -1: then a few dozen cells
+    per image score above 0.5, their scores 1e-4 or more apart."""
+    import json
+
+    torch.manual_seed(19)
+    network = YoloV8(YoloV8Spec.of_size("n", 4))
+    rng = np.random.default_rng(33)
+    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average of the batch statistics
+    with torch.no_grad():
+        network.train()(torch.from_numpy(np.stack([preprocess(data, 640)[0] for data in encoded])))
+        for branch in network.head.cv3:
+            branch[-1].bias.fill_(-1.0)
+    network.eval()
+    weights = tmp_path / "v8.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights),
+              metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
+    program = tmp_path / "v8.pt2"
+    _tandem("detector", "export", program, "--weights", weights, "--head-format", "yolov8", "--max-batch", "16")
+    _tandem("profile", "--out", tmp_path / "profile.json", "--pipelines", "detection", "--devices", "cpu",
+            "--batch-sizes", "1", "2", "--repeats", "1", "--no-serving-cost", "--detector-weights", program,
+            "--head-format", "yolov8")
+    profiled = json.loads((tmp_path / "profile.json").read_text())
+    assert profiled["models"] == {"detector_weights": str(program.resolve()), "detector_head_format": "yolov8"}
+    assert {s["stage"] for s in profiled["stages"]} >= {"image_preprocess", "detector", "nms"}
+    _tandem("plan", tmp_path / "profile.json", "--out", tmp_path / "plan")
+    repo = tmp_path / "plan" / "triton"
+    want = _in_process(DetectorConfig(weights=str(weights), head_format="yolov8"), encoded, conf=0.5, max_det=40)
+    assert min(len(w.boxes) for w in want) >= 1 and sum(len(w.boxes) for w in want) >= 100
+    with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws")) as server:
+        with ObjectDetectionClient(server.grpc_url) as client:
+            served = [client.detect(data, conf_threshold=0.5, max_det=40) for data in encoded]
+    for got, expected in zip(served, want):
+        _same_detections(got, expected)
