@@ -17,10 +17,14 @@
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
+# Issue 19 (a bare machine, no other stage first; tests/gpu/prepare_onnxruntime_gpu.sh here): custom carry
+# [".carry/tok", ".carry/ort1"] (the text heads and detector forms on the GPU, onnxruntime CPU-only there), then
+# ort-part carry [".carry/ort2"], ort-part [".carry/ort3"], custom-onnx [".carry/ort4"] (onnxruntime-gpu assembled:
+# the ONNX tests on its CUDA provider).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
-stage=${1:?stage: wheels, model1, numpy1, test, gpu, bench or transfer}
+stage=${1:?stage: wheels, model1, numpy1, test, gpu, bench, transfer, custom, ... (see the case below)}
 base=/root/tandem
 out=${OUT:-/tmp/out}
 mkdir -p "$base/model" "$out"
@@ -191,6 +195,30 @@ detector)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/detect
     python3 bench/detector_step.py --out "$out/detector_step.json" 2>&1 | tail -24
     python3 -m pytest tests/gpu/test_vision_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_torchserve_gpu.py -q -rs \
         -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_detector.log" | tail -30
+    ;;
+ort-part|custom|custom-onnx)  # issue 19: onnxruntime-gpu's pieces kept on the machine, then the custom-model tests
+    mkdir -p "$base/ort-parts"
+    for part in .carry/ort*/ort.tar.xz.*; do [ -e "$part" ] && cp "$part" "$base/ort-parts/"; done
+    ls "$base/ort-parts"
+    [ "$stage" = ort-part ] && exit 0
+    pythonpath="$PWD/src:$PWD" select=()
+    if [ "$stage" = custom-onnx ]; then
+        if [ ! -d "$base/ort/onnxruntime" ]; then
+            cat "$base"/ort-parts/ort.tar.xz.part* > "$base/ort.tar.xz"
+            echo "$(cat "$base/ort-parts/ort.tar.xz.sha256")  $base/ort.tar.xz" | sha256sum -c -
+            mkdir -p "$base/ort"
+            python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2], filter='data')" \
+                "$base/ort.tar.xz" "$base/ort"
+            rm "$base/ort.tar.xz"
+        fi
+        pythonpath="$base/ort:$pythonpath" select=(-k "onnx or timed")
+    fi
+    if [ -d .carry/tok ]; then mkdir -p "$base/tok" && cp .carry/tok/* "$base/tok/"; fi
+    export PYTHONPATH="$pythonpath" TANDEM_TOKENIZER_DIR="$base/tok" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_RESULTS="$out/gpu_$stage.json"
+    python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())" || true
+    python3 -m pytest tests/gpu/test_custom_models_gpu.py --noconftest -q -rs -p no:cacheprovider "${select[@]}" 2>&1 \
+        | tee "$out/pytest_$stage.log" | tail -30
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1

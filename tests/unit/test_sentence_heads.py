@@ -16,9 +16,9 @@ from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.text.bert import load_sentence_encoder
 from tandem_serve.text.tokenize import TextTokenizer
 from tandem_serve.workloads import mixed_length_texts, random_bert
+from tests.sentence_models import architecture_dir, saved_model
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers.models import Dense, Normalize, Pooling, Transformer  # noqa: E402
 
 TEXTS = mixed_length_texts(12, seed=19) + ["a", "the same words, twice over: the same words, twice over"]
 
@@ -26,23 +26,6 @@ TEXTS = mixed_length_texts(12, seed=19) + ["a", "the same words, twice over: the
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
     return random_bert("tiny", tmp_path_factory.mktemp("bert"))
-
-
-def saved_model(bert_dir: Path, target: Path, modes, dense=(), normalize=False) -> Path:
-    """A sentence-transformers directory written by sentence-transformers: the BERT, Pooling(modes), Dense layers
-    (out_features, activation) with seeded weights, Normalize when asked."""
-    torch.manual_seed(7)
-    transformer = Transformer(str(bert_dir))
-    hidden = transformer.get_embedding_dimension()
-    modules = [transformer, Pooling(hidden, pooling_mode=modes)]
-    size = hidden * (1 if isinstance(modes, str) else len(modes))
-    for out_features, activation in dense:
-        modules.append(Dense(size, out_features, activation_function=activation))
-        size = out_features
-    if normalize:
-        modules.append(Normalize())
-    st.SentenceTransformer(modules=modules, device="cpu").save(str(target))
-    return target
 
 
 def served(model_dir: Path, fused: bool = True) -> np.ndarray:
@@ -147,28 +130,7 @@ def test_legacy_pooling_keys_and_no_modules_json_read_as_sentence_transformers_d
 
 @pytest.fixture(scope="module", params=["roberta", "xlm-roberta", "distilbert"])
 def other_arch_dir(request, tmp_path_factory) -> Path:
-    """A random 2-layer RoBERTa / XLM-R (positions offset past padding_idx 1, one token type) or DistilBERT (its own
-    names, no token types) saved by transformers, with the shipped WordPiece tokenizer files beside it (the
-    encoder's arithmetic is what is tested)."""
-    import shutil
-
-    import transformers
-
-    target = tmp_path_factory.mktemp(request.param)
-    source = SentenceModelFiles.load().root
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (source / name).is_file():
-            shutil.copy(source / name, target / name)
-    if request.param == "distilbert":
-        config = transformers.DistilBertConfig(vocab_size=30522, dim=128, n_layers=2, n_heads=2, hidden_dim=256,
-                                               max_position_embeddings=512)
-    else:
-        config_cls = transformers.RobertaConfig if request.param == "roberta" else transformers.XLMRobertaConfig
-        config = config_cls(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=256, max_position_embeddings=258, type_vocab_size=1, pad_token_id=1)
-    torch.manual_seed(11)
-    transformers.AutoModel.from_config(config).save_pretrained(target)
-    return target
+    return architecture_dir(request.param, tmp_path_factory.mktemp(request.param), SentenceModelFiles.load().root)
 
 
 def test_roberta_xlm_roberta_and_distilbert_encoders_match_sentence_transformers(other_arch_dir, tmp_path):

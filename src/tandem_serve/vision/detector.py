@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.export.passes import move_to_device_pass
 
 from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
 from tandem_serve.paths import shipped_weights
@@ -63,7 +64,8 @@ def load_detector(config: DetectorConfig, device: torch.device) -> Callable[[tor
             program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad archive
             raise ModelFilesError(f"{path} is not a torch.export program: {str(exc)[:300]}") from None
-        return program.module().to(device)
+        # the supported move: constants and device arguments recorded at export (cpu) follow the program
+        return move_to_device_pass(program, device).module()
     if path.suffix == ".onnx":
         return OnnxNetwork(path, device, config.cpu_threads)
     if path.suffix == ".safetensors":

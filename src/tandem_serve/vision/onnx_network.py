@@ -53,6 +53,11 @@ class OnnxNetwork:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelFilesError(f"{path} is not an ONNX model onnxruntime can run: {str(exc)[:300]}") from None
+        if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime falls back to its CPU provider where the CUDA one cannot load its libraries
+            raise ModelFilesError(f"{path}: onnxruntime could not start its CUDA provider on {self.device} (its log "
+                                  f"above names the CUDA or cuDNN library it missed); it runs "
+                                  f"{self.session.get_providers()}")
         first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         if first.type not in _TYPES:
             raise ModelFilesError(f"{path}: input {first.name!r} is {first.type}; expected uint8, float or float16 images")
