@@ -35,3 +35,11 @@ def assert_cosines(actual: np.ndarray, expected: np.ndarray, bound: float = 0.99
     cosine = np.sum(actual * expected, axis=1) / norms / np.linalg.norm(expected, axis=1)
     assert cosine.min() >= bound, f"min cosine {cosine.min():.7f} at row {int(cosine.argmin())}"
     return float(cosine.min())
+
+
+def centred_cosines(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Row-wise cosines after taking the reference's mean embedding off both: what tells the texts apart. Random
+    encoders (CLS pooling especially) give nearly one vector for every text, where a plain cosine of 0.999 says little."""
+    centre = expected.mean(axis=0)
+    a, b = actual - centre, expected - centre
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

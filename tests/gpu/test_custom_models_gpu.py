@@ -29,7 +29,7 @@ from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
 from tests.gpu.figures import results  # noqa: F401 - the session's figures fixture
-from tests.helpers import mixed_texts
+from tests.helpers import centred_cosines, mixed_texts
 from tests.sentence_models import architecture_dir, saved_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -108,6 +108,11 @@ def test_each_architecture_and_head_serves_sentence_transformers_embeddings_in_f
         half, full = _cosines(got, want[:size]), _cosines(exact, want[:size])
         assert half.min() >= 0.999, (size, half.min())
         assert full.min() >= 0.9999, (size, full.min())  # fp32 on the GPU: the bound
+        if size > 1:  # what tells the texts apart, apart from the vector random encoders give them all
+            centred_half = centred_cosines(got, want[:size]).min()
+            assert centred_cosines(exact, want[:size]).min() >= 0.9999
+            assert centred_half >= 0.98, (size, centred_half)
+            results[f"custom_text_{tag}_batch{size}_min_centred_cosine_fp16"] = float(centred_half)
         np.testing.assert_allclose(np.linalg.norm(exact, axis=1), np.linalg.norm(want[:size], axis=1), rtol=1e-3)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want[:size], axis=1), rtol=1e-2)
         results[f"custom_text_{tag}_batch{size}_min_cosine_fp16"] = float(half.min())
