@@ -77,7 +77,8 @@ class TokenEmbeddingStage:
 
 
 class EncoderStage:
-    """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> unit-norm sentence embeddings, fp32, on the host."""
+    """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> sentence embeddings as the model's head computes them
+    (pooling, Dense layers, Normalize where listed), fp32, on the host."""
 
     def __init__(self, config: EncoderConfig, device: str | torch.device = "cpu"):
         self.files = SentenceModelFiles.load(config.model_dir or None)
