@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert")
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def architecture_dir(kind: str, target: Path, tokenizer_source: Path, roberta_positions: int = 258) -> Path:
     """A random 2-layer encoder of `kind` (H=128) saved by transformers into `target`, with the WordPiece tokenizer
-    files of `tokenizer_source` beside it (the encoder's arithmetic is what is tested). RoBERTa / XLM-R: positions
+    files of `tokenizer_source` beside it (the encoder's arithmetic is what is tested). RoBERTa / XLM-R / MPNet: positions
     offset past padding_idx 1 (`roberta_positions` of them: 514 as the published models, where sentence-transformers
     embeds 512 tokens), one token type; DistilBERT: its own names, no token types."""
     import transformers
@@ -29,11 +29,17 @@ def architecture_dir(kind: str, target: Path, tokenizer_source: Path, roberta_po
                                                max_position_embeddings=512)
     elif kind == "bert":
         config = transformers.BertConfig(**common, max_position_embeddings=512)
+    elif kind == "mpnet":  # positions as RoBERTa's, relative position buckets in every layer's attention
+        config = transformers.MPNetConfig(**common, max_position_embeddings=roberta_positions, pad_token_id=1)
     else:
         config_cls = transformers.RobertaConfig if kind == "roberta" else transformers.XLMRobertaConfig
         config = config_cls(**common, max_position_embeddings=roberta_positions, type_vocab_size=1, pad_token_id=1)
     torch.manual_seed(11)
-    transformers.AutoModel.from_config(config).save_pretrained(target)
+    model = transformers.AutoModel.from_config(config)
+    if kind == "mpnet":  # a bias large enough to move the attention (initialised at std 0.02 it hardly would)
+        with torch.no_grad():
+            model.encoder.relative_attention_bias.weight.normal_(0.0, 1.0)
+    model.save_pretrained(target)
     return target
 
 

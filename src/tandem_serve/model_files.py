@@ -40,6 +40,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta")
+# position ids counted from padding_idx + 1 (as RoBERTa); MPNet also adds relative position buckets to attention
+OFFSET_TYPES = (*ROBERTA_TYPES, "mpnet")
+MPNET_BUCKETS = 32  # transformers computes MPNet's position bias with 32 buckets whatever the config says
 
 
 @dataclass(frozen=True)
@@ -55,22 +58,29 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float
     pad_token_id: int = 0
-    # bert | roberta | xlm-roberta (positions offset past padding) | distilbert (no token types, its own names):
-    # the same post-LayerNorm encoder
+    # bert | roberta | xlm-roberta (positions offset past padding) | distilbert (no token types, its own names) |
+    # mpnet (offset positions, no token types, relative position buckets): the same post-LayerNorm encoder
     model_type: str = "bert"
+    relative_buckets: int = 0  # MPNet: buckets of the attention's relative position bias (0: none)
 
     @property
     def position_offset(self) -> int:
-        """The first token's position id: 0 for BERT; RoBERTa and XLM-R count from padding_idx + 1."""
-        return self.pad_token_id + 1 if self.model_type in ROBERTA_TYPES else 0
+        """The first token's position id: 0 for BERT; RoBERTa, XLM-R and MPNet count from padding_idx + 1."""
+        return self.pad_token_id + 1 if self.model_type in OFFSET_TYPES else 0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: Path) -> "BertConfig":
         """Build from a parsed config.json, rejecting architectures the stages cannot run."""
         model_type = str(raw.get("model_type", "bert"))
-        if model_type not in ("bert", "distilbert", *ROBERTA_TYPES):
+        if model_type not in ("bert", "distilbert", *OFFSET_TYPES):
             raise ModelFilesError(f"{source}: model_type {model_type!r} is not served "
-                                  "(bert, roberta, xlm-roberta, distilbert)")
+                                  "(bert, roberta, xlm-roberta, distilbert, mpnet)")
+        if model_type == "mpnet":
+            buckets = int(raw.get("relative_attention_num_buckets", MPNET_BUCKETS))
+            if buckets != MPNET_BUCKETS:  # transformers would build a table of one size and index it as another
+                raise ModelFilesError(f"{source}: relative_attention_num_buckets {buckets} is not served "
+                                      f"(only {MPNET_BUCKETS}, what transformers computes with)")
+            raw = {**raw, "type_vocab_size": 0, "relative_buckets": MPNET_BUCKETS}
         if model_type == "distilbert":
             if raw.get("sinusoidal_pos_embds"):
                 raise ModelFilesError(f"{source}: sinusoidal_pos_embds true is not supported (learned positions only)")
@@ -93,6 +103,7 @@ class BertConfig:
                 layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
                 pad_token_id=int(raw.get("pad_token_id") or 0),
                 model_type=model_type,
+                relative_buckets=int(raw.get("relative_buckets", 0)),
             )
         except KeyError as exc:
             raise ModelFilesError(f"{source}: missing key {exc.args[0]!r}") from exc

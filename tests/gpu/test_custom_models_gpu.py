@@ -74,6 +74,8 @@ HEADS = [
     ("distilbert", "weightedmean", (), False),
     ("distilbert", "mean_sqrt_len_tokens", (), True),
     ("roberta", "lasttoken", (), False),
+    ("mpnet", "mean", (), True),
+    ("mpnet", "cls", ((96, torch.nn.Tanh()),), False),
 ]
 
 

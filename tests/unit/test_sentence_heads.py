@@ -130,12 +130,12 @@ def test_legacy_pooling_keys_and_no_modules_json_read_as_sentence_transformers_d
     assert SentenceModelFiles.load(model).head.pooling == ("mean",) and not SentenceModelFiles.load(model).head.normalize
 
 
-@pytest.fixture(scope="module", params=["roberta", "xlm-roberta", "distilbert"])
+@pytest.fixture(scope="module", params=["roberta", "xlm-roberta", "distilbert", "mpnet"])
 def other_arch_dir(request, tmp_path_factory) -> Path:
     return architecture_dir(request.param, tmp_path_factory.mktemp(request.param), SentenceModelFiles.load().root)
 
 
-def test_roberta_xlm_roberta_and_distilbert_encoders_match_sentence_transformers(other_arch_dir, tmp_path):
+def test_roberta_xlm_roberta_distilbert_and_mpnet_encoders_match_sentence_transformers(other_arch_dir, tmp_path):
     model = saved_model(other_arch_dir, tmp_path / "model", "mean", normalize=True)
     files = SentenceModelFiles.load(model)
     if files.bert.model_type == "distilbert":
@@ -151,8 +151,11 @@ def test_other_architectures_are_refused_naming_the_field(bert_dir, tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(bert_dir, model)
-    _edit(model / "config.json", model_type="mpnet")
-    with pytest.raises(ModelFilesError, match=r"config.json: model_type 'mpnet' is not served"):
+    _edit(model / "config.json", model_type="deberta-v2")
+    with pytest.raises(ModelFilesError, match=r"config.json: model_type 'deberta-v2' is not served"):
+        SentenceModelFiles.load(model)
+    _edit(model / "config.json", model_type="mpnet", relative_attention_num_buckets=64)
+    with pytest.raises(ModelFilesError, match=r"config.json: relative_attention_num_buckets 64 is not served"):
         SentenceModelFiles.load(model)
 
 

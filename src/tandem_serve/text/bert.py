@@ -8,6 +8,7 @@ pooling, Dense layers and normalisation its sentence-transformers modules list) 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,21 @@ class _Layer(nn.Module):
         return self.output_norm(x + self.output(F.gelu(self.intermediate(x))))
 
 
+def relative_position_buckets(length: int, buckets: int, device: torch.device, max_distance: int = 128) -> torch.Tensor:
+    """[length, length] bucket of each (query i, key j) offset, bidirectional as T5 and MPNet define them: half the
+    buckets per direction (keys after the query in the upper half); offsets below a quarter of the buckets
+    exactly, larger ones on a log scale up to `max_distance`, beyond it the last bucket."""
+    positions = torch.arange(length, device=device)
+    back = positions[:, None] - positions[None, :]  # query - key: > 0 where the key comes first
+    half = buckets // 2
+    exact = half // 2
+    distance = back.abs()
+    logarithmic = exact + (torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                           * (half - exact)).to(torch.long)
+    bucket = torch.where(distance < exact, distance, logarithmic.clamp(max=half - 1))
+    return bucket + (back < 0).to(torch.long) * half
+
+
 class SentenceHead(nn.Module):
     """What sentence-transformers computes from the last hidden states: the pooling modes (concatenated in their
     order), its Dense layers, then L2 normalisation where the model lists Normalize. Computed in fp32.
@@ -140,6 +156,9 @@ class SentenceEncoder(nn.Module):
         self.config = config
         self.embedding = embedding
         self.layers = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
+        # MPNet: a learned bias per head and relative-position bucket, added to every layer's attention scores
+        self.relative_attention_bias = (nn.Embedding(config.relative_buckets, config.num_attention_heads)
+                                        if config.relative_buckets else None)
         self.head = SentenceHead(head or HeadConfig(normalize=True))
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -149,6 +168,10 @@ class SentenceEncoder(nn.Module):
         x = x.to(dtype)
         keep = attention_mask.to(torch.bool)
         attend = keep[:, None, None, :]
+        if self.relative_attention_bias is not None:  # [b, heads, n, n]: the bias, -inf on padded keys
+            buckets = relative_position_buckets(x.shape[1], self.config.relative_buckets, x.device)
+            bias = self.relative_attention_bias(buckets).permute(2, 0, 1)[None].to(dtype)
+            attend = bias.masked_fill(~attend, float("-inf"))
         for layer in self.layers:
             x = layer(x, attend)
         return self.head(x, keep)
@@ -157,21 +180,27 @@ class SentenceEncoder(nn.Module):
 _BERT_NAMES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                "attention_out": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
                "intermediate": "intermediate.dense", "output": "output.dense", "output_norm": "output.LayerNorm"}
+_MPNET_NAMES = {"query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
+                "attention_out": "attention.attn.o", "attention_norm": "attention.LayerNorm",
+                "intermediate": "intermediate.dense", "output": "output.dense", "output_norm": "output.LayerNorm"}
 _DISTILBERT_NAMES = {"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
                      "attention_out": "attention.out_lin", "attention_norm": "sa_layer_norm",
                      "intermediate": "ffn.lin1", "output": "ffn.lin2", "output_norm": "output_layer_norm"}
 
 
 def _hf_key(name: str, model_type: str = "bert") -> str:
-    """Map a parameter name of these modules to its HuggingFace checkpoint key (BERT / RoBERTa, or DistilBERT)."""
+    """Map a parameter name of these modules to its HuggingFace checkpoint key (BERT / RoBERTa, DistilBERT, MPNet)."""
     if name.startswith("embedding."):
         return "embeddings." + name[len("embedding."):]
+    if name.startswith("relative_attention_bias."):
+        return "encoder." + name
     if not name.startswith("layers."):
         return "embeddings." + name
     _, index, module, param = name.split(".")
     if model_type == "distilbert":
         return f"transformer.layer.{index}.{_DISTILBERT_NAMES[module]}.{param}"
-    return f"encoder.layer.{index}.{_BERT_NAMES[module]}.{param}"
+    names = _MPNET_NAMES if model_type == "mpnet" else _BERT_NAMES
+    return f"encoder.layer.{index}.{names[module]}.{param}"
 
 
 def hf_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,7 +215,7 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
         raw = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFilesError(f"cannot read weights {weights_path}: {exc}") from exc
-    checkpoint = {k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert."): v
+    checkpoint = {k.removeprefix("bert.").removeprefix("roberta.").removeprefix("distilbert.").removeprefix("mpnet."): v
                   for k, v in raw.items()}
     model_type = module.config.model_type
     state = {}
