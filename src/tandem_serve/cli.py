@@ -202,10 +202,11 @@ def cmd_infer_text(args: argparse.Namespace) -> int:
     if args.server == "torchserve":
         from tandem_serve.torchserve.client import TorchServeClient
 
-        embeddings = TorchServeClient(args.url, _torchserve_key_file(args)).embed(args.text, model=args.model)
+        embeddings = TorchServeClient(args.url, _torchserve_key_file(args)).embed(args.text, model=args.model,
+                                                                                  prompt_name=args.prompt_name)
     else:
         with TextEmbeddingClient(args.url, args.protocol, args.model, shm=args.shm, shm_key=_shm_key(args)) as client:
-            embeddings = client.embed(args.text)
+            embeddings = client.embed(args.text, prompt_name=args.prompt_name)
     for text, vector in zip(args.text, embeddings):
         if args.json:
             print(json.dumps({"text": text, "embedding": [round(float(v), 7) for v in vector]}, ensure_ascii=False))
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(text)
     text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused (Triton)")
     text.add_argument("--json", action="store_true", help="print full vectors as JSON lines")
+    text.add_argument("--prompt-name", help="one of the model's prompts (config_sentence_transformers.json), e.g. query")
     text.set_defaults(func=cmd_infer_text)
     image = kinds.add_parser("image", help="detect objects in an image file (JPEG, PNG, ...)")
     image.add_argument("file", type=Path)

@@ -163,12 +163,16 @@ class TextEmbeddingClient(TensorClient):
             return int(config.config.max_batch_size) or 1
         return int(config.get("max_batch_size", 0)) or 1
 
-    def embed(self, texts: Sequence[str | bytes]) -> np.ndarray:
-        """Unit-norm embeddings, float32 [len(texts), hidden]."""
+    def embed(self, texts: Sequence[str | bytes], prompt_name: str | None = None) -> np.ndarray:
+        """Embeddings as the model's head computes them, float32 [len(texts), embedding size]; `prompt_name`: one
+        of the model's prompts prepended to every text (default: the model's default prompt, if any)."""
         chunks = []
         for start in range(0, len(texts), self.max_batch_size):
             chunk = texts[start : start + self.max_batch_size]
-            chunks.append(self.infer_tensors([("text", _text_array(chunk))], ["embedding"])["embedding"])
+            inputs = [("text", _text_array(chunk))]
+            if prompt_name is not None:
+                inputs.append(("prompt_name", _text_array([prompt_name] * len(chunk))))
+            chunks.append(self.infer_tensors(inputs, ["embedding"])["embedding"])
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 

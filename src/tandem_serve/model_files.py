@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem_serve.errors import ModelFilesError
+from tandem_serve.errors import InvalidInputError, ModelFilesError
 
 REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors", "sentence_bert_config.json")
 
@@ -109,19 +109,20 @@ class BertConfig:
             raise ModelFilesError(f"{source}: missing key {exc.args[0]!r}") from exc
 
 
-def _default_prompt(root: Path) -> str:
-    """The prompt sentence-transformers prepends when encode() names none: prompts[default_prompt_name]."""
+def _prompts(root: Path) -> tuple[dict[str, str], str]:
+    """config_sentence_transformers.json's `prompts` (name -> text prepended by encode(prompt_name=...)) and the one
+    encode() prepends when it names none: prompts[default_prompt_name] ("" where there is none)."""
     path = root / "config_sentence_transformers.json"
     if not path.is_file():
-        return ""
+        return {}, ""
     raw = _read_json(path)
-    name = raw.get("default_prompt_name")
-    if not name:
-        return ""
     prompts = raw.get("prompts") or {}
-    if name not in prompts:
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelFilesError(f"{path}: prompts must map names to strings")
+    name = raw.get("default_prompt_name")
+    if name and name not in prompts:
         raise ModelFilesError(f"{path}: default_prompt_name {name!r} is not one of prompts {sorted(prompts)}")
-    return str(prompts[name])
+    return {str(k): v for k, v in prompts.items()}, prompts[name] if name else ""
 
 
 def _max_seq_length(root: Path, bert: BertConfig) -> tuple[int, Path]:
@@ -254,6 +255,16 @@ class SentenceModelFiles:
     max_seq_length: int
     head: HeadConfig = HeadConfig(normalize=True)
     prompt: str = ""  # config_sentence_transformers.json's default prompt: prepended to every text, as encode() does
+    prompts: dict[str, str] = field(default_factory=dict)  # its named prompts, chosen per request (prompt_name)
+
+    def prompt_named(self, name: str | None) -> str:
+        """The text prepended for prompt `name` (None: the default prompt), as encode(prompt_name=name) does;
+        InvalidInputError for a name the model does not define."""
+        if name is None:
+            return self.prompt
+        if name not in self.prompts:
+            raise InvalidInputError(f"prompt_name {name!r} is not one of this model's prompts {sorted(self.prompts)}")
+        return self.prompts[name]
 
     @property
     def tokenizer_json(self) -> Path:
@@ -287,4 +298,5 @@ class SentenceModelFiles:
         if max_len < 2:
             raise ModelFilesError(f"{source}: max_seq_length {max_len} is below 2")
         head = read_head(root, bert.hidden_size)
-        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head, prompt=_default_prompt(root))
+        prompts, default = _prompts(root)
+        return cls(root=root.resolve(), bert=bert, max_seq_length=max_len, head=head, prompt=default, prompts=prompts)

@@ -91,3 +91,47 @@ def test_a_refused_model_leaves_the_rest_of_the_repository_serving(tmp_path):
     with pytest.raises(TritonStartError):
         EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws2",
                                      exit_on_error=True, startup_timeout_s=120)).start()
+
+
+def test_a_prompt_named_per_request_is_served_as_encode_prompt_name_computes(tmp_path):
+    """e5-style prompts chosen per request: through both Triton ensembles (`prompt_name`) and the TorchServe text
+    handler (JSON "prompt_name"), against encode(prompt_name=...); no name: the default prompt; an unknown name is
+    a per-request INVALID_ARG / 400 naming the model's prompts, its batch-mates unaffected."""
+    import json
+
+    from tritonclient.utils import InferenceServerException
+
+    from tandem_serve.torchserve.services import TextEmbeddingService
+
+    encoder = architecture_dir("bert", tmp_path / "bert", SentenceModelFiles.load().root)
+    model = saved_model(encoder, tmp_path / "mine", "mean", normalize=True)
+    settings = model / "config_sentence_transformers.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "default_prompt_name": "passage",
+                                    "prompts": {"query": "query: ", "passage": "passage: "}}))
+    texts = mixed_length_texts(6, seed=12)
+    reference = st.SentenceTransformer(str(model), device="cpu")
+    want = {name: reference.encode(texts, prompt_name=name, convert_to_numpy=True) for name in ("query", None)}
+    assert not np.allclose(want["query"], want[None], atol=1e-3)  # the prompt changes the embeddings
+    export_repository(tmp_path / "repo", model_dir=model)
+    for name in ("image_preprocess", "detector", "nms", "object_detection"):
+        shutil.rmtree(tmp_path / "repo" / name)
+    with EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws")) as server:
+        for ensemble in ("text_embedding", "text_embedding_fused"):
+            with TextEmbeddingClient(server.grpc_url, model=ensemble) as client:
+                for name, expected in want.items():
+                    assert centred_cosines(client.embed(texts, prompt_name=name), expected).min() >= 0.99, ensemble
+                with pytest.raises(InferenceServerException, match=r"prompt_name 'qeury' is not one of this model's "
+                                                                   r"prompts \['passage', 'query'\]"):
+                    client.embed(texts, prompt_name="qeury")
+    service = TextEmbeddingService(model, {"handler": {"model_dir": str(model), "pipeline": {"micro_batch_size": 2}}})
+    try:
+        replies = service.handle([{"body": {"text": texts, "prompt_name": "query"}}, {"body": {"text": texts}},
+                                  {"body": {"text": texts, "prompt_name": "qeury"}},
+                                  {"text": texts[0].encode(), "prompt_name": b"query"}],
+                                 [{"content-type": "application/json"}] * 3 + [{"content-type": "multipart/form-data"}])
+    finally:
+        service.close()
+    assert [r.status for r in replies] == [200, 200, 400, 200]
+    assert "prompt_name 'qeury' is not one of this model's prompts" in json.loads(replies[2].body)["message"]
+    for reply, expected in ((replies[0], want["query"]), (replies[1], want[None]), (replies[3], want["query"][:1])):
+        np.testing.assert_allclose(np.array(json.loads(reply.body)["embeddings"], np.float32), expected, atol=2e-4)

@@ -178,3 +178,34 @@ def test_a_default_prompt_is_prepended_as_sentence_transformers_does(bert_dir, t
     _edit(model / "config_sentence_transformers.json", default_prompt_name="passage")
     with pytest.raises(ModelFilesError, match="default_prompt_name 'passage' is not one of prompts"):
         SentenceModelFiles.load(model)
+
+
+def test_a_prompt_named_per_request_is_prepended_as_encode_prompt_name_does(bert_dir, tmp_path):
+    """encode(prompt_name=...) for each of the model's prompts; no name: the default; an unknown name or names that
+    differ within a request are refused naming the model's prompts."""
+    from tandem_serve.errors import InvalidInputError
+    from tandem_serve.stage_config import TokenizerConfig
+    from tandem_serve.text.stages import TokenizeStage
+
+    model = saved_model(bert_dir, tmp_path / "model", "mean", normalize=True)
+    _edit(model / "config_sentence_transformers.json", prompts={"query": "query: ", "passage": "passage: "},
+          default_prompt_name="passage")
+    stage = TokenizeStage(TokenizerConfig(model_dir=str(model)))
+    encoder = load_sentence_encoder(stage.files, "cpu", torch.float32, fused=True)
+    st_model = st.SentenceTransformer(str(model), device="cpu")
+    requests = [TEXTS[:5], TEXTS[5:9], TEXTS[9:]]
+    names = ["query", None, "passage"]  # one batch, three requests, each its own prompt
+    sent = [np.array([[b"query"]] * len(requests[0]), dtype=object), None, "passage"]  # as Triton / TorchServe pass them
+    batches = stage(requests, [stage.prompt(raw, len(r)) for raw, r in zip(sent, requests)])
+    for texts, name, batch in zip(requests, names, batches):
+        with torch.inference_mode():
+            got = encoder(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)).numpy()
+        assert_same_embeddings(got, st_model.encode(texts, prompt_name=name, convert_to_numpy=True))
+    with pytest.raises(InvalidInputError, match=r"prompt_name 'qeury' is not one of this model's prompts \['passage', 'query'\]"):
+        stage.prompt("qeury", 3)
+    with pytest.raises(InvalidInputError, match="PROMPT_NAME must name one prompt per request"):
+        stage.prompt(np.array([[b"query"], [b"passage"]], dtype=object), 2)
+    with pytest.raises(InvalidInputError, match=r"PROMPT_NAME must hold one name or one per text \(3\), got 2"):
+        stage.prompt(np.array([[b"query"], [b"query"]], dtype=object), 3)
+    with pytest.raises(InvalidInputError, match="PROMPT_NAME\\[0\\] is not valid UTF-8"):
+        stage.prompt(np.array([[b"\xff"]], dtype=object), 1)

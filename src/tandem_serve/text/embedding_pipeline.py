@@ -27,6 +27,14 @@ class TextStageConfigs:
     token_embedding: TokenEmbeddingConfig
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """One request's texts and the prompt prepended to each (None: the model's default prompt)."""
+
+    texts: list[str]
+    prompt: str | None = None
+
+
 class TextEmbeddingStages:
     """PipelineStages for lists of texts -> float32 [n, hidden] unit-norm embeddings per request.
 
@@ -47,11 +55,19 @@ class TextEmbeddingStages:
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
-    @staticmethod
-    def rows(item: Sequence[str]) -> int:
-        return len(item)
+    def request(self, texts: Sequence[str], prompt_name: str | None = None) -> TextRequest:
+        """A request of `texts` with the model's prompt `prompt_name` (None: its default); an unknown name raises
+        InvalidInputError."""
+        return TextRequest(list(texts), self.tokenize.prompt(prompt_name, len(texts)))
 
-    def prepare(self, item: Sequence[str]) -> TokenizedBatch:
+    @staticmethod
+    def rows(item: TextRequest | Sequence[str]) -> int:
+        return len(item.texts) if isinstance(item, TextRequest) else len(item)
+
+    def prepare(self, item: TextRequest | Sequence[str]) -> TokenizedBatch:
+        """A request (or plain texts, with the default prompt) -> its padded batch."""
+        if isinstance(item, TextRequest):
+            return self.tokenize([item.texts], [item.prompt])[0]
         return self.tokenize([list(item)])[0]
 
     def collate(self, prepared: list[TokenizedBatch]) -> list[torch.Tensor]:

@@ -51,8 +51,22 @@ class TokenizeStage:
         check_text_sizes(items, self.config.max_text_bytes, self.config.max_request_bytes)
         return decode_utf8(items)
 
-    def __call__(self, requests: Sequence[list[str]]) -> list[TokenizedBatch]:
-        return self.tokenizer.tokenize_groups(requests)
+    def prompt(self, raw: np.ndarray | Sequence[bytes | str] | str | None, texts: int) -> str | None:
+        """A request's PROMPT_NAME (one name, or one per text, all alike; None: not sent) -> the prompt text to
+        prepend, None for the model's default; InvalidInputError for an unknown name or names that differ."""
+        if raw is None:
+            return None
+        names = [raw] if isinstance(raw, str) else np.asarray(raw, dtype=object).reshape(-1).tolist()
+        if len(names) not in (1, texts):
+            raise InvalidInputError(f"PROMPT_NAME must hold one name or one per text ({texts}), got {len(names)}")
+        names = decode_utf8(names, "PROMPT_NAME")
+        if len(set(names)) > 1:
+            raise InvalidInputError(f"PROMPT_NAME must name one prompt per request, got {sorted(set(names))}")
+        return self.files.prompt_named(names[0])
+
+    def __call__(self, requests: Sequence[list[str]], prompts: Sequence[str | None] | None = None) -> list[TokenizedBatch]:
+        """Per request its texts (and the prompt to prepend to them, None: the default) -> its padded batch."""
+        return self.tokenizer.tokenize_groups(requests, prompts)
 
 
 class TokenEmbeddingStage:

@@ -28,8 +28,8 @@ class TokenizedBatch:
     attention_mask: np.ndarray
 
 
-def decode_utf8(items: Sequence[bytes | str]) -> list[str]:
-    """Decode raw request bytes strictly; name the first invalid item."""
+def decode_utf8(items: Sequence[bytes | str], name: str = "TEXT") -> list[str]:
+    """Decode raw request bytes strictly; name the first invalid item (of input `name`)."""
     texts = []
     for index, item in enumerate(items):
         if isinstance(item, str):
@@ -38,7 +38,7 @@ def decode_utf8(items: Sequence[bytes | str]) -> list[str]:
         try:
             texts.append(bytes(item).decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise InvalidInputError(f"TEXT[{index}] is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
+            raise InvalidInputError(f"{name}[{index}] is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
     return texts
 
 
@@ -83,9 +83,12 @@ class TextTokenizer:
         """Tokenize `texts` (already decoded) into one padded batch."""
         return self.tokenize_groups([texts])[0]
 
-    def tokenize_groups(self, groups: Sequence[Sequence[str]]) -> list[TokenizedBatch]:
-        """Tokenize several requests in one parallel call, padding each request on its own."""
-        flat = [self.prompt + text for group in groups for text in group]  # "" + text is text itself
+    def tokenize_groups(self, groups: Sequence[Sequence[str]],
+                        prompts: Sequence[str | None] | None = None) -> list[TokenizedBatch]:
+        """Tokenize several requests in one parallel call, padding each request on its own. `prompts`: per request
+        the text prepended to each of its texts (None: the default prompt)."""
+        chosen = [self.prompt if p is None else p for p in prompts] if prompts is not None else [self.prompt] * len(groups)
+        flat = [prompt + text for group, prompt in zip(groups, chosen) for text in group]  # "" + text is text itself
         if self.parallel:
             encodings = self._tokenizer.encode_batch(flat, add_special_tokens=True)  # spread over all cores
         else:

@@ -65,9 +65,12 @@ class TorchServeClient:
                 message = raw.decode(errors="replace")
             raise TorchServeError(exc.code, message) from None
 
-    def embed(self, texts: Sequence[str], model: str = "text_embedding", binary: bool = True) -> np.ndarray:
-        """Unit-norm embeddings float32 [len(texts), hidden]; binary uses the .npy reply format."""
-        body = json.dumps({"text": list(texts)}).encode()
+    def embed(self, texts: Sequence[str], model: str = "text_embedding", binary: bool = True,
+              prompt_name: str | None = None) -> np.ndarray:
+        """Embeddings float32 [len(texts), embedding size]; binary uses the .npy reply format; `prompt_name`: one of
+        the model's prompts (default: its default prompt)."""
+        request = {"text": list(texts)} if prompt_name is None else {"text": list(texts), "prompt_name": prompt_name}
+        body = json.dumps(request).encode()
         raw, content_type = self._post(model, body, "application/json", NPY if binary else "application/json")
         if content_type.startswith(NPY):
             return np.load(io.BytesIO(raw), allow_pickle=False)

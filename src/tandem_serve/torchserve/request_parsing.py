@@ -85,6 +85,17 @@ def parse_texts(request: Mapping[str, Any], max_texts: int, headers: Mapping[str
     return [_as_text(t, f"text[{i}]") for i, t in enumerate(texts)]
 
 
+def parse_prompt_name(request: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> str | None:
+    """A text request's `prompt_name` (a form field, or a key of the JSON body beside "text"); None when absent."""
+    value = request.get("prompt_name")
+    if value is None and media_type(headers) in ("", "application/json"):
+        body = next((request[k] for k in BODY_KEYS if request.get(k) not in (None, b"", "")), None)
+        if media_type(headers) == "application/json":
+            body = _json_body(body)
+        value = body.get("prompt_name") if isinstance(body, dict) else None
+    return None if value is None else _as_text(value, "prompt_name")
+
+
 def _number(request: Mapping[str, Any], name: str, kind: type) -> float | int | None:
     value = request.get(name)
     if value is None:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -30,7 +30,10 @@ from tandem_serve.stage_config import (
 )
 from tandem_serve.text.tokenize import check_text_sizes
 from tandem_serve.torchserve.replies import NPY, Reply, accepts
-from tandem_serve.torchserve.request_parsing import parse_image, parse_texts
+from tandem_serve.torchserve.request_parsing import parse_image, parse_prompt_name, parse_texts
+
+if TYPE_CHECKING:  # the pipelines import torch stages: loaded by the services that use them
+    from tandem_serve.text.embedding_pipeline import TextRequest
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -146,7 +149,7 @@ class PipelineService(Generic[_Item]):
         self.pipeline.close()
 
 
-class TextEmbeddingService(PipelineService[list]):
+class TextEmbeddingService(PipelineService["TextRequest"]):
     """Texts -> unit-norm embeddings: JSON {"embeddings": [[...], ...]} or .npy float32 [n, hidden]."""
 
     SECTIONS = ("pipeline", "tokenizer", "encoder", "token_embedding")
@@ -171,10 +174,10 @@ class TextEmbeddingService(PipelineService[list]):
         self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="text_embedding", cpu_stages=cpu_stages)
         logger.info("text embedding handler on %s, %s", self.device, settings)
 
-    def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> list[str]:
+    def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> TextRequest:
         texts = parse_texts(request, self.config.max_texts, headers)
         check_text_sizes(texts, self.limits.max_text_bytes, self.limits.max_request_bytes)
-        return texts
+        return self.stages.request(texts, parse_prompt_name(request, headers))
 
     def encode(self, result: np.ndarray, headers: Mapping[str, str]) -> Reply:
         if accepts(headers, NPY):

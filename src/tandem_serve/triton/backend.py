@@ -132,6 +132,12 @@ def input_bytes(request: Any, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
+def optional_input_bytes(request: Any, name: str) -> np.ndarray | None:
+    """An optional TYPE_STRING input as a numpy object array of bytes, or None when the request omits it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
 def output_tensor(name: str, tensor: torch.Tensor | np.ndarray) -> Any:
     """A pb_utils output tensor sharing memory with `tensor` through DLPack."""
     if isinstance(tensor, np.ndarray):

@@ -16,18 +16,22 @@ logger = logging.getLogger(__name__)
 
 
 class TokenizerModel:
-    """TEXT (bytes) -> INPUT_IDS, ATTENTION_MASK."""
+    """TEXT (bytes) (+ optional PROMPT_NAME) -> INPUT_IDS, ATTENTION_MASK."""
 
     def initialize(self, args: dict[str, str]) -> None:
         _, settings = backend.stage_settings(args, TokenizerConfig)
         backend.check_bytes_tensors_readable()
         self.stage = TokenizeStage(settings)
 
+    def _decode(self, request: Any) -> tuple[list[str], str | None]:
+        texts = self.stage.decode(backend.input_bytes(request, "TEXT"))
+        return texts, self.stage.prompt(backend.optional_input_bytes(request, "PROMPT_NAME"), len(texts))
+
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
             requests,
-            decode=lambda r: self.stage.decode(backend.input_bytes(r, "TEXT")),
-            compute=self.stage,
+            decode=self._decode,
+            compute=lambda items: self.stage([texts for texts, _ in items], [prompt for _, prompt in items]),
             encode=lambda b: [backend.output_tensor("INPUT_IDS", b.input_ids),
                               backend.output_tensor("ATTENTION_MASK", b.attention_mask)],
             stage="tokenizer",
