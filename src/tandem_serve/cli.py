@@ -142,7 +142,7 @@ def cmd_detector_export(args: argparse.Namespace) -> int:
     network = load_detector(config, torch.device("cpu"))
     if not isinstance(network, torch.nn.Module):
         raise SystemExit(f"{args.weights} is already an exported model")
-    out = export_network(network, args.out, args.image_size, args.max_batch)
+    out = export_network(network, args.out, args.image_size, args.max_batch, compile_for=args.compile)
     print(f"wrote {out}: serve it with the detector parameters weights={out.name} head_format={args.head_format}")
     return 0
 
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     detector = commands.add_parser("detector", help="detector networks")
     detector_commands = detector.add_subparsers(dest="action", required=True)
     detector_export = detector_commands.add_parser(
-        "export", help="write a detector as a torch.export program (.pt2) or ONNX (.onnx), by OUT's suffix; the "
+        "export", help="write a detector as a torch.export program (.pt2; --compile: AOTInductor) or ONNX (.onnx), by OUT's suffix; the "
                        "batch stays dynamic, the image size is fixed")
     detector_export.add_argument("out", type=Path)
     detector_export.add_argument("--weights", type=Path, help="a .safetensors or state-dict .pt (default the shipped "
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     detector_export.add_argument("--num-classes", type=int, default=0, help="for a state dict without metadata")
     detector_export.add_argument("--image-size", type=int, default=640, help="the pipeline's image_size (default 640)")
     detector_export.add_argument("--max-batch", type=int, default=64, help="the largest batch (default 64)")
+    detector_export.add_argument("--compile", metavar="DEVICE", help="a .pt2 compiled by AOTInductor for DEVICE (cpu, "
+                                 "cuda:0): run this where the detector will serve (needs a C++ compiler there)")
     detector_export.set_defaults(func=cmd_detector_export)
 
     keys = commands.add_parser("keys", help="write a new keys.json for Triton's restricted APIs (admin, shared memory)")

@@ -1,7 +1,7 @@
 """Models users bring, on the GPU (issue 19): each encoder architecture with its own head served by the project's
 encoder in fp16 with CUDA graphs and the fused token embedding, against sentence-transformers in fp32 on the CPU;
 the anchor-free YOLOv8-style detector from safetensors (fp32 and fp16, CUDA graphs), torch.export (exported here,
-moved to the GPU) and ONNX on onnxruntime's CUDA provider, each against the library network on the GPU.
+moved to the GPU), AOTInductor (compiled here) and ONNX on onnxruntime's CUDA provider, each against the library network on the GPU.
 
 Runs on a machine with torch, transformers, sentence-transformers and onnxscript only (tests/gpu/run_h200.sh custom,
 with --noconftest): the tokenizer files come from $TANDEM_TOKENIZER_DIR (else the shipped model's), the detector
@@ -189,6 +189,36 @@ def test_yolov8_from_torch_export_moved_to_the_gpu_serves_the_network_candidates
     fraction = matched_fraction(exported([batch])[0], reference([batch])[0], 0.99, 1e-3)
     results["custom_yolov8_pt2_matched"] = fraction
     assert fraction >= 0.99
+
+
+def test_yolov8_compiled_by_aotinductor_for_the_gpu_serves_the_network_candidates(detectors, images, tmp_path, results):
+    """Compiled here for cuda:0 (C++ wrapper and Triton kernels; needs a C++ compiler at compile time)."""
+    import shutil
+
+    from tandem_serve.vision.detector import load_detector
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: AOTInductor cannot compile here")
+    network = load_detector(DetectorConfig(weights=str(detectors["safetensors"]), head_format="yolov8"),
+                            torch.device("cpu"))
+    began = time.perf_counter()
+    package = export_network(network, tmp_path / "v8n-aoti.pt2", SIZE, max_batch=64, compile_for=GPU)
+    results["custom_yolov8_aoti_compile_s"] = time.perf_counter() - began
+    compiled, reference = _stage(package), _stage(detectors["safetensors"])
+    assert compiled.graphs is None and not isinstance(compiled.model, torch.nn.Module)
+    batch = torch.cat([images, images.flip(-1)])
+    results["custom_yolov8_aoti_matched"] = fraction = matched_fraction(compiled([batch])[0], reference([batch])[0],
+                                                                        0.99, 1e-3)
+    assert fraction >= 0.99
+    timed = images.repeat(6, 1, 1, 1)[:32].to(GPU)
+    for _ in range(3):
+        compiled.filtered(timed)
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(20):
+        compiled.filtered(timed)
+    torch.cuda.synchronize()
+    results[f"custom_yolov8n_{SIZE}px_batch32_images_per_s_aoti_fp32"] = 20 * 32 / (time.perf_counter() - began)
 
 
 def _onnxruntime_cuda() -> bool:

@@ -147,3 +147,19 @@ def test_formats_that_do_not_fit_are_refused_by_name(tmp_path, yolov8):
                                                    num_classes=3), CPU), YoloV8)
     with pytest.raises(ConfigError, match="chosen by the suffix"):
         export_network(yolov8["network"], tmp_path / "v8.tflite", SIZE)
+
+
+def test_an_aotinductor_package_serves_the_candidates_of_its_network(tmp_path, yolov8, images):
+    """Compiled ahead of time for the CPU (about a minute): the same candidates; refused on another device."""
+    package = export_network(yolov8["network"], tmp_path / "v8-aoti.pt2", SIZE, max_batch=8, compile_for="cpu")
+    settings = dict(head_format="yolov8", prefilter_conf=0.4, max_candidates=8000)
+    compiled = DetectStage(DetectorConfig(weights=str(package), **settings))
+    assert not isinstance(compiled.model, torch.nn.Module)
+    reference = DetectStage(DetectorConfig(weights=str(yolov8["safetensors"]), **settings))
+    batch = torch.cat([images, images[:1]])
+    _matched(compiled([batch])[0], reference([batch])[0])
+    with pytest.raises(ConfigError, match=r"compiled by AOTInductor for cpu; the detector runs on cuda:0: compile it "
+                                          r"there \(tandem detector export --compile cuda:0\)"):
+        load_detector(DetectorConfig(weights=str(package), head_format="yolov8"), torch.device("cuda:0"))
+    with pytest.raises(ConfigError, match="an AOTInductor package is a .pt2"):
+        export_network(yolov8["network"], tmp_path / "v8.onnx", SIZE, compile_for="cpu")

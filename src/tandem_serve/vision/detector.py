@@ -3,8 +3,10 @@ or TorchScript) and run it batched."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,15 +52,46 @@ def _library_network(head_format: str, size: str, num_classes: int, path: Path) 
                       f"yolov5 or yolov8); a network with head_format {head_format!r} comes as .pt2 or .onnx")
 
 
+def _aoti_metadata(path: Path) -> dict[str, str] | None:
+    """The device an AOTInductor package was compiled for (its wrapper's metadata), None for a torch.export program."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if "/data/aotinductor/" in n and n.endswith("wrapper_metadata.json")]
+            return json.loads(archive.read(names[0])) if names else None
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _load_aoti(path: Path, metadata: dict[str, str], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An AOTInductor package, refused unless it was compiled for this kind of device (and GPU architecture)."""
+    built_for = metadata.get("AOTI_DEVICE_KEY", "")
+    if built_for != device.type:
+        raise ConfigError(f"{path} was compiled by AOTInductor for {built_for or 'an unknown device'}; the detector "
+                          f"runs on {device}: compile it there (tandem detector export --compile {device})")
+    if device.type == "cuda":
+        capability = "".join(map(str, torch.cuda.get_device_capability(device)))
+        if metadata.get("AOTI_COMPUTE_CAPABILITY") not in ("", capability):
+            raise ConfigError(f"{path} was compiled for GPUs of compute capability "
+                              f"{metadata['AOTI_COMPUTE_CAPABILITY']}; {device} has {capability}")
+    try:
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        return torch._inductor.aoti_load_package(str(path), device_index=index)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a package it cannot load
+        raise ModelFilesError(f"{path} is an AOTInductor package torch cannot load here: {str(exc)[:300]}") from None
+
+
 def load_detector(config: DetectorConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The network on `device` (eval mode): images [B, 3, S, S] -> its head's output, in `config.head_format`.
 
-    By the file: .pt2 (torch.export) and .onnx (onnxruntime) carry their own network; .safetensors and state-dict
+    By the file: .pt2 (torch.export, or an AOTInductor package compiled for this device) and .onnx (onnxruntime)
+    carry their own network; .safetensors and state-dict
     .pt files are loaded into the library's YOLOv5 or YOLOv8 (by head_format); anything else is tried as
     TorchScript."""
     path = Path(config.weights).expanduser() if config.weights else default_weights()
     if not path.is_file():
         raise ModelFilesError(f"detector weights {path} do not exist")
+    if path.suffix == ".pt2" and (metadata := _aoti_metadata(path)) is not None:
+        return _load_aoti(path, metadata, device)
     if path.suffix == ".pt2":  # torch.export: the program carries its own network, any head format
         try:
             program = torch.export.load(str(path))
