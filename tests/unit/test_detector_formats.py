@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from tandem_serve.errors import ConfigError, ModelFilesError
 from tandem_serve.stage_config import DetectorConfig
-from tandem_serve.vision.detector import DetectStage, load_detector
+from tandem_serve.vision.detector import DetectStage, load_detector, own_precision_and_device
 from tandem_serve.vision.export import export_network
 from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.shapes import encode_scene, generate_scene
@@ -155,6 +155,9 @@ def test_an_aotinductor_package_serves_the_candidates_of_its_network(tmp_path, y
     settings = dict(head_format="yolov8", prefilter_conf=0.4, max_candidates=8000)
     compiled = DetectStage(DetectorConfig(weights=str(package), **settings))
     assert not isinstance(compiled.model, torch.nn.Module)
+    # what `tandem profile` reads: fp32 only, on the CPU only
+    assert own_precision_and_device(str(package)) == (True, "cpu")
+    assert own_precision_and_device(str(yolov8["pt2"])) == (False, None)
     reference = DetectStage(DetectorConfig(weights=str(yolov8["safetensors"]), **settings))
     batch = torch.cat([images, images[:1]])
     _matched(compiled([batch])[0], reference([batch])[0])

@@ -165,17 +165,18 @@ def gpu_decode_timings(options: ProfileOptions, devices: list[str], encoded: lis
 
 def detection_timings(options: ProfileOptions, devices: list[str]) -> list[StageTiming]:
     """image_preprocess and nms (CPU), the detector on every device and precision."""
-    from tandem_serve.vision.detector import DetectStage
+    from tandem_serve.vision.detector import DetectStage, own_precision_and_device
     from tandem_serve.vision.letterbox import preprocess
     from tandem_serve.vision.nms import postprocess
 
     weights = options.detector_weights or (str(random_detector(options.detector_size)) if options.detector_size else "")
     config = DetectorConfig(weights=weights, head_format=options.head_format)
     config.validate()
-    # an ONNX model runs in the precision it was exported in: autocast does not reach onnxruntime
-    own_precision = weights.endswith(".onnx")
+    # ONNX and AOTInductor models run in the precision they were exported at (autocast does not reach them); an
+    # AOTInductor package only on the device type it was compiled for
+    own_precision, only_on = own_precision_and_device(weights)
     detectors = [(device, precision) for device in devices for precision in precisions_for(device, "detector")
-                 if not own_precision or precision == "fp32"]
+                 if (not own_precision or precision == "fp32") and (only_on is None or device.split(":")[0] == only_on)]
     cases = [(size, batch) for size in options.image_sizes for batch in options.batch_sizes]
     progress = Progress(len(cases) * (2 + len(detectors)))
     # the JPEG mix the suite and `tandem tune` send (PNGs cost several times more to decode and are rare in traffic)

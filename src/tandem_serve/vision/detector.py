@@ -62,6 +62,17 @@ def _aoti_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
+def own_precision_and_device(weights: str) -> tuple[bool, str | None]:
+    """Whether a detector file runs at its own precision (ONNX, AOTInductor: autocast does not reach them) and the
+    only device type it runs on (an AOTInductor package's; None: any)."""
+    path = Path(weights)
+    if path.suffix == ".onnx":
+        return True, None
+    if path.suffix == ".pt2" and path.is_file() and (metadata := _aoti_metadata(path)) is not None:
+        return True, metadata.get("AOTI_DEVICE_KEY") or None
+    return False, None
+
+
 def _load_aoti(path: Path, metadata: dict[str, str], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """An AOTInductor package, refused unless it was compiled for this kind of device (and GPU architecture)."""
     built_for = metadata.get("AOTI_DEVICE_KEY", "")
