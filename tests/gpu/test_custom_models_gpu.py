@@ -32,7 +32,7 @@ from tests.gpu.figures import results  # noqa: F401 - the session's figures fixt
 from tests.helpers import centred_cosines, mixed_texts
 from tests.sentence_models import architecture_dir, saved_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 st = pytest.importorskip("sentence_transformers")
 GPU = "cuda:0"
 TEXTS = mixed_texts(40, seed=31) + ["a", "Ça a été une journée très réussie à Zürich.", "東京は日本の首都です。"]
