@@ -5,6 +5,7 @@ real Triton through both text ensembles, against sentence-transformers loading t
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,14 @@ from tests.sentence_models import architecture_dir, saved_model
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers.models import Pooling, Transformer  # noqa: E402
+
+
+def _text_triton(model: Path, tmp_path: Path) -> EmbeddedTriton:
+    """A real Triton serving `model` through the text models and ensembles of `tandem repository export`."""
+    export_repository(tmp_path / "repo", model_dir=model)
+    for name in ("image_preprocess", "detector", "nms", "object_detection"):
+        shutil.rmtree(tmp_path / "repo" / name)
+    return EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws"))
 
 
 # architecture, pooling, Dense (out, activation), Normalize: each architecture served once through both ensembles
@@ -40,10 +49,7 @@ def test_each_architecture_with_its_head_is_served_as_sentence_transformers_comp
     dims = dense[-1][0] if dense else 128
     texts = mixed_length_texts(24, seed=8)
     want = st.SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
-    export_repository(tmp_path / "repo", model_dir=model)
-    for name in ("image_preprocess", "detector", "nms", "object_detection"):
-        shutil.rmtree(tmp_path / "repo" / name)
-    with EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws")) as server:
+    with _text_triton(model, tmp_path) as server:
         for ensemble in ("text_embedding", "text_embedding_fused"):
             with TextEmbeddingClient(server.grpc_url, model=ensemble) as client:
                 got = np.concatenate([client.embed(texts[:5]), client.embed(texts[5:])])
@@ -112,10 +118,7 @@ def test_a_prompt_named_per_request_is_served_as_encode_prompt_name_computes(tmp
     reference = st.SentenceTransformer(str(model), device="cpu")
     want = {name: reference.encode(texts, prompt_name=name, convert_to_numpy=True) for name in ("query", None)}
     assert not np.allclose(want["query"], want[None], atol=1e-3)  # the prompt changes the embeddings
-    export_repository(tmp_path / "repo", model_dir=model)
-    for name in ("image_preprocess", "detector", "nms", "object_detection"):
-        shutil.rmtree(tmp_path / "repo" / name)
-    with EmbeddedTriton(TritonOptions(model_repositories=[tmp_path / "repo"], workspace=tmp_path / "ws")) as server:
+    with _text_triton(model, tmp_path) as server:
         for ensemble in ("text_embedding", "text_embedding_fused"):
             with TextEmbeddingClient(server.grpc_url, model=ensemble) as client:
                 for name, expected in want.items():
