@@ -27,12 +27,20 @@ def media_type(headers: Mapping[str, str] | None) -> str:
     return (headers or {}).get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def _body(request: Mapping[str, Any]) -> Any:
+def _body_or_none(request: Mapping[str, Any]) -> Any:
+    """The request's body under the first of BODY_KEYS that holds one, or None."""
     for key in BODY_KEYS:
         value = request.get(key)
         if value is not None and value != b"" and value != "":
             return value
-    raise InvalidInputError("empty request: POST the input as the request body")
+    return None
+
+
+def _body(request: Mapping[str, Any]) -> Any:
+    body = _body_or_none(request)
+    if body is None:
+        raise InvalidInputError("empty request: POST the input as the request body")
+    return body
 
 
 def _as_text(value: Any, where: str) -> str:
@@ -88,9 +96,10 @@ def parse_texts(request: Mapping[str, Any], max_texts: int, headers: Mapping[str
 def parse_prompt_name(request: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> str | None:
     """A text request's `prompt_name` (a form field, or a key of the JSON body beside "text"); None when absent."""
     value = request.get("prompt_name")
-    if value is None and media_type(headers) in ("", "application/json"):
-        body = next((request[k] for k in BODY_KEYS if request.get(k) not in (None, b"", "")), None)
-        if media_type(headers) == "application/json":
+    kind = media_type(headers)
+    if value is None and kind in ("", "application/json"):
+        body = _body_or_none(request)
+        if kind == "application/json":
             body = _json_body(body)
         value = body.get("prompt_name") if isinstance(body, dict) else None
     return None if value is None else _as_text(value, "prompt_name")
