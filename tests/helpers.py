@@ -27,12 +27,16 @@ def mixed_texts(count: int, seed: int = 0) -> list[str]:
     return texts
 
 
+def cosines(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [n, d] arrays."""
+    return np.sum(actual * expected, axis=1) / np.linalg.norm(actual, axis=1) / np.linalg.norm(expected, axis=1)
+
+
 def assert_cosines(actual: np.ndarray, expected: np.ndarray, bound: float = 0.9999) -> float:
     """Row-wise cosine between unit vectors >= bound; returns the minimum."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    norms = np.linalg.norm(actual, axis=1)
-    np.testing.assert_allclose(norms, 1.0, atol=1e-4)
-    cosine = np.sum(actual * expected, axis=1) / norms / np.linalg.norm(expected, axis=1)
+    np.testing.assert_allclose(np.linalg.norm(actual, axis=1), 1.0, atol=1e-4)
+    cosine = cosines(actual, expected)
     assert cosine.min() >= bound, f"min cosine {cosine.min():.7f} at row {int(cosine.argmin())}"
     return float(cosine.min())
 
@@ -41,5 +45,4 @@ def centred_cosines(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """Row-wise cosines after taking the reference's mean embedding off both: what tells the texts apart. Random
     encoders (CLS pooling especially) give nearly one vector for every text, where a plain cosine of 0.999 says little."""
     centre = expected.mean(axis=0)
-    a, b = actual - centre, expected - centre
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return cosines(actual - centre, expected - centre)

@@ -29,7 +29,7 @@ from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
 from tests.gpu.figures import results  # noqa: F401 - the session's figures fixture
-from tests.helpers import centred_cosines, mixed_texts
+from tests.helpers import centred_cosines, cosines, mixed_texts
 from tests.sentence_models import architecture_dir, saved_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -79,10 +79,6 @@ HEADS = [
 ]
 
 
-def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    return (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-
-
 def _per_text(model: Path, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One request per text, INPUT_IDS + ATTENTION_MASK, as the tokenizer stage hands them on."""
     files = SentenceModelFiles.load(model)
@@ -107,7 +103,7 @@ def test_each_architecture_and_head_serves_sentence_transformers_embeddings_in_f
         got = np.concatenate([e.numpy() for e in graphed(requests)])
         exact = np.concatenate([e.numpy() for e in fp32(requests)])
         assert got.shape == want[:size].shape and np.isfinite(got).all()
-        half, full = _cosines(got, want[:size]), _cosines(exact, want[:size])
+        half, full = cosines(got, want[:size]), cosines(exact, want[:size])
         assert half.min() >= 0.999, (size, half.min())
         assert full.min() >= 0.9999, (size, full.min())  # fp32 on the GPU: the issue's bound
         if size > 1:  # what tells the texts apart, apart from the vector random encoders give them all

@@ -16,7 +16,7 @@ from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.text.bert import load_sentence_encoder
 from tandem_serve.text.tokenize import TextTokenizer
 from tandem_serve.workloads import mixed_length_texts, random_bert
-from tests.helpers import centred_cosines
+from tests.helpers import centred_cosines, cosines
 from tests.sentence_models import architecture_dir, saved_model
 
 st = pytest.importorskip("sentence_transformers")
@@ -49,7 +49,7 @@ def reference(model_dir: Path) -> np.ndarray:
 
 def assert_same_embeddings(got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape
-    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    cosine = cosines(got, want)
     assert cosine.min() >= 0.9999, cosine.min()
     assert centred_cosines(got, want).min() >= 0.9999, centred_cosines(got, want).min()
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-3)
