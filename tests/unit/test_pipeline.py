@@ -129,7 +129,7 @@ def test_text_pipeline_with_a_cpu_lane_matches_reference(text_stages, reference,
     requests = [EDGE_TEXTS[:3], [EDGE_TEXTS[3]], EDGE_TEXTS[4:], mixed_texts(9, seed=4), ["one more"]]
     settings = PipelineSettings(micro_batch_size=2, cpu_threads=2, cpu_lane_threads=1)
     with MicroBatchPipeline(text_stages, "cpu", settings, cpu_stages=text_stages) as pipe:
-        results = pipe.run(requests)
+        results = pipe.run([text_stages.request(texts) for texts in requests])
         assert pipe.balancer.snapshot()["cpu"]["batches"] >= 1
     for texts, embeddings in zip(requests, results):
         assert_cosines(embeddings, reference(texts))
@@ -147,7 +147,7 @@ def text_stages():
 def test_text_pipeline_matches_reference(text_stages, reference, pipelined):
     requests = [EDGE_TEXTS[:3], [EDGE_TEXTS[3]], EDGE_TEXTS[4:], mixed_texts(5, seed=3), ["one more"]]
     with MicroBatchPipeline(text_stages, "cpu", PipelineSettings(micro_batch_size=4, pipelined=pipelined)) as pipe:
-        results = pipe.run(requests)
+        results = pipe.run([text_stages.request(texts) for texts in requests])
     for texts, embeddings in zip(requests, results):
         assert embeddings.dtype == np.float32
         assert_cosines(embeddings, reference(texts))

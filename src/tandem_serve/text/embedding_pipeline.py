@@ -36,7 +36,7 @@ class TextRequest:
 
 
 class TextEmbeddingStages:
-    """PipelineStages for lists of texts -> float32 [n, hidden] unit-norm embeddings per request.
+    """PipelineStages for TextRequests (`request(texts, prompt_name)`) -> float32 [n, embedding size] per request.
 
     With `encoder.fuse_token_embedding` (the default, and always on a CPU device) the device
     stage takes token ids; otherwise the token embedding runs on the CPU in `collate` and the
@@ -61,14 +61,11 @@ class TextEmbeddingStages:
         return TextRequest(list(texts), self.tokenize.prompt(prompt_name, len(texts)))
 
     @staticmethod
-    def rows(item: TextRequest | Sequence[str]) -> int:
-        return len(item.texts) if isinstance(item, TextRequest) else len(item)
+    def rows(item: TextRequest) -> int:
+        return len(item.texts)
 
-    def prepare(self, item: TextRequest | Sequence[str]) -> TokenizedBatch:
-        """A request (or plain texts, with the default prompt) -> its padded batch."""
-        if isinstance(item, TextRequest):
-            return self.tokenize([item.texts], [item.prompt])[0]
-        return self.tokenize([list(item)])[0]
+    def prepare(self, item: TextRequest) -> TokenizedBatch:
+        return self.tokenize([item.texts], [item.prompt])[0]
 
     def collate(self, prepared: list[TokenizedBatch]) -> list[torch.Tensor]:
         ids = concat_padded([torch.from_numpy(p.input_ids) for p in prepared], self.pad_id)

@@ -150,7 +150,7 @@ class PipelineService(Generic[_Item]):
 
 
 class TextEmbeddingService(PipelineService["TextRequest"]):
-    """Texts -> unit-norm embeddings: JSON {"embeddings": [[...], ...]} or .npy float32 [n, hidden]."""
+    """Texts -> embeddings: JSON {"embeddings": [[...], ...]} or .npy float32 [n, embedding size]."""
 
     SECTIONS = ("pipeline", "tokenizer", "encoder", "token_embedding")
 
