@@ -2,7 +2,7 @@
 # Fill .carry/ort1..N (git-ignored) with onnxruntime-gpu for the GPU machine (Python 3.12, CUDA 13 beside torch
 # cu130), for the ONNX tests of tests/gpu/run_h200.sh custom-onnx: the wheel is 255 MB, its CUDA provider 284 MB
 # unpacked, so it travels unpacked, xz-compressed and split into pieces of 55 MiB (a call carries 64 MiB with the
-# working tree), one device call each. Also .carry/tok: the shipped tokenizer files for the custom text models.
+# working tree), one device call each. (.carry/tok, the tokenizer files of the custom stages: tests/gpu/prepare_carry.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 version=${ORT_GPU_VERSION:-1.31.1}
@@ -17,13 +17,10 @@ if [ ! -f "$cache/ort.tar.xz" ]; then
     (cd "$cache/unpacked" && tar cf - --exclude=libonnxruntime_providers_tensorrt.so . | xz -9 -T2 > "$cache/ort.tar.xz.tmp")
     mv "$cache/ort.tar.xz.tmp" "$cache/ort.tar.xz"
 fi
-rm -rf .carry/ort[0-9]* .carry/tok
+rm -rf .carry/ort[0-9]*
 split -b 55M -d -a 1 "$cache/ort.tar.xz" "$cache/ort.tar.xz.part"
 for part in "$cache"/ort.tar.xz.part*; do
     n=$(( ${part##*part} + 1 )); mkdir -p ".carry/ort$n"; mv "$part" ".carry/ort$n/"
 done
 sha256sum "$cache/ort.tar.xz" | cut -d' ' -f1 > ".carry/ort$n/ort.tar.xz.sha256"
-model=$(.venv/bin/python -c "from tandem_serve.model_files import default_model_dir; print(default_model_dir())")
-mkdir -p .carry/tok
-for f in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do cp "$model/$f" .carry/tok/; done
-du -sh .carry/ort* .carry/tok
+du -sh .carry/ort*
