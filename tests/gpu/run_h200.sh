@@ -17,10 +17,11 @@
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
-# Issue 19 (a bare machine, no other stage first; tests/gpu/prepare_onnxruntime_gpu.sh here): custom carry
+# Issue 19 (a bare machine, no other stage first; tests/gpu/prepare_carry.sh and prepare_onnxruntime_gpu.sh here): custom carry
 # [".carry/tok", ".carry/ort1"] (the text heads and detector forms on the GPU, onnxruntime CPU-only there), then
 # ort-part carry [".carry/ort2"], ort-part [".carry/ort3"], custom-onnx [".carry/ort4"] (onnxruntime-gpu assembled:
-# the ONNX tests on its CUDA provider).
+# the ONNX tests on its CUDA provider). After wheels: custom-triton carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]
+# (the user's models served by Triton on the GPU).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
 set -euo pipefail
@@ -195,6 +196,18 @@ detector)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/detect
     python3 bench/detector_step.py --out "$out/detector_step.json" 2>&1 | tail -24
     python3 -m pytest tests/gpu/test_vision_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_torchserve_gpu.py -q -rs \
         -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_detector.log" | tail -30
+    ;;
+custom-triton)  # issue 19, after wheels; carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]: a user's text model and
+    # YOLOv8-style detector served by Triton on the GPU (KIND_AUTO), then the AOTInductor probe of the custom models
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/numpy1" .carry/numpy1/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl
+    mkdir -p "$base/tok" && cp .carry/tok/* "$base/tok/"
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_TOKENIZER_DIR="$base/tok" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_custom_triton.json"
+    python3 -m pytest tests/gpu/test_custom_triton_gpu.py -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+        | tee "$out/pytest_custom_triton.log" | tail -30
+    TANDEM_RESULTS="$out/gpu_custom_aoti.json" python3 -m pytest tests/gpu/test_custom_models_gpu.py --noconftest -q -rs \
+        -p no:cacheprovider -k aoti 2>&1 | tee "$out/pytest_custom_aoti.log" | tail -30
     ;;
 ort-part|custom|custom-onnx)  # issue 19: onnxruntime-gpu's pieces kept on the machine, then the custom-model tests
     mkdir -p "$base/ort-parts"

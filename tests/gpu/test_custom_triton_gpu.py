@@ -1,0 +1,146 @@
+"""Models users bring, served by a real Triton on the GPU (issue 19): one repository from `export_repository` with a
+user's sentence-transformers model (XLM-R, CLS pooling, a Dense layer, Normalize) and a YOLOv8-style detector from
+safetensors; the shipped configs' KIND_AUTO puts the encoders and the detector on the GPU. The embeddings are checked
+against sentence-transformers in fp32 on the CPU (the split ensemble's encoder in fp32, the fused one in fp16 with
+CUDA graphs), the detections against the same stages run in this process on the CPU.
+
+Needs the Triton wheels (tests/gpu/run_h200.sh custom-triton); the tokenizer files come from $TANDEM_TOKENIZER_DIR
+(else the shipped model's), so the shipped model is not needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
+from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.triton.repository import export_repository
+from tandem_serve.tuning.render import read_config, write_config
+from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
+from tandem_serve.vision.letterbox import preprocess
+from tandem_serve.vision.nms import Detections, iou_one_to_many
+from tandem_serve.vision.shapes import encode_scene, generate_scene
+from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
+from tests.helpers import centred_cosines, cosines, mixed_texts
+from tests.sentence_models import architecture_dir, saved_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+st = pytest.importorskip("sentence_transformers")
+TEXTS = mixed_texts(30, seed=41) + ["a", "Ça a été une journée très réussie à Zürich.", "東京は日本の首都です。"]
+CONF, MAX_DET = 0.5, 40
+
+
+def _detector_weights(path: Path, encoded: list[bytes]) -> Path:
+    """A YOLOv8n of 4 classes with seeded random weights whose BatchNorms took the test images' statistics and
+    whose class biases are -1 (as tests/integration/test_custom_detectors.py: a few dozen boxes per image, their
+    scores apart, instead of every cell scoring alike)."""
+    torch.manual_seed(19)
+    network = YoloV8(YoloV8Spec.of_size("n", 4))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        network.train()(torch.from_numpy(np.stack([preprocess(data, 640)[0] for data in encoded])))
+        for branch in network.head.cv3:
+            branch[-1].bias.fill_(-1.0)
+    network.eval()
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path),
+              metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
+    return path
+
+
+def _set_parameter(model_dir: Path, key: str, value: str) -> None:
+    config = read_config(model_dir / "config.pbtxt")
+    config.parameters[key].string_value = value
+    write_config(config, model_dir / "config.pbtxt")
+
+
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory):
+    """The user's files, the repository exported from them, and one Triton serving it for the module."""
+    tmp = tmp_path_factory.mktemp("custom-triton")
+    tokenizer_dir = Path(os.environ.get("TANDEM_TOKENIZER_DIR") or SentenceModelFiles.load().root)
+    encoder = architecture_dir("xlm-roberta", tmp / "encoder", tokenizer_dir, roberta_positions=514)
+    model = saved_model(encoder, tmp / "mine", "cls", ((48, torch.nn.GELU()),), True)
+    rng = np.random.default_rng(33)
+    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
+    weights = _detector_weights(tmp / "v8n.safetensors", encoded)
+    repo = tmp / "repo"
+    export_repository(repo, model_dir=model, weights=weights, head_format="yolov8")
+    _set_parameter(repo / "encoder_fused", "precision", "fp16")  # encoder stays fp32 (the split ensemble)
+    server = EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp / "ws", startup_timeout_s=300))
+    server.start()
+    try:
+        yield {"model": model, "weights": weights, "encoded": encoded, "server": server}
+    finally:
+        server.stop()
+
+
+def test_the_users_models_are_gpu_instances(custom):
+    log = custom["server"].log_path.read_text()
+    for name in ("encoder", "encoder_fused", "detector"):
+        assert f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_0 (GPU device 0)" in log, name
+    for name in ("tokenizer", "token_embedding", "image_preprocess", "nms"):
+        assert f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_0 (CPU device 0)" in log, name
+    assert "detector: CUDA graphs for batches" in log
+
+
+@pytest.mark.parametrize("ensemble,precision", [("text_embedding", "fp32"), ("text_embedding_fused", "fp16")])
+def test_the_users_text_model_served_on_the_gpu_matches_sentence_transformers(custom, results, ensemble, precision):
+    want = st.SentenceTransformer(str(custom["model"]), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    with TextEmbeddingClient(custom["server"].grpc_url, model=ensemble) as client:
+        got = np.concatenate([client.embed(TEXTS[:1]), client.embed(TEXTS[1:6]), client.embed(TEXTS[6:])]
+                             + [client.embed([text]) for text in TEXTS[:3]])
+    want = np.concatenate([want, want[:3]])
+    assert got.shape == want.shape == (len(TEXTS) + 3, 48)
+    cosine, centred = cosines(got, want).min(), centred_cosines(got, want).min()
+    results[f"custom_triton_{ensemble}_{precision}_min_cosine"] = float(cosine)
+    results[f"custom_triton_{ensemble}_{precision}_min_centred_cosine"] = float(centred)
+    # the split ensemble hands HIDDEN on in fp16 (its config's choice), the fused encoder runs in fp16 throughout
+    assert cosine >= (0.9999 if precision == "fp32" else 0.999), cosine
+    assert centred >= (0.99 if precision == "fp32" else 0.98), centred
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-3 if precision == "fp32" else 1e-2)
+
+
+def _in_process(weights: Path, encoded: list[bytes]) -> list[Detections]:
+    """The same stages run in this process on the CPU in fp32: the reference."""
+    detector = DetectorConfig(weights=str(weights), head_format="yolov8")
+    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), detector, NmsConfig()), torch.device("cpu"))
+    prepared = [stages.prepare(stages.request(data, conf=CONF, max_det=MAX_DET)) for data in encoded]
+    return stages.finish([t.cpu() for t in stages.infer(stages.collate(prepared))], prepared)
+
+
+def _matched(a: Detections, b: Detections, margin: float) -> tuple[int, int]:
+    """(found, of): `a`'s boxes scoring `margin` above the threshold found in `b` with the same class, IoU >= 0.9
+    and a score within 1e-2 (the GPU's TF32 convolutions move scores by ~1e-3; boxes near the threshold may flip)."""
+    found = of = 0
+    for box, score, cls in zip(a.boxes, a.scores, a.classes):
+        if score < CONF + margin:
+            continue
+        of += 1
+        if len(b.boxes):
+            iou = iou_one_to_many(box.astype(np.float64), b.boxes.astype(np.float64))
+            found += bool(((iou >= 0.9) & (b.classes == cls) & (np.abs(b.scores - score) <= 1e-2)).any())
+    return found, of
+
+
+def test_the_users_detector_served_on_the_gpu_finds_the_in_process_boxes(custom, results):
+    encoded = custom["encoded"]
+    want = _in_process(custom["weights"], encoded)
+    assert min(len(w.boxes) for w in want) >= 1 and sum(len(w.boxes) for w in want) >= 100
+    with ObjectDetectionClient(custom["server"].grpc_url) as client:
+        served = [client.detect(data, conf_threshold=CONF, max_det=MAX_DET) for data in encoded]
+    totals = np.zeros(4, int)
+    for got, expected in zip(served, want):
+        assert abs(len(got.boxes) - len(expected.boxes)) <= max(2, len(expected.boxes) // 10)
+        totals += (*_matched(expected, got, 0.02), *_matched(got, expected, 0.02))
+    recall, precision = totals[0] / totals[1], totals[2] / totals[3]
+    results["custom_triton_yolov8_matched_recall"], results["custom_triton_yolov8_matched_precision"] = recall, precision
+    assert recall >= 0.95 and precision >= 0.95, totals
