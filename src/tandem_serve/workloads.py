@@ -75,6 +75,24 @@ def random_yolov5(size: str, directory: Path, num_classes: int = 80) -> Path:
     return path
 
 
+def calibrated_yolov8(images: np.ndarray, num_classes: int = 4, seed: int = 19, size: str = "n") -> torch.nn.Module:
+    """A YOLOv8-style network (eval mode) with seeded random weights whose BatchNorms took `images`' statistics
+    (uint8 [B, 3, S, S]) and whose class biases are -1: a few dozen boxes per image score above 0.5, their scores apart.
+    Left random, every cell scores alike, and near-ties make NMS (and any comparison of detections) chaotic."""
+    from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
+
+    torch.manual_seed(seed)
+    network = YoloV8(YoloV8Spec.of_size(size, num_classes))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average of the batch statistics
+    with torch.no_grad():
+        network.train()(torch.from_numpy(np.ascontiguousarray(images)))
+        for branch in network.head.cv3:
+            branch[-1].bias.fill_(-1.0)
+    return network.eval()
+
+
 BERT_SIZES = {"tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
               "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
               "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}}

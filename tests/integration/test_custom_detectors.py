@@ -22,7 +22,7 @@ from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.metrics import MatchCounts
 from tandem_serve.vision.nms import Detections, iou_one_to_many
 from tandem_serve.vision.shapes import encode_scene, generate_scene
-from tandem_serve.vision.yolov8 import YoloV8, YoloV8Spec
+from tandem_serve.workloads import calibrated_yolov8
 
 pytest.importorskip("onnxruntime")
 TANDEM = [sys.executable, "-m", "tandem_serve.cli"]
@@ -86,18 +86,9 @@ def test_an_anchor_free_yolov8_from_torch_export_is_profiled_planned_and_served_
     per image score above 0.5, their scores 1e-4 or more apart."""
     import json
 
-    torch.manual_seed(19)
-    network = YoloV8(YoloV8Spec.of_size("n", 4))
     rng = np.random.default_rng(33)
     encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average of the batch statistics
-    with torch.no_grad():
-        network.train()(torch.from_numpy(np.stack([preprocess(data, 640)[0] for data in encoded])))
-        for branch in network.head.cv3:
-            branch[-1].bias.fill_(-1.0)
-    network.eval()
+    network = calibrated_yolov8(np.stack([preprocess(data, 640)[0] for data in encoded]), num_classes=4, seed=19)
     weights = tmp_path / "v8.safetensors"
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights),
               metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
