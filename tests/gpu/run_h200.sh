@@ -20,7 +20,8 @@
 # Issue 19 (a bare machine, no other stage first; tests/gpu/prepare_carry.sh and prepare_onnxruntime_gpu.sh here): custom carry
 # [".carry/tok", ".carry/ort1"] (the text heads and detector forms on the GPU, onnxruntime CPU-only there), then
 # ort-part carry [".carry/ort2"], ort-part [".carry/ort3"], custom-onnx [".carry/ort4"] (onnxruntime-gpu assembled:
-# the ONNX tests on its CUDA provider). After wheels: custom-triton carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]
+# the ONNX tests on its CUDA provider; after wheels, with ".carry/numpy1", ".carry/wheels2" beside ".carry/ort4", also
+# the ONNX detector served by Triton). After wheels: custom-triton carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]
 # (the user's models served by Triton on the GPU).
 # The machine's numpy is 2.x, which this Triton's stubs cannot use for TYPE_STRING tensors: the
 # stubs get numpy 1.26 first on their path (TANDEM_STUB_PYTHONPATH); the tests keep numpy 2.
@@ -225,6 +226,10 @@ ort-part|custom|custom-onnx)  # issue 19: onnxruntime-gpu's pieces kept on the m
             rm "$base/ort.tar.xz"
         fi
         pythonpath="$base/ort:$pythonpath" select=(-k "onnx or timed")
+        for extra in numpy1 wheels2; do  # carried where the Triton ONNX test runs too (after wheels)
+            [ "$extra" = numpy1 ] && into="$base/numpy1" || into="$base/site"
+            if [ -d ".carry/$extra" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$into" .carry/$extra/*.whl; fi
+        done
     fi
     if [ -d .carry/tok ]; then mkdir -p "$base/tok" && cp .carry/tok/* "$base/tok/"; fi
     export PYTHONPATH="$pythonpath" TANDEM_TOKENIZER_DIR="$base/tok" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -232,6 +237,15 @@ ort-part|custom|custom-onnx)  # issue 19: onnxruntime-gpu's pieces kept on the m
     python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())" || true
     python3 -m pytest tests/gpu/test_custom_models_gpu.py --noconftest -q -rs -p no:cacheprovider "${select[@]}" 2>&1 \
         | tee "$out/pytest_$stage.log" | tail -30
+    if [ "$stage" = custom-onnx ]; then  # how far TF32 (torch's, onnxruntime's) moves the detector's raw output
+        PYTHONPATH="$pythonpath" python3 bench/detector_forms.py --out "$out/detector_forms.json" 2>&1 | grep -v initializer_dedup
+    fi
+    if [ "$stage" = custom-onnx ] && [ -d "$base/site/tritonclient" ] && [ -d "$base/numpy1/numpy" ]; then
+        # the ONNX detector served by Triton: onnxruntime-gpu on the stubs' path too, after their numpy 1.26
+        PYTHONPATH="$base/site:$pythonpath" TANDEM_STUB_PYTHONPATH="$base/numpy1:$base/ort" \
+            TANDEM_RESULTS="$out/gpu_custom_onnx_triton.json" python3 -m pytest tests/gpu/test_custom_triton_gpu.py -q -rs \
+            -p no:cacheprovider -k onnx 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_custom_onnx_triton.log" | tail -30
+    fi
     ;;
 transfer)  # the transfer tests and bench/transfer.py: needs torch only
     export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
