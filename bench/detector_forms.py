@@ -3,9 +3,9 @@
     python bench/detector_forms.py [--size 640] [--batches 1 6] [--out bench/results/detector_forms.json]
 
 A seeded random YOLOv8n (4 classes, BatchNorms calibrated on the images: workloads.calibrated_yolov8) on generated
-scenes, letterboxed as image_preprocess does; its output [B, 4 + classes, N] (boxes in pixels, sigmoid scores) from: torch on cuda:0 with TF32 convolutions (cuDNN's default)
-and without, and the same network exported to ONNX (dynamic batch) on onnxruntime's CUDA provider with its default
-options and with use_tf32=0. Per form and batch: the largest and the 99.9th-percentile absolute score difference
+scenes, letterboxed as image_preprocess does; its output [B, 4 + classes, N] (boxes in pixels, sigmoid scores) from:
+torch on cuda:0 with TF32 convolutions (cuDNN's default) and without, and the same network exported to ONNX
+(dynamic batch) on onnxruntime's CUDA provider with its default options and with use_tf32=0. Per form and batch: the largest and the 99.9th-percentile absolute score difference
 and the largest box-coordinate difference (pixels). Needs a GPU; the ONNX rows need onnxruntime-gpu.
 """
 
@@ -61,7 +61,8 @@ def _onnx_form(path: Path, options: dict):
 
 def _difference(got: np.ndarray, want: np.ndarray) -> dict:
     scores = np.abs(got[:, 4:] - want[:, 4:])
-    return {"boxes_scoring_over_0.5": int((want[:, 4:].max(1) > 0.5).sum()), "score_max": float(scores.max()), "score_p999": float(np.quantile(scores, 0.999)),
+    return {"boxes_scoring_over_0.5": int((want[:, 4:].max(1) > 0.5).sum()), "score_max": float(scores.max()),
+            "score_p999": float(np.quantile(scores, 0.999)),
             "box_max_px": float(np.abs(got[:, :4] - want[:, :4]).max())}
 
 
@@ -73,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rng = np.random.default_rng(33)
-    images = np.stack([preprocess(encode_scene(generate_scene(rng), rng), args.size)[0] for _ in range(max(args.batches))])
+    scenes = [encode_scene(generate_scene(rng), rng) for _ in range(max(args.batches))]
+    images = np.stack([preprocess(data, args.size)[0] for data in scenes])
     network = calibrated_yolov8(images)
     with torch.no_grad():
         reference = network(torch.from_numpy(images)).numpy()  # fp32 on the CPU

@@ -5,8 +5,8 @@ puts the encoders and the detector on the GPU. The embeddings are checked agains
 the CPU (the split ensemble's encoder in fp32, the fused one in fp16 with CUDA graphs), the detections against the
 same stages run in this process on the GPU.
 
-Needs the Triton wheels (tests/gpu/run_h200.sh custom-triton; the ONNX test: custom-onnx); the tokenizer files come from $TANDEM_TOKENIZER_DIR
-(else the shipped model's), so the shipped model is not needed."""
+Needs the Triton wheels (tests/gpu/run_h200.sh custom-triton; the ONNX test: custom-onnx); the tokenizer files come
+from $TANDEM_TOKENIZER_DIR (else the shipped model's), so the shipped model is not needed."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def _in_process(weights: Path, encoded: list[bytes]) -> list[Detections]:
 def _matched(a: Detections, b: Detections, margin: float) -> tuple[int, int]:
     """(found, of): `a`'s boxes scoring `margin` above the threshold found in `b` with the same class, IoU >= 0.9
     and a score within 2e-2: the GPU's convolutions run in TF32 (torch's cuDNN default, onnxruntime's CUDA provider's
-    too), a 10-bit mantissa as fp16's, and random weights leave many boxes near-tied; boxes near the threshold may flip."""
+    too), a 10-bit mantissa as fp16's (bench/detector_forms.py), and random weights leave many boxes near-tied; boxes
+    near the threshold may flip."""
     found = of = 0
     for box, score, cls in zip(a.boxes, a.scores, a.classes):
         if score < CONF + margin:
@@ -148,7 +149,8 @@ def test_the_users_detector_served_on_the_gpu_finds_the_in_process_boxes(custom,
     want = _in_process(custom["weights"], encoded)
     assert min(len(w.boxes) for w in want) >= 1 and sum(len(w.boxes) for w in want) >= 100
     recall, precision = _agreement(_served(custom["server"], encoded), want)
-    results["custom_triton_yolov8_matched_recall"], results["custom_triton_yolov8_matched_precision"] = recall, precision
+    results["custom_triton_yolov8_matched_recall"] = recall
+    results["custom_triton_yolov8_matched_precision"] = precision
     assert recall >= 0.95 and precision >= 0.95, (recall, precision)
 
 def _served(server: EmbeddedTriton, encoded: list[bytes]) -> list[Detections]:
