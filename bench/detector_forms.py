@@ -3,10 +3,11 @@
     python bench/detector_forms.py [--size 640] [--batches 1 6] [--out bench/results/detector_forms.json]
 
 A seeded random YOLOv8n (4 classes, BatchNorms calibrated on the images: workloads.calibrated_yolov8) on generated
-scenes, letterboxed as image_preprocess does; its output [B, 4 + classes, N] (boxes in pixels, sigmoid scores) from:
-torch on cuda:0 with TF32 convolutions (cuDNN's default) and without, and the same network exported to ONNX
+scenes, letterboxed as image_preprocess does; its output [B, 4 + classes, N] (boxes in pixels, sigmoid scores)
+from: torch on cuda:0 with TF32 convolutions (cuDNN's default) and without, and the same network exported to ONNX
 (dynamic batch) on onnxruntime's CUDA provider with its default options and with use_tf32=0. Per form and batch:
-the largest and the 99.9th-percentile absolute score difference and the largest box-coordinate difference (pixels). Needs a GPU; the ONNX rows need onnxruntime-gpu.
+the largest and the 99.9th-percentile absolute score difference and the largest box-coordinate difference
+(pixels). Needs a GPU; the ONNX rows need onnxruntime-gpu.
 """
 
 from __future__ import annotations
