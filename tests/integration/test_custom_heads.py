@@ -138,3 +138,35 @@ def test_a_prompt_named_per_request_is_served_as_encode_prompt_name_computes(tmp
     assert "prompt_name 'qeury' is not one of this model's prompts" in json.loads(replies[2].body)["message"]
     for reply, expected in ((replies[0], want["query"]), (replies[1], want[None]), (replies[3], want["query"][:1])):
         np.testing.assert_allclose(np.array(json.loads(reply.body)["embeddings"], np.float32), expected, atol=2e-4)
+
+
+def test_a_users_model_is_profiled_planned_and_its_plan_served_as_sentence_transformers_computes(tmp_path):
+    """`tandem profile --model-dir` (its int8 row quantises the Dense head too), `tandem plan`, and Triton serving the
+    plan's repository: the rendered configs carry the model's directory and its embedding size (48, the Dense
+    layer's), and the served embeddings are sentence-transformers'."""
+    import contextlib
+    import io
+    import json
+
+    from tandem_serve.cli import main
+
+    encoder = architecture_dir("xlm-roberta", tmp_path / "xlmr", SentenceModelFiles.load().root, roberta_positions=514)
+    model = saved_model(encoder, tmp_path / "mine", "cls", ((48, torch.nn.GELU()),), True)
+    assert main(["profile", "--out", str(tmp_path / "profile.json"), "--pipelines", "text", "--devices", "cpu",
+                 "--batch-sizes", "1", "4", "--seq-lengths", "16", "--repeats", "1", "--no-serving-cost",
+                 "--model-dir", str(model)]) == 0
+    profiled = json.loads((tmp_path / "profile.json").read_text())
+    assert profiled["models"] == {"model_dir": str(model.resolve())}
+    assert {(s["stage"], s["precision"]) for s in profiled["stages"]} >= {("encoder", "int8"), ("encoder_fused", "fp32")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["plan", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan")]) == 0
+    repo = tmp_path / "plan" / "triton"
+    texts = mixed_length_texts(12, seed=21)
+    want = st.SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
+    ensemble = next(p.name for p in repo.iterdir() if p.name.startswith("text_embedding"))
+    with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws")) as server:
+        with TextEmbeddingClient(server.grpc_url, model=ensemble) as client:
+            got = np.concatenate([client.embed(texts[:4]), client.embed(texts[4:])])
+    assert got.shape == (12, 48)
+    assert cosines(got, want).min() >= 0.9999 and centred_cosines(got, want).min() >= 0.99
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-3)

@@ -114,7 +114,10 @@ class SentenceHead(nn.Module):
         self.activations = nn.ModuleList(getattr(nn, d.activation)() for d in config.dense)  # DENSE_ACTIVATIONS
 
     def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """hidden [b, n, h], keep [b, n] bool -> [b, embedding] fp32."""
+        """hidden [b, n, h], keep [b, n] bool -> [b, embedding] fp32; pooled in fp32, the Dense layers fed in the
+        dtype the hidden states arrive in (the module's: fp32 too where they are int8-quantised Linear layers,
+        whose weight is a method, not a tensor)."""
+        dense_dtype = hidden.dtype
         hidden = hidden.to(torch.float32)
         weights = keep.to(torch.float32).unsqueeze(-1)
         counts = weights.sum(dim=1).clamp(min=1e-9)
@@ -137,7 +140,7 @@ class SentenceHead(nn.Module):
                 pooled.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         x = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
         for linear, activation in zip(self.dense, self.activations):
-            x = activation(linear(x.to(linear.weight.dtype)).to(torch.float32))
+            x = activation(linear(x.to(dense_dtype)).to(torch.float32))
         return F.normalize(x, p=2, dim=1) if self.normalize else x
 
 
