@@ -210,6 +210,16 @@ def _dense(directory: Path, hidden: int) -> DenseConfig:
     return DenseConfig(weights, in_features, out_features, bool(raw.get("bias", True)), activation)
 
 
+def module_dirs(root: Path) -> tuple[str, ...]:
+    """The directories (relative to `root`) of the modules modules.json lists after the Transformer: Pooling,
+    Dense, Normalize; none without modules.json."""
+    listing = root / "modules.json"
+    if not listing.is_file():
+        return ()
+    modules = _read_json(listing)
+    return tuple(str(m["path"]) for m in modules if isinstance(m, dict) and m.get("path"))
+
+
 def read_head(root: Path, hidden_size: int) -> HeadConfig:
     """The modules after the transformer, from modules.json, as sentence-transformers would run them; refuse, naming
     the file and field, what the encoder cannot compute exactly. Without modules.json sentence-transformers

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.model_files import REQUIRED_FILES, SentenceModelFiles
+from tandem_serve.model_files import REQUIRED_FILES, SentenceModelFiles, module_dirs
 from tandem_serve.paths import handlers_dir
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def _copy_library(staging: Path) -> None:
 
 
 def _stage_text(staging: Path, model_dir: Path | None) -> None:
+    """The model's files under staging/model: the top-level ones and every module directory modules.json lists."""
     files = SentenceModelFiles.load(model_dir)
     for name in (*REQUIRED_FILES, *OPTIONAL_MODEL_FILES):
         source = files.root / name
@@ -54,6 +55,8 @@ def _stage_text(staging: Path, model_dir: Path | None) -> None:
             target = staging / "model" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    for name in module_dirs(files.root):  # Pooling, Dense (with its weights), Normalize
+        shutil.copytree(files.root / name, staging / "model" / name, dirs_exist_ok=True)
 
 
 def _stage_detection(staging: Path, weights: Path | None, config: dict) -> None:
