@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
 from tandem_serve.model_files import SentenceModelFiles
@@ -26,10 +25,8 @@ from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
 from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
-from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.nms import Detections, iou_one_to_many
-from tandem_serve.vision.shapes import encode_scene, generate_scene
-from tandem_serve.workloads import calibrated_yolov8
+from tests.detector_files import yolov8_files
 from tests.helpers import centred_cosines, cosines, mixed_texts
 from tests.sentence_models import architecture_dir, saved_model
 
@@ -37,14 +34,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 st = pytest.importorskip("sentence_transformers")
 TEXTS = mixed_texts(30, seed=41) + ["a", "Ça a été une journée très réussie à Zürich.", "東京は日本の首都です。"]
 CONF, MAX_DET = 0.5, 40
-
-
-def _detector_weights(path: Path, encoded: list[bytes]) -> Path:
-    """A YOLOv8n of 4 classes calibrated on the test images (workloads.calibrated_yolov8), as safetensors."""
-    network = calibrated_yolov8(np.stack([preprocess(data, 640)[0] for data in encoded]))
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path),
-              metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
-    return path
 
 
 def _set_parameter(model_dir: Path, key: str, value: str) -> None:
@@ -60,9 +49,8 @@ def user_files(tmp_path_factory) -> dict:
     tokenizer_dir = Path(os.environ.get("TANDEM_TOKENIZER_DIR") or SentenceModelFiles.load().root)
     encoder = architecture_dir("xlm-roberta", tmp / "encoder", tokenizer_dir, roberta_positions=514)
     model = saved_model(encoder, tmp / "mine", "cls", ((48, torch.nn.GELU()),), True)
-    rng = np.random.default_rng(33)
-    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
-    return {"model": model, "weights": _detector_weights(tmp / "v8n.safetensors", encoded), "encoded": encoded}
+    encoded, weights = yolov8_files(tmp)
+    return {"model": model, "weights": weights, "encoded": encoded}
 
 
 @pytest.fixture(scope="module")

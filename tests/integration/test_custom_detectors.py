@@ -12,17 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tandem_serve.client import ObjectDetectionClient
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
-from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.metrics import MatchCounts
 from tandem_serve.vision.nms import Detections, iou_one_to_many
 from tandem_serve.vision.shapes import encode_scene, generate_scene
-from tandem_serve.workloads import calibrated_yolov8
+from tests.detector_files import yolov8_files
 
 pytest.importorskip("onnxruntime")
 TANDEM = [sys.executable, "-m", "tandem_serve.cli"]
@@ -86,12 +84,7 @@ def test_an_anchor_free_yolov8_from_torch_export_is_profiled_planned_and_served_
     per image score above 0.5, their scores 1e-4 or more apart."""
     import json
 
-    rng = np.random.default_rng(33)
-    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
-    network = calibrated_yolov8(np.stack([preprocess(data, 640)[0] for data in encoded]), num_classes=4, seed=19)
-    weights = tmp_path / "v8.safetensors"
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights),
-              metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
+    encoded, weights = yolov8_files(tmp_path)
     program = tmp_path / "v8.pt2"
     _tandem("detector", "export", program, "--weights", weights, "--head-format", "yolov8", "--max-batch", "16")
     _tandem("profile", "--out", tmp_path / "profile.json", "--pipelines", "detection", "--devices", "cpu",

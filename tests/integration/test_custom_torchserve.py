@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tandem_serve.cli import main
 from tandem_serve.model_files import SentenceModelFiles
@@ -15,11 +14,10 @@ from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, Nms
 from tandem_serve.torchserve.client import TorchServeClient
 from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions
 from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
-from tandem_serve.vision.letterbox import preprocess
 from tandem_serve.vision.nms import iou_one_to_many
-from tandem_serve.vision.shapes import encode_scene, generate_scene
-from tandem_serve.workloads import calibrated_yolov8, mixed_length_texts
+from tandem_serve.workloads import mixed_length_texts
 from tests.conftest import require_torchserve
+from tests.detector_files import yolov8_files
 from tests.helpers import centred_cosines, cosines
 from tests.sentence_models import architecture_dir, saved_model
 
@@ -31,12 +29,7 @@ def test_a_users_text_model_and_detector_archived_and_served_by_torchserve(tmp_p
     require_torchserve()
     encoder = architecture_dir("mpnet", tmp_path / "mpnet", SentenceModelFiles.load().root, roberta_positions=514)
     model = saved_model(encoder, tmp_path / "mine", "mean", ((64, torch.nn.Tanh()),), False)
-    rng = np.random.default_rng(33)
-    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(6)]
-    network = calibrated_yolov8(np.stack([preprocess(data, 640)[0] for data in encoded]), num_classes=4, seed=19)
-    weights = tmp_path / "v8n.safetensors"
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights),
-              metadata={"size": "n", "num_classes": "4", "head_format": "yolov8"})
+    encoded, weights = yolov8_files(tmp_path)
     store = tmp_path / "store"
     assert main(["archive", "--store", str(store), "--model-dir", str(model), "--weights", str(weights),
                  "--head-format", "yolov8"]) == 0
