@@ -55,8 +55,9 @@ def _stage_text(staging: Path, model_dir: Path | None) -> None:
             target = staging / "model" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    for name in module_dirs(files.root):  # Pooling, Dense (with its weights), Normalize
-        shutil.copytree(files.root / name, staging / "model" / name, dirs_exist_ok=True)
+    for name in module_dirs(files.root):  # Pooling, Dense (with its weights), Normalize (often not on disk)
+        if (files.root / name).is_dir():
+            shutil.copytree(files.root / name, staging / "model" / name, dirs_exist_ok=True)
 
 
 def _stage_detection(staging: Path, weights: Path | None, config: dict) -> None:
