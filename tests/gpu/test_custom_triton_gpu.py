@@ -20,13 +20,12 @@ import torch
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
 from tandem_serve.model_files import SentenceModelFiles
-from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
 from tandem_serve.tuning.render import read_config, write_config
-from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
 from tandem_serve.vision.nms import Detections, iou_one_to_many
-from tests.detector_files import yolov8_files
+from tests.detector_files import in_process, yolov8_files
 from tests.helpers import centred_cosines, cosines, mixed_texts
 from tests.sentence_models import architecture_dir, saved_model
 
@@ -94,16 +93,10 @@ def test_the_users_text_model_served_on_the_gpu_matches_sentence_transformers(cu
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-3 if precision == "fp32" else 1e-2)
 
 
-def _in_process(weights: Path, encoded: list[bytes]) -> list[Detections]:
+def _reference(weights: Path, encoded: list[bytes]) -> list[Detections]:
     """The same stages run in this process on cuda:0 in fp32, one image per batch as the served requests come: the
     reference (on the CPU instead, TF32 against fp32 flips a few near-tied boxes in NMS: 0.96-0.97 matched)."""
-    detector = DetectorConfig(weights=str(weights), head_format="yolov8")
-    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), detector, NmsConfig()), torch.device("cuda:0"))
-    found = []
-    for data in encoded:
-        prepared = [stages.prepare(stages.request(data, conf=CONF, max_det=MAX_DET))]
-        found += stages.finish([t.cpu() for t in stages.infer(stages.collate(prepared))], prepared)
-    return found
+    return in_process(DetectorConfig(weights=str(weights), head_format="yolov8"), encoded, CONF, MAX_DET, "cuda:0", 1)
 
 
 def _matched(a: Detections, b: Detections, margin: float) -> tuple[int, int]:
@@ -134,7 +127,7 @@ def _agreement(served: list[Detections], want: list[Detections]) -> tuple[float,
 
 def test_the_users_detector_served_on_the_gpu_finds_the_in_process_boxes(custom, results):
     encoded = custom["encoded"]
-    want = _in_process(custom["weights"], encoded)
+    want = _reference(custom["weights"], encoded)
     assert min(len(w.boxes) for w in want) >= 1 and sum(len(w.boxes) for w in want) >= 100
     recall, precision = _agreement(_served(custom["server"], encoded), want)
     results["custom_triton_yolov8_matched_recall"] = recall
@@ -170,8 +163,8 @@ def test_the_users_detector_as_onnx_is_served_on_the_gpu_by_onnxruntimes_cuda_pr
     assert "ONNX detector v8n.onnx on CUDAExecutionProvider" in log
     # served as the same ONNX file runs in this process; against the torch network, onnxruntime's own convolution
     # algorithms (TF32) move the near-tied boxes of random weights further: recorded, bounded loosely
-    recall, precision = _agreement(served, _in_process(onnx, encoded))
-    torch_recall, torch_precision = _agreement(served, _in_process(user_files["weights"], encoded))
+    recall, precision = _agreement(served, _reference(onnx, encoded))
+    torch_recall, torch_precision = _agreement(served, _reference(user_files["weights"], encoded))
     results["custom_triton_yolov8_onnx_matched_recall"] = recall
     results["custom_triton_yolov8_onnx_matched_precision"] = precision
     results["custom_triton_yolov8_onnx_vs_torch_matched"] = [torch_recall, torch_precision]

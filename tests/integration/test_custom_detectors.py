@@ -11,16 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tandem_serve.client import ObjectDetectionClient
-from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
 from tandem_serve.vision.metrics import MatchCounts
-from tandem_serve.vision.nms import Detections, iou_one_to_many
 from tandem_serve.vision.shapes import encode_scene, generate_scene
-from tests.detector_files import yolov8_files
+from tests.detector_files import assert_same_detections, in_process, yolov8_files
 
 pytest.importorskip("onnxruntime")
 TANDEM = [sys.executable, "-m", "tandem_serve.cli"]
@@ -42,30 +39,13 @@ def _repository(tmp_path: Path, weights: Path, head_format: str) -> Path:
     return repo
 
 
-def _in_process(detector: DetectorConfig, encoded: list[bytes], conf: float, max_det: int) -> list[Detections]:
-    """The same stages run in this process, on the CPU: the reference the served answers must equal."""
-    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), detector, NmsConfig()), torch.device("cpu"))
-    prepared = [stages.prepare(stages.request(data, conf=conf, max_det=max_det)) for data in encoded]
-    outputs = [t.cpu() for t in stages.infer(stages.collate(prepared))]
-    return stages.finish(outputs, prepared)
-
-
-def _same_detections(got: Detections, want: Detections) -> None:
-    """As many boxes, each wanted one found with the same class at IoU >= 0.99 and a score within 1e-3."""
-    assert len(got.boxes) == len(want.boxes)
-    for box, score, cls in zip(want.boxes, want.scores, want.classes):
-        iou = iou_one_to_many(box.astype(np.float64), got.boxes.astype(np.float64))
-        best = int(iou.argmax())
-        assert iou[best] >= 0.99 and got.classes[best] == cls and abs(got.scores[best] - score) < 1e-3
-
-
 def test_the_shipped_detector_exported_to_onnx_serves_its_accuracy_and_boxes(tmp_path):
     onnx = tmp_path / "shapes.onnx"
     assert "head_format=yolov5" in _tandem("detector", "export", onnx, "--max-batch", "16")
     rng = np.random.default_rng(919)
     scenes = [generate_scene(rng) for _ in range(24)]
     encoded = [encode_scene(scene, rng) for scene in scenes]
-    want = _in_process(DetectorConfig(), encoded, conf=0.25, max_det=300)
+    want = in_process(DetectorConfig(), encoded, conf=0.25, max_det=300)
     repo = _repository(tmp_path, onnx, "yolov5")
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws")) as server:
         with ObjectDetectionClient(server.grpc_url) as client:
@@ -73,7 +53,7 @@ def test_the_shipped_detector_exported_to_onnx_serves_its_accuracy_and_boxes(tmp
     counts = MatchCounts()
     for scene, got, expected in zip(scenes, served, want):
         counts.add(got.boxes, got.scores, got.classes, scene.boxes, scene.classes)
-        _same_detections(got, expected)
+        assert_same_detections(got, expected)
     assert counts.precision >= 0.9 and counts.recall >= 0.9, counts
 
 
@@ -95,10 +75,10 @@ def test_an_anchor_free_yolov8_from_torch_export_is_profiled_planned_and_served_
     assert {s["stage"] for s in profiled["stages"]} >= {"image_preprocess", "detector", "nms"}
     _tandem("plan", tmp_path / "profile.json", "--out", tmp_path / "plan")
     repo = tmp_path / "plan" / "triton"
-    want = _in_process(DetectorConfig(weights=str(weights), head_format="yolov8"), encoded, conf=0.5, max_det=40)
+    want = in_process(DetectorConfig(weights=str(weights), head_format="yolov8"), encoded, conf=0.5, max_det=40)
     assert min(len(w.boxes) for w in want) >= 1 and sum(len(w.boxes) for w in want) >= 100
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws")) as server:
         with ObjectDetectionClient(server.grpc_url) as client:
             served = [client.detect(data, conf_threshold=0.5, max_det=40) for data in encoded]
     for got, expected in zip(served, want):
-        _same_detections(got, expected)
+        assert_same_detections(got, expected)

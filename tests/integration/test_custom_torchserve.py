@@ -10,14 +10,12 @@ import torch
 
 from tandem_serve.cli import main
 from tandem_serve.model_files import SentenceModelFiles
-from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
+from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.torchserve.client import TorchServeClient
 from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions
-from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
-from tandem_serve.vision.nms import iou_one_to_many
 from tandem_serve.workloads import mixed_length_texts
 from tests.conftest import require_torchserve
-from tests.detector_files import yolov8_files
+from tests.detector_files import assert_same_detections, in_process, yolov8_files
 from tests.helpers import centred_cosines, cosines
 from tests.sentence_models import architecture_dir, saved_model
 
@@ -36,10 +34,7 @@ def test_a_users_text_model_and_detector_archived_and_served_by_torchserve(tmp_p
 
     texts = mixed_length_texts(10, seed=4)
     want = st.SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
-    detector = DetectorConfig(weights=str(weights), head_format="yolov8")
-    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), detector, NmsConfig()), torch.device("cpu"))
-    prepared = [stages.prepare(stages.request(data, conf=CONF, max_det=MAX_DET)) for data in encoded]
-    expected = stages.finish([t.cpu() for t in stages.infer(stages.collate(prepared))], prepared)
+    expected = in_process(DetectorConfig(weights=str(weights), head_format="yolov8"), encoded, CONF, MAX_DET)
     assert min(len(e.boxes) for e in expected) >= 1
 
     options = TorchServeOptions(model_store=store, workspace=tmp_path / "ts")
@@ -52,8 +47,4 @@ def test_a_users_text_model_and_detector_archived_and_served_by_torchserve(tmp_p
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-3)
     assert abs(np.linalg.norm(got, axis=1).mean() - 1) > 1e-2  # no Normalize listed: not normalised
     for found, wanted in zip(served, expected):  # the same arithmetic on the same CPU: the same boxes
-        assert len(found.boxes) == len(wanted.boxes)
-        for box, score, cls in zip(wanted.boxes, wanted.scores, wanted.classes):
-            iou = iou_one_to_many(box.astype(np.float64), found.boxes.astype(np.float64))
-            best = int(iou.argmax())
-            assert iou[best] >= 0.99 and found.classes[best] == cls and abs(found.scores[best] - score) < 1e-3
+        assert_same_detections(found, wanted)
