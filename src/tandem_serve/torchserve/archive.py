@@ -21,8 +21,9 @@ from tandem_serve.model_files import REQUIRED_FILES, SentenceModelFiles, module_
 from tandem_serve.paths import handlers_dir
 
 logger = logging.getLogger(__name__)
-OPTIONAL_MODEL_FILES = ("1_Pooling/config.json", "modules.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "vocab.txt", "config_sentence_transformers.json")
+# top-level files only: the module directories modules.json lists are copied whole (model_files.module_dirs)
+OPTIONAL_MODEL_FILES = ("modules.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                        "config_sentence_transformers.json")
 FORMATS = {"mar": "default", "dir": "no-archive"}
 
 
