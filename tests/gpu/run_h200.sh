@@ -31,6 +31,9 @@ base=/root/tandem
 out=${OUT:-/tmp/out}
 mkdir -p "$base/model" "$out"
 
+install_carried() {  # the wheels of .carry/$1 into $2, offline, as they are
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" .carry/"$1"/*.whl
+}
 assemble_model() {  # the second half of the model from .carry/model2, joined and checked
     cp -r .carry/model2/* "$base/model/"
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
@@ -38,20 +41,20 @@ assemble_model() {  # the second half of the model from .carry/model2, joined an
 }
 case "$stage" in
 wheels)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels/*.whl
+    install_carried wheels "$base/site"
     nvidia-smi -L
     python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name(0))"
     ;;
 model1)
     cp .carry/model1/* "$base/model/"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl
+    install_carried wheels2 "$base/site"
     ;;
 numpy1)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/numpy1" .carry/numpy1/*.whl
+    install_carried numpy1 "$base/numpy1"
     ;;
 test)
     for extra in wheels2 cuda; do  # gevent & co. for tritonclient.http; cuda-bindings for CUDA shm
-        if [ -d ".carry/$extra" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/$extra/*.whl; fi
+        if [ -d ".carry/$extra" ]; then install_carried "$extra" "$base/site"; fi
     done
     assemble_model
     ;&
@@ -180,7 +183,7 @@ installed)  # after wheels, model1, numpy1; carry [".carry/model2", ".carry/dist
     ;;
 decode)  # after wheels, model1, numpy1; carry [".carry/decode"] (simplejpeg): bench/decode.py on one core, then the
     # GPU decoder's tests (nvJPEG vs the CPU path, the tandem image_preprocess in Triton)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/decode/*.whl
+    install_carried decode "$base/site"
     export PYTHONPATH="$base/site:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_decode.json"
     if [ "${DECODE_BENCH:-1}" = 1 ]; then
@@ -200,8 +203,8 @@ detector)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/detect
     ;;
 custom-triton)  # issue 19, after wheels; carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]: a user's text model and
     # YOLOv8-style detector served by Triton on the GPU (KIND_AUTO), then the AOTInductor probe of the custom models
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/numpy1" .carry/numpy1/*.whl
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$base/site" .carry/wheels2/*.whl
+    install_carried numpy1 "$base/numpy1"
+    install_carried wheels2 "$base/site"
     mkdir -p "$base/tok" && cp .carry/tok/* "$base/tok/"
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_TOKENIZER_DIR="$base/tok" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_custom_triton.json"
@@ -228,7 +231,7 @@ ort-part|custom|custom-onnx)  # issue 19: onnxruntime-gpu's pieces kept on the m
         pythonpath="$base/ort:$pythonpath" select=(-k "onnx or timed")
         for extra in numpy1 wheels2; do  # carried where the Triton ONNX test runs too (after wheels)
             [ "$extra" = numpy1 ] && into="$base/numpy1" || into="$base/site"
-            if [ -d ".carry/$extra" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$into" .carry/$extra/*.whl; fi
+            if [ -d ".carry/$extra" ]; then install_carried "$extra" "$into"; fi
         done
     fi
     if [ -d .carry/tok ]; then mkdir -p "$base/tok" && cp .carry/tok/* "$base/tok/"; fi
