@@ -1,8 +1,9 @@
-"""Routing micro-batches between a GPU and a CPU copy of the device stage by queue length and service time.
+"""Routing micro-batches between lanes (GPU and CPU copies of a stage; nvJPEG and CPU decoding) by queue and speed.
 
 Each lane (one device running the stage) keeps the rows routed to it and not yet finished, and a
 moving average of the seconds it took per row. A micro-batch goes to the lane expected to finish
-it first: (rows queued there + its rows) x that lane's seconds per row. A lane not yet measured
+it first: (rows queued there / the lane's servers + its rows) x that lane's seconds per row, where a
+lane's servers are the micro-batches it runs at once (pool threads decoding on the CPU). A lane not yet measured
 counts as free while it is idle, so each lane is tried once; after that the measurements decide.
 The rule is the one a join-the-shortest-expected-delay queue uses; with a GPU many times faster
 than the CPU the CPU lane gets work only while the GPU's backlog is long.
@@ -19,6 +20,7 @@ class Lane:
     """One device that can run the stage, and what has been observed of it."""
 
     name: str
+    servers: int = 1  # micro-batches the lane runs at once
     rows_in_flight: int = 0
     seconds_per_row: float | None = None  # moving average; None until the first micro-batch finished
     rows_routed: int = 0
@@ -28,18 +30,21 @@ class Lane:
         """Seconds until a micro-batch of `rows` routed here now would be done."""
         if self.seconds_per_row is None:
             return 0.0 if self.rows_in_flight == 0 else float("inf")
-        return (self.rows_in_flight + rows) * self.seconds_per_row
+        return (self.rows_in_flight / self.servers + rows) * self.seconds_per_row
 
 
 class LaneBalancer:
     """Thread-safe choice of a lane per micro-batch; the first lane wins ties (put the GPU first)."""
 
-    def __init__(self, names: list[str], smoothing: float = 0.2):
+    def __init__(self, names: list[str], smoothing: float = 0.2, servers: list[int] | None = None):
         if not names:
             raise ValueError("a balancer needs at least one lane")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError("smoothing must be in (0, 1]")
-        self.lanes = [Lane(name) for name in names]
+        servers = servers or [1] * len(names)
+        if len(servers) != len(names) or min(servers) < 1:
+            raise ValueError("one server count >= 1 per lane")
+        self.lanes = [Lane(name, count) for name, count in zip(names, servers)]
         self.smoothing = smoothing
         self._lock = threading.Lock()
 

@@ -77,8 +77,27 @@ def test_measurements_are_smoothed_and_failures_release_rows():
     assert balancer.snapshot()["cuda:0"] == {"rows": 25, "batches": 3, "ms_per_row": pytest.approx(2.0)}
 
 
+def test_a_lane_of_several_servers_counts_its_queue_shared_between_them():
+    """A CPU lane of 4 pool threads at 4 ms per row keeps pace with a 1 ms-per-row GPU lane: bursts split about
+    evenly, and the makespan (the CPU lane's micro-batches run 4 at a time) stays within a micro-batch of the best."""
+    speeds = {"cuda:0": 1e-3, "cpu": 4e-3}
+    balancer = LaneBalancer(list(speeds), servers=[1, 4])
+    for _ in range(3):
+        routed = [balancer.choose(ROWS) for _ in range(40)]
+        for lane in routed:
+            balancer.done(lane, ROWS, ROWS * speeds[lane.name])
+    on_cpu = sum(lane.name == "cpu" for lane in routed)
+    makespan = max((40 - on_cpu) * ROWS * speeds["cuda:0"], -(-on_cpu // 4) * ROWS * speeds["cpu"])
+    best = min(max((40 - k) * ROWS * 1e-3, -(-k // 4) * ROWS * 4e-3) for k in range(41))
+    assert 14 <= on_cpu <= 26
+    assert makespan <= best + ROWS * speeds["cpu"]
+    assert LaneBalancer(["a", "b"]).lanes[1].servers == 1
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         LaneBalancer([])
     with pytest.raises(ValueError):
         LaneBalancer(["cpu"], smoothing=0)
+    with pytest.raises(ValueError):
+        LaneBalancer(["cuda:0", "cpu"], servers=[1, 0])
