@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -63,14 +64,27 @@ def letterbox_on_device(image: torch.Tensor, size: int) -> tuple[torch.Tensor, L
 class GpuDecoder:
     """Encoded images -> letterboxed uint8 [3, S, S] tensors on `device`, JPEGs by nvJPEG, the rest on the CPU."""
 
-    def __init__(self, size: int, device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, size: int, device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 stage: str = "image_preprocess"):
         if not str(device).startswith("cuda"):
             raise ConfigError(f"GPU image decoding needs a CUDA device, got {device}")
-        self.size, self.device, self.max_pixels = size, torch.device(device), max_pixels
+        self.size, self.device, self.max_pixels, self.stage = size, torch.device(device), max_pixels, stage
         self._decode = _decode_jpeg()
+        # the letterbox kernels on a stream of each calling thread's own: on the default stream they would wait for
+        # (and hold up) the detector's work on other streams of the same process, and on one shared stream each
+        # thread would wait for the others' batches
+        self._streams = threading.local()
         self.fallbacks = 0  # images that went through the CPU path (other formats, refused by nvJPEG)
         self._logged_first = False
         self._warm_up()
+
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        """The calling thread's stream on the device."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def _warm_up(self) -> None:
         """Decode and letterbox a small JPEG now: nvJPEG's first call initialises it (hundreds of ms), which the
@@ -79,16 +93,45 @@ class GpuDecoder:
 
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, format="JPEG")
-        for image in self._decode_batch([buffer.getvalue()] * 2):
-            letterbox_on_device(image, self.size)
-        torch.cuda.current_stream(self.device).synchronize()
+        stream = self.stream
+        with torch.cuda.stream(stream):
+            for image in self._decode_batch([buffer.getvalue()] * 2):
+                letterbox_on_device(image, self.size)
+        stream.synchronize()
 
     def check(self, data: bytes) -> tuple[bytes, Header]:
         """Per request, before the batch: the header, or InvalidInputError for that request alone."""
         return data, read_header(data, self.max_pixels)
 
     def __call__(self, items: Sequence[tuple[bytes, Header]]) -> list[tuple[torch.Tensor, Letterbox] | Failure]:
-        """Decode a batch: the JPEGs in one nvJPEG call (one by one when the batch call fails), others on the CPU."""
+        """Decode a batch: the JPEGs in one nvJPEG call (one by one when the batch call fails), others on the CPU.
+        The tensors are complete when this returns (they may leave through DLPack to other processes)."""
+        stream = self.stream
+        with torch.cuda.stream(stream):
+            out = self._letterboxed(items)
+        stream.synchronize()
+        return out
+
+    def stacked(self, items: Sequence[tuple[bytes, Header]]) -> tuple[torch.Tensor, list[Letterbox | Failure]]:
+        """A batch as one uint8 [n, 3, S, S] tensor on the device (grey where an image failed) and, per image, its
+        Letterbox or Failure; complete when this returns."""
+        stream = self.stream
+        with torch.cuda.stream(stream):
+            out = self._letterboxed(items)
+            grey = None
+            tensors = []
+            for result in out:
+                if isinstance(result, Failure):
+                    if grey is None:
+                        grey = torch.full((3, self.size, self.size), PAD_VALUE, dtype=torch.uint8, device=self.device)
+                    tensors.append(grey)
+                else:
+                    tensors.append(result[0])
+            batch = torch.stack(tensors)
+        stream.synchronize()
+        return batch, [r if isinstance(r, Failure) else r[1] for r in out]
+
+    def _letterboxed(self, items: Sequence[tuple[bytes, Header]]) -> list[tuple[torch.Tensor, Letterbox] | Failure]:
         out: list[tuple[torch.Tensor, Letterbox] | Failure | None] = [None] * len(items)
         jpegs = [i for i, (_, header) in enumerate(items) if header.jpeg]
         decoded = self._decode_batch([items[i][0] for i in jpegs])
@@ -97,8 +140,7 @@ class GpuDecoder:
                 out[index] = letterbox_on_device(image, self.size)
         for index, result in enumerate(out):
             if result is None:
-                out[index] = self._on_cpu(items[index][0])
-        torch.cuda.current_stream(self.device).synchronize()  # the tensors leave through DLPack to other processes
+                out[index] = self._on_cpu(items[index])
         if not self._logged_first:
             self._logged_first = True
             logger.info("nvJPEG decoded its first batch (%d JPEGs of %d images) on %s", len(jpegs), len(items), self.device)
@@ -120,10 +162,10 @@ class GpuDecoder:
                 decoded.append(None)  # the CPU path decodes it or says why it cannot
         return decoded
 
-    def _on_cpu(self, data: bytes) -> tuple[torch.Tensor, Letterbox] | Failure:
+    def _on_cpu(self, item: tuple[bytes, Header]) -> tuple[torch.Tensor, Letterbox] | Failure:
         self.fallbacks += 1
         try:
-            pixels, box = preprocess(data, self.size, self.max_pixels)
+            pixels, box = preprocess(item[0], self.size, self.max_pixels, item[1])
         except InvalidInputError as exc:
-            return Failure.of_input("image_preprocess", exc)
+            return Failure.of_input(self.stage, exc)
         return torch.from_numpy(pixels).to(self.device, non_blocking=True), box

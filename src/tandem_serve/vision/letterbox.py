@@ -177,10 +177,11 @@ def letterbox(image: Image.Image, original_size: tuple[int, int], size: int) -> 
     return canvas, box
 
 
-def preprocess(data: bytes, size: int = 640, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, Letterbox]:
+def preprocess(data: bytes, size: int = 640, max_pixels: int = DEFAULT_MAX_PIXELS,
+               header: Header | None = None) -> tuple[np.ndarray, Letterbox]:
     """Encoded image bytes -> (uint8 [3, size, size], Letterbox): complete RGB/grey JPEGs through OpenCV, the rest
-    (and anything OpenCV cannot decode) through Pillow."""
-    header = read_header(data, max_pixels)
+    (and anything OpenCV cannot decode) through Pillow. `header`: `read_header(data, max_pixels)` when already read."""
+    header = header or read_header(data, max_pixels)
     if header.jpeg:
         fast = decode_jpeg_letterboxed(data, header, size)
         if fast is not None:
