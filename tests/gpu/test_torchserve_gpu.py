@@ -82,7 +82,8 @@ def test_detection_service_on_gpu_matches_cpu(tmp_path, results):
     requests.insert(3, {"body": b"not an image"})
     answers = {}
     for device in ("cpu", "auto"):
-        config = {"handler": {"device": device, "detector": {"precision": "fp32"}, "pipeline": {"micro_batch_size": 3}}}
+        config = {"handler": {"device": device, "decode": "cpu", "detector": {"precision": "fp32"},
+                              "pipeline": {"micro_batch_size": 3}}}  # the same decoder: nvJPEG's test is below
         service = ObjectDetectionService(tmp_path, config, gpu_id=0)
         try:
             answers[service.device.type] = service.handle(requests)
@@ -118,3 +119,58 @@ def test_pipeline_outputs_leave_the_gpu_once_per_micro_batch():
     with MicroBatchPipeline(stages, "cuda:0", PipelineSettings(micro_batch_size=2)) as pipe:
         pipe.run([stages.request(encode_scene(generate_scene(rng), rng)) for _ in range(5)])
     assert seen == [[("cpu", True), ("cpu", True)]] * 3
+
+
+@pytest.mark.parametrize("decode", ["gpu", "tandem"])
+def test_detection_service_decoding_with_nvjpeg_matches_the_cpu_path(tmp_path, results, decode):
+    """decode: gpu (nvJPEG for every micro-batch) and tandem (micro-batches routed between nvJPEG, two at a time, and the
+    pool's CPU decoders) against decode: cpu on the same generated scenes (JPEGs and PNGs, which nvJPEG hands to the CPU):
+    precision and recall >= 0.9 at IoU 0.5 on both paths, the two paths' boxes matching at IoU >= 0.9, and the same
+    per-request 400s for bad images."""
+    from tandem_serve.vision.metrics import MatchCounts
+    from tandem_serve.vision.nms import iou_one_to_many
+
+    rng = np.random.default_rng(77)
+    scenes = [generate_scene(rng) for _ in range(48)]
+    requests = [{"body": encode_scene(scene, rng)} for scene in scenes]
+    jpeg = next(r["body"] for r in requests if r["body"][:2] == b"\xff\xd8")
+    bad = {5: b"not an image", 11: jpeg[: len(jpeg) // 2], 17: b""}  # text, a truncated JPEG, empty
+    for index, data in bad.items():
+        requests[index] = {"body": data}
+    answers, lanes = {}, {}
+    for mode in ("cpu", decode):
+        config = {"handler": {"decode": mode, "gpu_decode_threads": 2 if mode == "tandem" else 1,
+                              "detector": {"precision": "fp32"}, "pipeline": {"micro_batch_size": 4, "cpu_threads": 4}}}
+        service = ObjectDetectionService(tmp_path, config, gpu_id=0)
+        try:
+            assert service.stages.decode == mode
+            for _ in range(3 if mode == "tandem" else 1):  # the tandem: both lanes measured, then routed by measurement
+                answers[mode] = service.handle(requests)
+            lanes[mode] = service.stages.lanes()
+        finally:
+            service.close()
+    counts = {mode: MatchCounts() for mode in answers}
+    matched = total = 0
+    for index, (cpu, gpu) in enumerate(zip(answers["cpu"], answers[decode])):
+        assert cpu.status == gpu.status, (index, cpu.body, gpu.body)
+        if index in bad:
+            assert cpu.status == 400 and json.loads(cpu.body)["message"] == json.loads(gpu.body)["message"]
+            continue
+        found = {mode: json.loads(reply.body) for mode, reply in (("cpu", cpu), (decode, gpu))}
+        for mode, body in found.items():
+            boxes = np.array(body["boxes"], np.float64).reshape(-1, 4)
+            counts[mode].add(boxes, np.array(body["scores"]), np.array(body["classes"]), scenes[index].boxes,
+                             scenes[index].classes)
+        theirs = np.array(found[decode]["boxes"], np.float64).reshape(-1, 4)
+        for box in np.array(found["cpu"]["boxes"], np.float64).reshape(-1, 4):
+            matched += int(len(theirs) > 0 and iou_one_to_many(box, theirs).max() >= 0.9)
+            total += 1
+    figures = {mode: {"precision": c.precision, "recall": c.recall} for mode, c in counts.items()}
+    figures["boxes_matched_iou_0.9"] = matched / max(1, total)
+    figures["lanes"] = lanes.get("tandem")
+    results[f"torchserve_detection_decode_{decode}"] = figures
+    for c in counts.values():
+        assert c.precision >= 0.9 and c.recall >= 0.9, figures
+    assert total > 0 and matched / total >= 0.95, figures
+    if decode == "tandem":
+        assert lanes["tandem"]["nvjpeg"]["batches"] >= 1 and lanes["tandem"]["cpu"]["batches"] >= 1, lanes  # each measured

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tandem_serve.errors import InvalidInputError
+from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure
 from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings, micro_batches
 from tandem_serve.stage_config import (
@@ -177,6 +178,49 @@ def test_detection_pipeline_matches_the_triton_stages():
         assert len(expected.boxes) > 0
         np.testing.assert_allclose(found.boxes, expected.boxes, atol=1e-3)
         np.testing.assert_array_equal(found.classes, expected.classes)
+
+
+def test_images_decoded_in_collate_fail_alone_and_match_the_prepare_path():
+    """The order nvJPEG and the tandem use (headers read per request, the micro-batch decoded in `collate`), run with
+    the CPU decoders as a CPU copy of the stages does: a truncated JPEG (its header reads, its data does not)
+    fails alone with a 400 naming it, and its batch-mates get the boxes of the decode-in-prepare path."""
+    from tandem_serve.vision.detection_pipeline import DetectionStages, PreparedImage, VisionStageConfigs
+    from tandem_serve.vision.letterbox import read_header
+    from tandem_serve.vision.shapes import encode_scene, generate_scene
+
+    rng = np.random.default_rng(6)
+    encoded = [encode_scene(generate_scene(rng), rng) for _ in range(3)]
+    truncated = encoded[0][: len(encoded[0]) // 2]
+    stages = DetectionStages(VisionStageConfigs(ImagePreprocessConfig(), DetectorConfig(), NmsConfig()), torch.device("cpu"))
+    requests = [stages.request(data) for data in encoded[:1] + [truncated] + encoded[1:]]
+    headers_only = [PreparedImage(r, header=read_header(r.data)) for r in requests]
+    late = stages.finish([t.cpu() for t in stages.infer(stages.collate(headers_only))], headers_only)
+    early_prepared = [stages.prepare(r) for r in requests if r.data is not truncated]
+    early = stages.finish([t.cpu() for t in stages.infer(stages.collate(early_prepared))], early_prepared)
+    failure = late.pop(1)
+    assert isinstance(failure, Failure) and failure.status == 400 and "not a decodable image" in failure.message
+    for found, expected in zip(late, early):
+        assert len(expected.boxes) > 0
+        np.testing.assert_allclose(found.boxes, expected.boxes, atol=1e-4)
+        np.testing.assert_array_equal(found.classes, expected.classes)
+
+
+def test_decode_settings_are_checked_and_auto_decodes_on_the_cpu_without_a_gpu():
+    from tandem_serve.torchserve.services import ObjectDetectionService, decode_mode
+    from tandem_serve.vision.detection_pipeline import DetectionStages, VisionStageConfigs
+
+    configs = VisionStageConfigs(ImagePreprocessConfig(), DetectorConfig(), NmsConfig())
+    for mode in ("gpu", "tandem"):
+        with pytest.raises(ConfigError, match=f"decode: {mode} needs the detector on a GPU"):
+            DetectionStages(configs, torch.device("cpu"), mode)
+    with pytest.raises(ConfigError, match="handler 'decode' must be one of"):
+        ObjectDetectionService(Path("."), {"handler": {"decode": "nvjpeg"}})
+    assert decode_mode("auto", torch.device("cpu")) == "cpu" and decode_mode("gpu", torch.device("cpu")) == "gpu"
+    service = ObjectDetectionService(Path("."), {"handler": {"decode": "auto"}})
+    try:
+        assert service.stages.decode == "cpu" and service.stages.lanes() == {}
+    finally:
+        service.close()
 
 
 def test_detection_thresholds_checked_per_request():

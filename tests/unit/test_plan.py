@@ -214,6 +214,7 @@ def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_ki
     assert read_config(tmp_path / "triton" / "detector" / "config.pbtxt").parameters["cpu_threads"].string_value == "1"
     served = yaml.safe_load((tmp_path / "torchserve" / "object_detection" / "model-config.yaml").read_text())
     assert served["handler"]["pipeline"]["cpu_lane_threads"] == detector.cpu_instances  # the handler's balancer
+    assert served["handler"]["decode"] == "cpu"  # no nvJPEG timings in this profile: decoding planned on the CPU
 
 
 def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
@@ -321,6 +322,8 @@ def test_gpu_decoding_is_chosen_when_the_cores_limit_and_counted_against_the_gpu
     kinds = [g.kind for g in read_config(tmp_path / "triton" / "image_preprocess" / "config.pbtxt").instance_group]
     assert kinds[0] == mc.ModelInstanceGroup.KIND_GPU
     assert (mc.ModelInstanceGroup.KIND_CPU in kinds) == bool(preprocess.cpu_share)
+    served = yaml.safe_load((tmp_path / "torchserve" / "object_detection" / "model-config.yaml").read_text())
+    assert served["handler"]["decode"] == ("tandem" if preprocess.cpu_share else "gpu")  # the handler decodes there too
 
 
 def test_slow_gpu_decoding_stays_off_when_cores_suffice():

@@ -56,15 +56,43 @@ class TextHandlerConfig:
             raise ConfigError("handler 'max_texts' must be >= 1")
 
 
+DECODE_SETTINGS = ("auto", "cpu", "gpu", "tandem")
+
+
 @dataclass(frozen=True)
 class DetectionHandlerConfig:
     """Top-level keys of the detection handler's section."""
 
     device: str = "auto"
+    # where JPEGs are decoded and letterboxed: cpu (the pool threads), gpu (nvJPEG on the detector's GPU), tandem (each
+    # micro-batch to whichever of the two is expected to finish it first), auto (tandem on a GPU with torchvision,
+    # else cpu)
+    decode: str = "auto"
+    gpu_decode_threads: int = 1  # pool threads that may be in nvJPEG + the GPU letterbox at once
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu"):
             raise ConfigError("handler 'device' must be auto or cpu")
+        if self.gpu_decode_threads < 1:
+            raise ConfigError("handler 'gpu_decode_threads' must be >= 1")
+        if self.decode not in DECODE_SETTINGS:
+            raise ConfigError(f"handler 'decode' must be one of {list(DECODE_SETTINGS)}, got {self.decode!r}")
+
+
+def decode_mode(setting: str, device: torch.device) -> str:
+    """The decode mode `setting` means on `device`: auto is tandem where nvJPEG can run (a GPU, torchvision that
+    imports), else cpu; the others as they are (DetectionStages refuses gpu/tandem without a GPU)."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "cpu"
+    try:
+        import torchvision.io  # noqa: F401
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: torchvision built for another torch
+        logger.warning("decode: auto decodes on the CPU: nvJPEG needs torchvision matching torch %s (%s: %s)",
+                       torch.__version__, type(exc).__name__, exc)
+        return "cpu"
+    return "tandem"
 
 
 def _parse(cls: type[_T], values: Any, where: str) -> _T:
@@ -202,11 +230,18 @@ class ObjectDetectionService(PipelineService[Any]):
             nms=_parse(NmsConfig, sections.get("nms"), "handler.nms"),
         )
         self.device = select_device(self.config.device, gpu_id)
-        self.stages = DetectionStages(configs, self.device)
         settings = _parse(PipelineSettings, sections.get("pipeline"), "handler.pipeline")
+        decode = decode_mode(self.config.decode, self.device)
+        self.stages = DetectionStages(configs, self.device, decode, settings.cpu_threads, self.config.gpu_decode_threads)
         cpu_stages = DetectionStages(configs, torch.device("cpu")) if wants_cpu_lane(settings, self.device) else None
         self.pipeline = MicroBatchPipeline(self.stages, self.device, settings, name="object_detection", cpu_stages=cpu_stages)
-        logger.info("object detection handler on %s, %s", self.device, settings)
+        logger.info("object detection handler on %s, decoding on %s, %s", self.device,
+                    {"cpu": "the CPU", "gpu": "the GPU (nvJPEG)", "tandem": "nvJPEG and the CPU (tandem)"}[decode], settings)
+
+    def close(self) -> None:
+        super().close()
+        if self.stages.balancer is not None:
+            logger.info("object_detection: micro-batches per decode lane %s", self.stages.lanes())
 
     def parse(self, request: Mapping[str, Any], headers: Mapping[str, str]):
         return self.stages.request(*parse_image(request, headers))

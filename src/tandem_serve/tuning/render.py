@@ -128,7 +128,8 @@ def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, 
 
 def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None,
                       model_files: dict[str, str] | None = None) -> Path:
-    """model-config.yaml for the pipeline's handler with the planned device, batch, workers and precision."""
+    """model-config.yaml for the pipeline's handler with the planned device, batch, workers, precision and (detection)
+    where images are decoded."""
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
     source = (handlers or handlers_dir()) / handler / "model-config.yaml"
     values = yaml.safe_load(source.read_text()) or {}
@@ -147,6 +148,10 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
     model_files = model_files or {}
     if plan.pipeline == "text" and model_files.get("model_dir"):
         section["model_dir"] = model_files["model_dir"]
+    preprocess = next((s for s in plan.stages if s.stage == "image_preprocess"), None)
+    if preprocess is not None:  # the plan's decode placement; the handler's balancer routes the tandem's share at run time
+        section["decode"] = ("cpu" if not preprocess.device.startswith("cuda") else
+                             "tandem" if preprocess.cpu_share else "gpu")
     if plan.pipeline == "detection" and model_files.get("detector_weights"):
         stage_values["weights"] = model_files["detector_weights"]
         stage_values["head_format"] = model_files.get("detector_head_format", "yolov5")
