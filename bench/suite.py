@@ -5,8 +5,8 @@ Workloads (`--workloads`): minilm (all-MiniLM-L6-v2), bert-base (BERT-base-sized
 JPEGs of `workloads.IMAGE_SIZES`. One item per request. Measured in one run on one machine:
   naive           a plain TorchServe-style handler in-process (pre -> infer -> post on the whole batch, pageable
                   copies, eager PyTorch), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
-  ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies, CUDA graphs), same batcher,
-                  batchSize 32
+  ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies, CUDA graphs; images decoded
+                  by nvJPEG and the CPU in tandem), same batcher, batchSize 32
   triton-shipped  the usual Triton recipe, untuned: Python tokenizer/preprocess + GPU model (+ NMS) ensemble,
                   the shipped configs (KIND_AUTO, fp32, eager: no CUDA graphs) pointed at the workload's model
   triton-plugin   the plan from `tandem plan` (`--plans DIR`, DIR/<workload>/triton), after `tandem tune`'s search
@@ -117,7 +117,8 @@ def make_service(pipeline: str, model: Path, pipelined: bool, micro_batch: int) 
         encoder = {"precision": "fp16", "fuse_token_embedding": True, "cuda_graph_max_batch": 64 if pipelined else 0}
         config = {"handler": {"model_dir": str(model), "encoder": encoder, "pipeline": settings}}
         return TextEmbeddingService(model, config, gpu_id=0)
-    config = {"handler": {"detector": {"precision": "fp16", "weights": str(model)}, "pipeline": settings}}
+    decode = "auto" if pipelined else "cpu"  # the plugin: nvJPEG and the CPU in tandem where torchvision imports
+    config = {"handler": {"decode": decode, "detector": {"precision": "fp16", "weights": str(model)}, "pipeline": settings}}
     return ObjectDetectionService(model.parent, config, gpu_id=0)
 
 

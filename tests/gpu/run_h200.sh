@@ -13,7 +13,8 @@
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
 # Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"]; after
-# suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824").
+# suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824"). After wheels
+# alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -200,6 +201,20 @@ detector)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/detect
     python3 bench/detector_step.py --out "$out/detector_step.json" 2>&1 | tail -24
     python3 -m pytest tests/gpu/test_vision_gpu.py tests/gpu/test_decode_gpu.py tests/gpu/test_torchserve_gpu.py -q -rs \
         -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_detector.log" | tail -30
+    ;;
+ts-decode)  # issue 17, after wheels; carry [".carry/numpy1", ".carry/wheels2"]: the TorchServe detection handler with
+    # decode cpu / gpu (nvJPEG) / tandem (bench/torchserve_decode.py, TSDECODE_ARGS), then the decoding GPU tests (the
+    # handler's modes vs the CPU path, GpuDecoder, the tandem image_preprocess in Triton)
+    install_carried numpy1 "$base/numpy1"
+    install_carried wheels2 "$base/site"
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1" TANDEM_RESULTS="$out/gpu_ts_decode.json"
+    if [ "${TSDECODE_BENCH:-1}" = 1 ]; then
+        python3 bench/torchserve_decode.py --out "$out/ts-decode" ${TSDECODE_ARGS:-} 2>&1 | grep -v "^[IWE][0-9]\{4\} " \
+            | tee "$out/ts-decode.log" | tail -14
+    fi
+    python3 -m pytest tests/gpu/test_torchserve_gpu.py tests/gpu/test_decode_gpu.py -k "detection or pipeline_outputs or decode" -x \
+        -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_ts_decode.log" | tail -30
     ;;
 custom-triton)  # issue 19, after wheels; carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]: a user's text model and
     # YOLOv8-style detector served by Triton on the GPU (KIND_AUTO), then the AOTInductor probe of the custom models
