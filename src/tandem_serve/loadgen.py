@@ -442,6 +442,39 @@ class TritonSender:
                 return read_slot_outputs(self.protocol, self.pool, result, self.outputs, areas)
 
 
+class TorchServeSender:
+    """`async send(i)`: body i % len(bodies) POSTed to a TorchServe's `/predictions/<model>` with the inference token
+    (aiohttp, tritonclient's own HTTP dependency: one pool of keep-alive connections). A non-200 answer raises,
+    naming its status and message. Picklable until entered (for `measure(..., processes=N)`)."""
+
+    def __init__(self, url: str, model: str, bodies: Sequence[tuple[bytes, str]], token: str,
+                 timeout_s: float = 60.0, connections: int = 512):
+        if not bodies:
+            raise ConfigError("a sender needs at least one request body")
+        self.url = f"{url.rstrip('/')}/predictions/{model}"
+        self.bodies, self.token, self.timeout_s, self.connections = list(bodies), token, timeout_s, connections
+        self.session: Any = None
+
+    async def __aenter__(self) -> "TorchServeSender":
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.connections),
+                                             timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.session.close()
+
+    async def __call__(self, index: int) -> bytes:
+        body, content_type = self.bodies[index % len(self.bodies)]
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        async with self.session.post(self.url, data=body, headers=headers) as response:
+            raw = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {raw[:200].decode(errors='replace')}")
+            return raw
+
+
 def _log(spec: LoadSpec, point: LoadPoint) -> None:
     logger.info("%s %s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, errors %d%s, client %.1f cores%s%s", spec.mode,
                 spec.label, point.throughput, point.p50_ms, point.p99_ms, point.errors,

@@ -300,3 +300,17 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(torchserve):
     print(f"\nTorchServe text worker killed: both workers ready again after {recovered:.1f} s; of {len(outcomes)} "
           f"requests {len(lost)} never answered (sent before the kill), "
           f"{len([1 for _, st in outcomes if st in (500, 507)])} got 'Worker died'")
+
+
+def test_the_load_generator_drives_torchserve_and_counts_its_refusals(torchserve):
+    """TorchServeSender through the project's closed loop: every answer 200 with the token; with a wrong token every
+    request counts as an error carrying TorchServe's answer (0.12: HTTP 400, InvalidKeyException)."""
+    from tandem_serve.loadgen import LoadSpec, TorchServeSender, measure
+
+    bodies = [(json.dumps({"text": t}).encode(), "application/json") for t in mixed_texts(8, seed=4)]
+    url = torchserve.inference_url
+    good = measure(lambda: TorchServeSender(url, "text_embedding", bodies, torchserve.key()),
+                   [LoadSpec("closed", 4, seconds=1.5)])[0]
+    assert good.completed >= 8 and good.errors == 0 and good.p50_ms > 0
+    bad = measure(lambda: TorchServeSender(url, "text_embedding", bodies, "wrong"), [LoadSpec("closed", 2, seconds=0.5)])[0]
+    assert bad.completed == 0 and bad.errors >= 1 and "InvalidKeyException" in bad.first_error
