@@ -15,6 +15,8 @@
 # Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"]; after
 # suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824"). After wheels
 # alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
+# Issue 18, a real TorchServe on the GPU (tests/gpu/prepare_torchserve.sh here, after prepare_carry.sh): after wheels
+# and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -215,6 +217,23 @@ ts-decode)  # issue 17, after wheels; carry [".carry/numpy1", ".carry/wheels2"]:
     fi
     python3 -m pytest tests/gpu/test_torchserve_gpu.py tests/gpu/test_decode_gpu.py -k "detection or pipeline_outputs or decode" -x \
         -q -rs -p no:cacheprovider 2>&1 | grep -v "^[IWE][0-9]\{4\} " | tee "$out/pytest_ts_decode.log" | tail -30
+    ;;
+ts-java)  # issue 18, after wheels and model1; carry [".carry/jre"] (tests/gpu/prepare_torchserve.sh): the jlink'd Java
+    echo "$(cat .carry/jre/jre.tar.xz.sha256)  .carry/jre/jre.tar.xz" | sha256sum -c -
+    tar -C "$base" -xJf .carry/jre/jre.tar.xz
+    "$base/tandem-jre/bin/java" -version 2>&1 | head -1
+    ;;
+ts-wheel)  # issue 18, after ts-java; carry [".carry/torchserve"]: torchserve and torch-model-archiver
+    install_carried torchserve "$base/site"
+    python3 -c "import aiohttp, yaml; print('aiohttp', aiohttp.__version__)"
+    ;;
+ts-real)  # issue 18, after ts-wheel; carry [".carry/model2"]: the handlers behind a real TorchServe on the GPU
+    # (bench/torchserve_served.py, TSREAL_ARGS), against the naive handler and the ceiling
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export JAVA_HOME="$base/tandem-jre"
+    python3 bench/torchserve_served.py --out "$out/ts-real" ${TSREAL_ARGS:-} 2>&1 | grep -v "MODEL_LOG\|ACCESS_LOG\|TS_METRICS" \
+        | tee "$out/ts-real.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -30
     ;;
 custom-triton)  # issue 19, after wheels; carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]: a user's text model and
     # YOLOv8-style detector served by Triton on the GPU (KIND_AUTO), then the AOTInductor probe of the custom models
