@@ -7,6 +7,7 @@ give the same answers as the reference and as the CPU.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,7 +155,8 @@ def test_detection_service_decoding_with_nvjpeg_matches_the_cpu_path(tmp_path, r
     for index, (cpu, gpu) in enumerate(zip(answers["cpu"], answers[decode])):
         assert cpu.status == gpu.status, (index, cpu.body, gpu.body)
         if index in bad:
-            assert cpu.status == 400 and json.loads(cpu.body)["message"] == json.loads(gpu.body)["message"]
+            messages = [re.sub(r" at 0x[0-9a-f]+", "", json.loads(r.body)["message"]) for r in (cpu, gpu)]  # Pillow's
+            assert cpu.status == 400 and messages[0] == messages[1], messages  # message names a BytesIO's address
             continue
         found = {mode: json.loads(reply.body) for mode, reply in (("cpu", cpu), (decode, gpu))}
         for mode, body in found.items():
