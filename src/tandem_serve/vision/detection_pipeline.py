@@ -12,7 +12,7 @@ fails alone too (its slot in the batch is grey).
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +30,6 @@ from tandem_serve.vision.letterbox import PAD_VALUE, Header, Letterbox, preproce
 from tandem_serve.vision.nms import Detections, postprocess
 from tandem_serve.vision.stages import NmsStage
 
-logger = logging.getLogger(__name__)
 DECODE_MODES = ("cpu", "gpu", "tandem")
 STAGE = "object_detection"  # how failures name the pipeline, as the pipeline's own do
 
@@ -86,9 +85,10 @@ class DetectionStages:
             self.decoder = GpuDecoder(configs.preprocess.image_size, self.detector.device, configs.preprocess.max_pixels,
                                       stage=STAGE)
             # micro-batches in nvJPEG at once (torchvision decodes one at a time; the letterboxes of others overlap)
-            self._nvjpeg = threading.Semaphore(max(1, gpu_decode_threads))
+            gpu_decode_threads = max(1, gpu_decode_threads)
+            self._nvjpeg = threading.Semaphore(gpu_decode_threads)
             if decode == "tandem":
-                self.balancer = LaneBalancer(["nvjpeg", "cpu"], servers=[max(1, gpu_decode_threads), max(1, cpu_threads)])
+                self.balancer = LaneBalancer(["nvjpeg", "cpu"], servers=[gpu_decode_threads, max(1, cpu_threads)])
         self.decode = decode
 
     def request(self, data: bytes, conf: float | None = None, iou: float | None = None,
@@ -116,15 +116,12 @@ class DetectionStages:
             return [self._stacked_on_host(prepared)]
         lane = self.balancer.choose(len(pending)) if self.balancer is not None else None
         on_gpu = self.decoder is not None and (lane is None or lane.name == "nvjpeg")
+        decode = self._nvjpeg_batch if on_gpu else self._cpu_batch
         try:
-            if on_gpu:
-                with self._nvjpeg:  # the wait here is queueing, which the balancer counts as rows in flight
-                    started = time.perf_counter()
-                    batch = self._nvjpeg_batch(prepared)
-                    seconds = time.perf_counter() - started
-            else:
+            # the wait for an nvJPEG slot is queueing, which the balancer counts as rows in flight: not timed
+            with self._nvjpeg if on_gpu else contextlib.nullcontext():
                 started = time.perf_counter()
-                batch = self._cpu_batch(prepared)
+                batch = decode(prepared)
                 seconds = time.perf_counter() - started
         except BaseException:
             if lane is not None:
