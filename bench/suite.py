@@ -46,7 +46,7 @@ from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
-from tandem_serve.triton.stub_profile import ENV as STUB_PROFILE_ENV
+from tandem_serve.profiling import ENV as STUB_PROFILE_ENV
 from tandem_serve.tuning.plots import plot_curves
 from tandem_serve.tuning.render import read_config, write_config
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial

@@ -5,8 +5,11 @@ A thin adapter: everything it does is `tandem_serve.torchserve.services.TextEmbe
 
 from pathlib import Path
 
+import ts.protocol.otf_message_handler as protocol
 from ts.torch_handler.base_handler import BaseHandler
 
+from tandem_serve.profiling import profile_thread
+from tandem_serve.torchserve import frames
 from tandem_serve.torchserve.replies import answer, request_headers
 from tandem_serve.torchserve.services import TextEmbeddingService
 
@@ -17,7 +20,11 @@ class TextEmbeddingHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
         self.service = TextEmbeddingService(Path(properties["model_dir"]), context.model_yaml_config, properties.get("gpu_id"))
+        if self.service.config.read_ahead:
+            frames.install(protocol)
+        self.tick = profile_thread("text_embedding")  # TANDEM_STUB_PROFILE: this worker's main thread
         self.initialized = True
 
     def handle(self, data, context):
+        self.tick()
         return answer(context, self.service.handle(data, request_headers(context, len(data))))

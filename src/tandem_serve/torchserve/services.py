@@ -48,6 +48,7 @@ class TextHandlerConfig:
     model_dir: str = ""  # sentence-transformers directory (BERT, RoBERTa, XLM-R, DistilBERT or MPNet), relative to the archive; empty: the default model
     device: str = "auto"  # auto: the GPU TorchServe assigned, if any; cpu: always the CPU
     max_texts: int = 64  # per request
+    read_ahead: bool = True  # TorchServe's frames read with one recv per socket read, not per field (torchserve/frames.py)
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu"):
@@ -69,6 +70,7 @@ class DetectionHandlerConfig:
     # else cpu)
     decode: str = "auto"
     gpu_decode_threads: int = 2  # pool threads in nvJPEG + the GPU letterbox at once (H200: 2 served 1.25x of 1)
+    read_ahead: bool = True  # TorchServe's frames read with one recv per socket read, not per field (torchserve/frames.py)
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu"):

@@ -19,7 +19,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.stage_config import parse_stage_config, resolve_paths
-from tandem_serve.triton.stub_profile import run_profiled
+from tandem_serve.profiling import run_profiled
 
 _Settings = TypeVar("_Settings")
 

@@ -1,0 +1,75 @@
+"""Opt-in cProfile of the server-side Python (Triton's Python-backend stubs, TorchServe's workers), for finding
+per-request host work.
+
+Set `TANDEM_STUB_PROFILE=DIR` in the server's environment (`tandem serve triton` passes it to the stubs; TorchServe's
+frontend passes its environment to the workers): each stub then profiles every batch it runs (`run_profiled`, wall
+time), each TorchServe worker its main thread from the handler's start (`profile_thread`: that thread's CPU time, so
+TorchServe's own reading and writing of frames shows beside the handler), and rewrites `DIR/<stage>-<pid>.prof` at
+most every few seconds and at exit. Read them with `python bench/stub_profile.py DIR`. Off (no cost) when the variable
+is unset. GPU work is asynchronous: its time shows where the host waits for it
+(`.cpu()`, `.item()`, `len()` of a masked tensor), which is what a profile of host work should show.
+"""
+
+from __future__ import annotations
+
+import atexit
+import cProfile
+import os
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+ENV = "TANDEM_STUB_PROFILE"
+DUMP_EVERY_S = 5.0
+_T = TypeVar("_T")
+
+
+class _StubProfile:
+    """One profiler per stage in this process, dumped to DIR/<stage>-<pid>.prof."""
+
+    def __init__(self, directory: Path, stage: str, timer: Callable[[], float] | None = None):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / f"{stage}-{os.getpid()}.prof"
+        self.profile = cProfile.Profile(timer) if timer else cProfile.Profile()
+        self.last_dump = time.monotonic()
+        atexit.register(self.dump)
+
+    def dump(self) -> None:
+        self.profile.dump_stats(str(self.path))
+        self.last_dump = time.monotonic()
+
+
+_profiles: dict[str, _StubProfile] = {}
+
+
+def run_profiled(stage: str, batch: Callable[[], _T]) -> _T:
+    """`batch()`, under this process's profiler for `stage` when TANDEM_STUB_PROFILE is set (its call count is
+    the batch count); else plainly."""
+    directory = os.environ.get(ENV)
+    if not directory:
+        return batch()
+    entry = _profiles.get(stage)
+    if entry is None:
+        entry = _profiles[stage] = _StubProfile(Path(directory), stage)
+    try:
+        return entry.profile.runcall(batch)
+    finally:
+        if time.monotonic() - entry.last_dump > DUMP_EVERY_S:
+            entry.dump()
+
+
+def profile_thread(stage: str) -> Callable[[], None]:
+    """When TANDEM_STUB_PROFILE is set, profile the calling thread from now on by its own CPU time; return `tick`, to
+    call now and then on that thread (it rewrites the dump at most every few seconds); else a no-op `tick`."""
+    directory = os.environ.get(ENV)
+    if not directory:
+        return lambda: None
+    entry = _StubProfile(Path(directory), stage, timer=time.thread_time)
+    entry.profile.enable()
+
+    def tick() -> None:
+        if time.monotonic() - entry.last_dump > DUMP_EVERY_S:
+            entry.dump()  # dump_stats stops the profiler
+            entry.profile.enable()
+
+    return tick
