@@ -228,10 +228,12 @@ ts-wheel)  # issue 18, after ts-java; carry [".carry/torchserve"]: torchserve an
     python3 -c "import aiohttp, yaml; print('aiohttp', aiohttp.__version__)"
     ;;
 ts-real)  # issue 18, after ts-wheel; carry [".carry/model2"]: the handlers behind a real TorchServe on the GPU
-    # (bench/torchserve_served.py, TSREAL_ARGS), against the naive handler and the ceiling
+    # (bench/torchserve_served.py, TSREAL_ARGS), against the naive handler and the ceiling; first the worker's frame
+    # reader (bench/torchserve_frames.py)
     [ -f "$base/model/model.safetensors" ] || assemble_model
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export JAVA_HOME="$base/tandem-jre"
+    python3 bench/torchserve_frames.py --out "$out/ts-frames.json" 2>&1 | tee "$out/ts-frames.md"  # the worker's reader
     python3 bench/torchserve_served.py --out "$out/ts-real" ${TSREAL_ARGS:-} 2>&1 | grep -v "MODEL_LOG\|ACCESS_LOG\|TS_METRICS" \
         | tee "$out/ts-real.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -30
     ;;
