@@ -212,7 +212,7 @@ class TextEmbeddingService(PipelineService["TextRequest"]):
     def encode(self, result: np.ndarray, headers: Mapping[str, str]) -> Reply:
         if accepts(headers, NPY):
             return Reply.npy(result.astype(np.float32, copy=False))
-        return Reply.json({"embeddings": result.tolist()})
+        return Reply.json({"embeddings": np.ascontiguousarray(result, dtype=np.float32)})
 
 
 class ObjectDetectionService(PipelineService[Any]):
@@ -249,7 +249,8 @@ class ObjectDetectionService(PipelineService[Any]):
         return self.stages.request(*parse_image(request, headers))
 
     def encode(self, result: Any, headers: Mapping[str, str]) -> Reply:
-        return Reply.json({"boxes": result.boxes.tolist(), "scores": result.scores.tolist(), "classes": result.classes.tolist()})
+        return Reply.json({"boxes": np.ascontiguousarray(result.boxes), "scores": np.ascontiguousarray(result.scores),
+                           "classes": np.ascontiguousarray(result.classes)})
 
 
 def _with_model_dir(config: _T, weights: str, base: Path) -> _T:
