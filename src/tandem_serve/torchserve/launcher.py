@@ -65,6 +65,9 @@ class TorchServeOptions:
     stop_timeout_s: float = 30.0
     token_expiration_min: int = 60  # TorchServe's default; the key file is rewritten on renewal
     health_port: int | None = 0  # the launcher's health endpoint (0: a free port; None: none)
+    # log4j's asynchronous loggers: the frontend writes an access-log line per request (to three appenders in
+    # TorchServe's own log4j2.xml) without waiting on the files; lines may reach them a moment later
+    async_logging: bool = True
     extra_properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -153,6 +156,7 @@ class EmbeddedTorchServe(ServerProcess):
             "enable_envvars_config": "false",
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",
+            "async_logging": str(self.options.async_logging).lower(),
             "metrics_mode": "prometheus",  # /metrics on the metrics address, for scrapers (no token needed there)
             "initial_worker_port": str(20000 + os.getpid() % 20000),  # worker sockets differ between runs
             **self.options.extra_properties,
