@@ -1,4 +1,5 @@
-"""Where the Python-backend stubs spend their host time: the cProfile dumps of TANDEM_STUB_PROFILE, per stage.
+"""Where the Python-backend stubs (and TorchServe workers) spend their host time: the cProfile dumps of
+TANDEM_STUB_PROFILE, per stage.
 
     TANDEM_STUB_PROFILE=/tmp/prof tandem serve triton ...   # or bench/suite.py --stub-profile /tmp/prof
     python bench/stub_profile.py /tmp/prof --out /tmp/prof/summary
@@ -37,8 +38,10 @@ def summarize(directory: Path, top: int) -> list[dict]:
     for stage, paths in sorted(by_stage.items()):
         stats = pstats.Stats(*map(str, paths))
         entries = stats.stats  # type: ignore[attr-defined]
-        # process_requests runs once per batch (the profiled callee itself is not always recorded: Python 3.12)
-        calls = [v[1] for k, v in entries.items() if k[2] == "process_requests" and k[0].endswith("per_request.py")]
+        # process_requests runs once per batch (the profiled callee itself is not always recorded: Python 3.12); in
+        # a TorchServe worker, whose profile stops and restarts under it, TorchServe's retrieve_msg counts them
+        calls = [v[1] for k, v in entries.items() if k[2] == "retrieve_msg" and k[0].endswith("otf_message_handler.py")]
+        calls = calls or [v[1] for k, v in entries.items() if k[2] == "process_requests" and k[0].endswith("per_request.py")]
         batches = calls[0] if calls else 0
         total = stats.total_tt  # type: ignore[attr-defined]
         per_batch = 1e3 / max(batches, 1)

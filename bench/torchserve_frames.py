@@ -55,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import ts.protocol.otf_message_handler as protocol
+    from ts.version import __version__ as version
 
     logging.getLogger().setLevel(logging.WARNING)  # retrieve_msg logs every batch at INFO
     frame = batch_frame(args.batch)
@@ -63,7 +64,7 @@ def main() -> None:
     for label in ("torchserve", "read-ahead", "torchserve again", "read-ahead again"):
         protocol._retrieve_buffer = original
         if label.startswith("read-ahead"):
-            frames.install(protocol)
+            frames.install(protocol, version)
         seconds = parse_seconds(protocol, frame, args.batches)
         results[label] = seconds / (args.batches * args.batch) * 1e6
     protocol._retrieve_buffer = original

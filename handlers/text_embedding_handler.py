@@ -6,6 +6,7 @@ A thin adapter: everything it does is `tandem_serve.torchserve.services.TextEmbe
 from pathlib import Path
 
 import ts.protocol.otf_message_handler as protocol
+from ts.version import __version__ as torchserve_version
 from ts.torch_handler.base_handler import BaseHandler
 
 from tandem_serve.profiling import profile_thread
@@ -21,7 +22,7 @@ class TextEmbeddingHandler(BaseHandler):
         properties = context.system_properties
         self.service = TextEmbeddingService(Path(properties["model_dir"]), context.model_yaml_config, properties.get("gpu_id"))
         if self.service.config.read_ahead:
-            frames.install(protocol)
+            frames.install(protocol, torchserve_version)
         self.tick = profile_thread("text_embedding")  # TANDEM_STUB_PROFILE: this worker's main thread
         self.initialized = True
 

@@ -3,9 +3,10 @@ per-request host work.
 
 Set `TANDEM_STUB_PROFILE=DIR` in the server's environment (`tandem serve triton` passes it to the stubs; TorchServe's
 frontend passes its environment to the workers): each stub then profiles every batch it runs (`run_profiled`, wall
-time), each TorchServe worker its main thread from the handler's start (`profile_thread`: that thread's CPU time, so
-TorchServe's own reading and writing of frames shows beside the handler), and rewrites `DIR/<stage>-<pid>.prof` at
-most every few seconds and at exit. Read them with `python bench/stub_profile.py DIR`. Off (no cost) when the variable
+time), each TorchServe worker its main thread from the handler's start (`profile_thread`, wall time: TorchServe's own
+reading and writing of frames shows beside the handler, its wait for the next batch as `recv`), and rewrites
+`DIR/<stage>-<pid>.prof` at most every few seconds (every second for a worker, which TorchServe stops without running
+atexit) and at exit. Read them with `python bench/stub_profile.py DIR`. Off (no cost) when the variable
 is unset. GPU work is asynchronous: its time shows where the host waits for it
 (`.cpu()`, `.item()`, `len()` of a masked tensor), which is what a profile of host work should show.
 """
@@ -21,16 +22,17 @@ from typing import Callable, TypeVar
 
 ENV = "TANDEM_STUB_PROFILE"
 DUMP_EVERY_S = 5.0
+THREAD_DUMP_EVERY_S = 1.0
 _T = TypeVar("_T")
 
 
 class _StubProfile:
     """One profiler per stage in this process, dumped to DIR/<stage>-<pid>.prof."""
 
-    def __init__(self, directory: Path, stage: str, timer: Callable[[], float] | None = None):
+    def __init__(self, directory: Path, stage: str):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / f"{stage}-{os.getpid()}.prof"
-        self.profile = cProfile.Profile(timer) if timer else cProfile.Profile()
+        self.profile = cProfile.Profile()
         self.last_dump = time.monotonic()
         atexit.register(self.dump)
 
@@ -59,16 +61,17 @@ def run_profiled(stage: str, batch: Callable[[], _T]) -> _T:
 
 
 def profile_thread(stage: str) -> Callable[[], None]:
-    """When TANDEM_STUB_PROFILE is set, profile the calling thread from now on by its own CPU time; return `tick`, to
-    call now and then on that thread (it rewrites the dump at most every few seconds); else a no-op `tick`."""
+    """When TANDEM_STUB_PROFILE is set, profile the calling thread from now on; return `tick`, to call now and then on
+    that thread (it rewrites the dump at most every second); else a no-op `tick`. (Wall time: gVisor's per-thread CPU
+    clock gave nonsense.)"""
     directory = os.environ.get(ENV)
     if not directory:
         return lambda: None
-    entry = _StubProfile(Path(directory), stage, timer=time.thread_time)
+    entry = _StubProfile(Path(directory), stage)
     entry.profile.enable()
 
     def tick() -> None:
-        if time.monotonic() - entry.last_dump > DUMP_EVERY_S:
+        if time.monotonic() - entry.last_dump > THREAD_DUMP_EVERY_S:
             entry.dump()  # dump_stats stops the profiler
             entry.profile.enable()
 

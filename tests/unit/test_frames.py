@@ -53,8 +53,8 @@ def test_read_ahead_parses_what_torchserve_parses(monkeypatch, step):
     expected = _read_all(stream, 4, None)
     assert [len(message) for _, message in expected] == [3, 32, 2, 1]
     monkeypatch.setattr(otf, frames.READER, otf._retrieve_buffer)  # restored after the test
-    assert frames.install(otf)
-    assert frames.install(otf)  # a second model in the same worker: left in place
+    assert frames.install(otf, "0.12.0")
+    assert frames.install(otf, "0.12.0")  # a second model in the same worker: left in place
     assert _read_all(stream, 4, step) == expected
     assert expected[2][1][1]["parameters"][1]["value"] == bytes(range(256)) * 1000 + b"\x01"
 
@@ -68,10 +68,14 @@ def test_read_ahead_exits_when_the_frontend_closes():
     reader.close()
 
 
-def test_a_protocol_module_without_the_reader_is_left_alone(caplog):
+def test_an_untested_release_or_a_module_without_the_reader_is_left_alone(caplog, monkeypatch):
     import types
 
     module = types.ModuleType("other_protocol")
-    assert not frames.install(module)
+    assert not frames.install(module, "0.12.0")
     assert not hasattr(module, frames.READER)
-    assert "read field by field" in caplog.text
+    monkeypatch.setattr(otf, frames.READER, otf._retrieve_buffer)
+    original = otf._retrieve_buffer
+    assert not frames.install(otf, "0.13.0")
+    assert otf._retrieve_buffer is original
+    assert caplog.text.count("read field by field") == 2

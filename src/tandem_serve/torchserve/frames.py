@@ -20,6 +20,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 CHUNK = 1 << 16  # bytes asked of the socket per refill (more when one field needs more)
 READER = "_retrieve_buffer"  # the protocol module's function that every field read goes through
+TESTED = ("0.12.",)  # TorchServe releases whose worker reads its socket only through READER (checked in their source)
 
 
 class ReadAhead:
@@ -49,9 +50,13 @@ class ReadAhead:
         return data
 
 
-def install(protocol: ModuleType, reader: ReadAhead | None = None) -> bool:
-    """Replace `protocol`'s field reader (ts.protocol.otf_message_handler) by a ReadAhead; False, with a warning,
-    where the module has no such reader (a TorchServe whose protocol code differs), leaving it as it is."""
+def install(protocol: ModuleType, version: str, reader: ReadAhead | None = None) -> bool:
+    """Replace `protocol`'s field reader (ts.protocol.otf_message_handler of TorchServe `version`) by a ReadAhead; False,
+    with a warning, for a release not in TESTED or a module without that reader, leaving it as it is."""
+    if not version.startswith(TESTED):
+        logger.warning("TorchServe %s is not one whose frame reading was checked (%s); its frames stay read field by "
+                       "field", version, ", ".join(f"{v}x" for v in TESTED))
+        return False
     original = getattr(protocol, READER, None)
     if original is None or not callable(original):
         logger.warning("TorchServe's %s has no %s(); its frames stay read field by field", protocol.__name__, READER)
