@@ -23,9 +23,9 @@ class TextEmbeddingHandler(BaseHandler):
         self.service = TextEmbeddingService(Path(properties["model_dir"]), context.model_yaml_config, properties.get("gpu_id"))
         if self.service.config.read_ahead:
             frames.install(protocol, torchserve_version)
-        self.tick = profile_thread("text_embedding")  # TANDEM_STUB_PROFILE: this worker's main thread
+        self.profile = profile_thread("text_embedding")  # TANDEM_STUB_PROFILE: this worker's main thread
         self.initialized = True
 
     def handle(self, data, context):
-        self.tick()
+        self.profile.tick()
         return answer(context, self.service.handle(data, request_headers(context, len(data))))

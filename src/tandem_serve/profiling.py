@@ -60,19 +60,27 @@ def run_profiled(stage: str, batch: Callable[[], _T]) -> _T:
             entry.dump()
 
 
-def profile_thread(stage: str) -> Callable[[], None]:
-    """When TANDEM_STUB_PROFILE is set, profile the calling thread from now on; return `tick`, to call now and then on
-    that thread (it rewrites the dump at most every second); else a no-op `tick`. (Wall time: gVisor's per-thread CPU
-    clock gave nonsense.)"""
-    directory = os.environ.get(ENV)
-    if not directory:
-        return lambda: None
-    entry = _StubProfile(Path(directory), stage)
-    entry.profile.enable()
+class ThreadProfile:
+    """The profile of one thread from its start (None: profiling is off); `tick` on that thread now and then."""
 
-    def tick() -> None:
-        if time.monotonic() - entry.last_dump > THREAD_DUMP_EVERY_S:
-            entry.dump()  # dump_stats stops the profiler
+    def __init__(self, entry: _StubProfile | None):
+        self.entry = entry
+        if entry is not None:
             entry.profile.enable()
 
-    return tick
+    def tick(self) -> None:
+        """Rewrite the dump when the last one is over THREAD_DUMP_EVERY_S old (dump_stats stops the profiler: restart)."""
+        if self.entry is not None and time.monotonic() - self.entry.last_dump > THREAD_DUMP_EVERY_S:
+            self.entry.dump()
+            self.entry.profile.enable()
+
+    def stop(self) -> None:
+        if self.entry is not None:
+            self.entry.profile.disable()
+
+
+def profile_thread(stage: str) -> ThreadProfile:
+    """When TANDEM_STUB_PROFILE is set, profile the calling thread from now on, dumped by `tick` at most every second
+    (wall time: gVisor's per-thread CPU clock gave nonsense); else a profile that does nothing."""
+    directory = os.environ.get(ENV)
+    return ThreadProfile(_StubProfile(Path(directory), stage) if directory else None)
