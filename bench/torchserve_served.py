@@ -79,9 +79,8 @@ def served(pipeline: str, model: Path, label: str, overrides: dict, bodies: list
         build_archive("text_embedding", store, model_dir=model, archive_format="dir", overrides=overrides)
     else:
         build_archive("object_detection", store, weights=model, archive_format="dir", overrides=overrides)
-    extra = {"job_queue_size": str(args.job_queue_size)} if args.job_queue_size else {}
     options = TorchServeOptions(model_store=store, models=[ARCHIVE[pipeline]], workspace=scratch / f"ws-{pipeline}-{name}",
-                                extra_properties=extra)
+                                job_queue_size=args.job_queue_size)
     profile_dir = scratch / f"profile-{pipeline}-{name}"
     if args.profile:
         os.environ[PROFILE_ENV] = str(profile_dir)  # the frontend hands its environment to the workers
@@ -176,7 +175,7 @@ def main() -> None:
                         help="a model-config.yaml change for the plugin's archive (dotted key, YAML value); repeatable")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="a plugin row of its own with these changes on top of --set; repeatable")
-    parser.add_argument("--job-queue-size", type=int, default=0, help="TorchServe's job_queue_size (0: its default, 100)")
+    parser.add_argument("--job-queue-size", type=int, default=100, help="TorchServe's job_queue_size")
     parser.add_argument("--naive-served", action="store_true", help="also the naive handler behind the same frontend")
     parser.add_argument("--profile", action="store_true", help="cProfile the workers' main threads")
     parser.add_argument("--skip-in-process", action="store_true", help="leave out the in-process rows")

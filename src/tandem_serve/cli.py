@@ -164,7 +164,7 @@ def cmd_serve_torchserve(args: argparse.Namespace) -> int:
         inference_port=args.inference_port, management_port=args.management_port,
         metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
         grpc_management_port=args.grpc_management_port, workspace=args.workspace, startup_timeout_s=args.startup_timeout,
-        token_expiration_min=args.token_expiration_min, health_port=args.health_port,
+        token_expiration_min=args.token_expiration_min, health_port=args.health_port, job_queue_size=args.job_queue_size,
     )
     return _serve_until_signal(EmbeddedTorchServe(options), lambda server: [
         f"TorchServe ready: inference {server.inference_url}  management {server.management_url}  "
@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     torchserve.add_argument("--health-port", type=int, default=8083,
                             help="the launcher's health endpoint: /live, /ready, /status, no token (0 picks a free port)")
     torchserve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for ready workers")
+    torchserve.add_argument("--job-queue-size", type=int, default=100,
+                            help="requests queued per model before TorchServe answers 503 (default %(default)s, "
+                                 "TorchServe's; the H200 text bench needed 2000 at 512 concurrent requests)")
     torchserve.set_defaults(func=cmd_serve_torchserve)
 
     repository = commands.add_parser("repository", help="the project's Triton model repository")

@@ -314,3 +314,21 @@ def test_the_load_generator_drives_torchserve_and_counts_its_refusals(torchserve
     assert good.completed >= 8 and good.errors == 0 and good.p50_ms > 0
     bad = measure(lambda: TorchServeSender(url, "text_embedding", bodies, "wrong"), [LoadSpec("closed", 2, seconds=0.5)])[0]
     assert bad.completed == 0 and bad.errors >= 1 and "InvalidKeyException" in bad.first_error
+
+
+def test_a_full_job_queue_answers_503_and_the_server_serves_on(torchserve, tmp_path):
+    """job_queue_size 1 under 32 concurrent senders: the requests beyond the queue get TorchServe's 503 at once (counted
+    by the load generator, not hung), the others their embeddings; afterwards a request is answered as before."""
+    from tandem_serve.loadgen import LoadSpec, TorchServeSender, measure
+    from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions
+
+    options = TorchServeOptions(model_store=torchserve.options.model_store, models=["text_embedding.mar"],
+                                workspace=tmp_path / "ts", job_queue_size=1, health_port=None, startup_timeout_s=120)
+    bodies = [(json.dumps({"text": t}).encode(), "application/json") for t in mixed_texts(8, seed=5)]
+    with EmbeddedTorchServe(options) as server:
+        assert server.properties()["job_queue_size"] == "1"
+        url, key = server.inference_url, server.key()
+        point = measure(lambda: TorchServeSender(url, "text_embedding", bodies, key), [LoadSpec("closed", 32, seconds=2)])[0]
+        assert point.errors >= 1 and "HTTP 503" in point.first_error, point.first_error
+        assert point.completed >= 1
+        assert len(_client(server).embed(["still serving"])) == 1

@@ -68,6 +68,7 @@ class TorchServeOptions:
     # log4j's asynchronous loggers: the frontend writes an access-log line per request (to three appenders in
     # TorchServe's own log4j2.xml) without waiting on the files; lines may reach them a moment later
     async_logging: bool = True
+    job_queue_size: int = 100  # requests queued per model before TorchServe answers 503 (its own default)
     extra_properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -157,6 +158,7 @@ class EmbeddedTorchServe(ServerProcess):
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",
             "async_logging": str(self.options.async_logging).lower(),
+            "job_queue_size": str(self.options.job_queue_size),
             "metrics_mode": "prometheus",  # /metrics on the metrics address, for scrapers (no token needed there)
             "initial_worker_port": str(20000 + os.getpid() % 20000),  # worker sockets differ between runs
             **self.options.extra_properties,
@@ -178,6 +180,8 @@ class EmbeddedTorchServe(ServerProcess):
         java = check_requirements()
         if not Path(self.options.model_store).is_dir():
             raise TorchServeStartError(f"model store {self.options.model_store} does not exist (build it with `tandem archive`)")
+        if self.options.job_queue_size < 1:
+            raise TorchServeStartError(f"job_queue_size must be >= 1, got {self.options.job_queue_size}")
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.workspace.chmod(0o700)
         temp = self.workspace / "tmp"
