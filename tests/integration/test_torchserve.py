@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -332,3 +333,21 @@ def test_a_full_job_queue_answers_503_and_the_server_serves_on(torchserve, tmp_p
         assert point.errors >= 1 and "HTTP 503" in point.first_error, point.first_error
         assert point.completed >= 1
         assert len(_client(server).embed(["still serving"])) == 1
+
+
+def test_a_model_missing_from_the_store_fails_start_at_once_naming_it(tmp_path):
+    """`text_embedding` where the store holds text_embedding.mar: TorchServe itself would wait forever (never ready)."""
+    from tandem_serve.torchserve.launcher import EmbeddedTorchServe, TorchServeOptions, TorchServeStartError
+
+    from tests.conftest import require_torchserve
+
+    require_torchserve()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "text_embedding.mar").write_bytes(b"")
+    options = TorchServeOptions(model_store=store, models=["text_embedding.mar", "text_embedding"],
+                                workspace=tmp_path / "ts", health_port=None)
+    started = time.monotonic()
+    with pytest.raises(TorchServeStartError, match=r"not in the model store .*: text_embedding \("):
+        EmbeddedTorchServe(options).start()
+    assert time.monotonic() - started < 10

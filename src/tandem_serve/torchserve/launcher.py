@@ -180,6 +180,10 @@ class EmbeddedTorchServe(ServerProcess):
         java = check_requirements()
         if not Path(self.options.model_store).is_dir():
             raise TorchServeStartError(f"model store {self.options.model_store} does not exist (build it with `tandem archive`)")
+        missing = missing_models(Path(self.options.model_store), self.options.models)
+        if missing:
+            raise TorchServeStartError(f"not in the model store {self.options.model_store}: {', '.join(missing)} "
+                                       "(an archive is named with its .mar, a directory archive without)")
         if self.options.job_queue_size < 1:
             raise TorchServeStartError(f"job_queue_size must be >= 1, got {self.options.job_queue_size}")
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -260,6 +264,17 @@ class EmbeddedTorchServe(ServerProcess):
         kill_process_group(process.pid, "torchserve")
         process.wait()
         self._drop_workspace()
+
+
+def missing_models(store: Path, models: list[str]) -> list[str]:
+    """The entries of TorchServe's `-m` list (`all`, `NAME.mar`, a directory, `NAME=FILE`) with nothing of that name in
+    `store`: TorchServe would log ModelNotFoundException and never become ready."""
+    missing = []
+    for model in models:
+        target = model.split("=", 1)[-1]
+        if model != "all" and "://" not in target and not (store / target).exists():
+            missing.append(model)
+    return missing
 
 
 def read_key(key_file: Path, kind: str = "inference") -> str:
