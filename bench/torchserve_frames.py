@@ -53,11 +53,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=2000)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING)  # retrieve_msg logs every batch at INFO
     import ts.protocol.otf_message_handler as protocol
     from ts.version import __version__ as version
 
-    logging.getLogger().setLevel(logging.WARNING)  # retrieve_msg logs every batch at INFO
     frame = batch_frame(args.batch)
     original = protocol._retrieve_buffer
     results = {}

@@ -5,13 +5,14 @@ Per pipeline (`--pipelines text detection`) an archive is built with `tandem arc
 the suite's workload (text: all-MiniLM-L6-v2, one text per request of `workloads.LENGTH_MIX`; detection: YOLOv5s-sized
 random weights, JPEGs of `workloads.IMAGE_SIZES`) and served by `EmbeddedTorchServe` with the shipped
 model-config.yaml changed by `--set KEY=VALUE` (dotted keys, YAML values, e.g. batchSize=64
-handler.pipeline.micro_batch_size=32) and per `--variant` (a row of its own), once per `--workers` count (minWorkers = maxWorkers, all on GPU 0); with
-`--naive-served` also the naive handler's settings (suite.py's: eager, not pipelined, batches of 8) behind the same
-frontend. The project's load generator (`TorchServeSender`, `--client-processes` processes) runs a closed loop at each
-`--concurrency`; the server's CPU per request is split into the Java frontend's and the workers'. Beside it, on the
-same bodies: the naive handler and the plugin's handler in-process (bench/suite.py's, behind its in-process batcher)
-and the ceiling (bench/suite.py). `--profile` cProfiles every worker's main thread (TANDEM_STUB_PROFILE) and writes
-DIR/worker-profile-<pipeline>.md. Writes DIR/torchserve-served.json and .md.
+handler.pipeline.micro_batch_size=32) and per `--variant` (a row of its own), once per `--workers` count (minWorkers =
+maxWorkers, all on GPU 0); with `--naive-served` also the naive handler's settings (suite.py's: eager, not pipelined,
+batches of 8) behind the same frontend. The project's load generator (`TorchServeSender`, `--client-processes`
+processes) runs a closed loop at each `--concurrency`; the server's CPU per request is split into the Java frontend's
+and the workers'. Beside it, on the same bodies: the naive handler and the plugin's handler in-process
+(bench/suite.py's, behind its in-process batcher) and the ceiling (bench/suite.py). `--profile` cProfiles every
+worker's main thread (TANDEM_STUB_PROFILE) and writes DIR/worker-profile-<pipeline>-<row>.md. Writes
+DIR/torchserve-served.json and .md.
 
     python bench/torchserve_served.py --out DIR [--pipelines text] [--workers 2 4] [--concurrency 1 64 256]
         [--set batchSize=64 ...] [--variant NAME:KEY=VALUE,...] [--job-queue-size 1000] [--naive-served] [--profile]
@@ -45,7 +46,8 @@ ARCHIVE = {"text": "text_embedding", "detection": "object_detection"}
 # suite.py's naive handler as archive settings: eager, not pipelined, one pool thread, batches of NAIVE_BATCH
 NAIVE_SETTINGS = {"batchSize": NAIVE_BATCH, "handler": {"pipeline": {"micro_batch_size": NAIVE_BATCH, "pipelined": False,
                                                                       "cpu_threads": 1}}}
-NAIVE_BY_PIPELINE = {"text": {"handler": {"encoder": {"cuda_graph_max_batch": 0}}}, "detection": {"handler": {"decode": "cpu"}}}
+NAIVE_BY_PIPELINE = {"text": {"handler": {"encoder": {"cuda_graph_max_batch": 0}}},
+                     "detection": {"handler": {"decode": "cpu"}}}
 
 
 def dotted(assignments: list[str]) -> dict:
@@ -79,8 +81,8 @@ def served(pipeline: str, model: Path, label: str, overrides: dict, bodies: list
         build_archive("text_embedding", store, model_dir=model, archive_format="dir", overrides=overrides)
     else:
         build_archive("object_detection", store, weights=model, archive_format="dir", overrides=overrides)
-    options = TorchServeOptions(model_store=store, models=[ARCHIVE[pipeline]], workspace=scratch / f"ws-{pipeline}-{name}",
-                                job_queue_size=args.job_queue_size)
+    options = TorchServeOptions(model_store=store, models=[ARCHIVE[pipeline]],
+                                workspace=scratch / f"ws-{pipeline}-{name}", job_queue_size=args.job_queue_size)
     profile_dir = scratch / f"profile-{pipeline}-{name}"
     if args.profile:
         os.environ[PROFILE_ENV] = str(profile_dir)  # the frontend hands its environment to the workers
@@ -90,22 +92,23 @@ def served(pipeline: str, model: Path, label: str, overrides: dict, bodies: list
             points = measure(sender, specs, processes=args.client_processes, server_pid=server.process.pid)
     finally:
         os.environ.pop(PROFILE_ENV, None)
-    for p in points:
-        logger.info("%s %s c%d: %.0f/s, p50 %.1f ms, p99 %.1f ms, %d errors %s; CPU ms/request %s", label, pipeline,
-                    p.concurrency, p.throughput, p.p50_ms, p.p99_ms, p.errors, p.first_error[:120], cpu_per_request(p))
     run = {"label": label, "overrides": overrides, "points": [dataclasses.asdict(p) for p in points]}
+    for p in run["points"]:
+        logger.info("%s %s c%d: %.0f/s, p50 %.1f ms, p99 %.1f ms, %d errors %s; CPU ms/request %s", label, pipeline,
+                    p["concurrency"], p["throughput"], p["p50_ms"], p["p99_ms"], p["errors"], p["first_error"][:120],
+                    cpu_per_request(p))
     if args.profile and profile_dir.is_dir():
         run["profile"] = stub_profile.summarize(profile_dir, 20)
         (args.out / f"worker-profile-{pipeline}-{name}.md").write_text(stub_profile.markdown(run["profile"]) + "\n")
     return run
 
 
-def cpu_per_request(point) -> dict[str, float]:
-    """The server's CPU ms per request answered (warm-up included), by process name (java, python3)."""
-    parts = point["server_cpu_parts"] if isinstance(point, dict) else point.server_cpu_parts
-    answered = (point["completed"] + point["errors"] + point.get("warm_up_requests", 0) if isinstance(point, dict)
-                else point.answered)
-    return {name: round(1e3 * seconds / max(answered, 1), 3) for name, seconds in (parts or {}).items()}
+def cpu_per_request(point: dict) -> dict[str, float]:
+    """The server's CPU ms per request answered (warm-up included), by process name (java, python3), of a LoadPoint
+    as a dict."""
+    answered = point["completed"] + point["errors"] + point.get("warm_up_requests", 0)
+    parts = point["server_cpu_parts"] or {}
+    return {name: round(1e3 * seconds / max(answered, 1), 3) for name, seconds in parts.items()}
 
 
 def best(run: dict) -> float:
@@ -124,18 +127,18 @@ def run_pipeline(pipeline: str, args: argparse.Namespace, scratch: Path) -> dict
         points = in_process(make_service(pipeline, model, pipelined, size), bodies, batch, specs)
         report["runs"].append({"label": label, "points": [dataclasses.asdict(p) for p in points]})
         logger.info("%s %s: best %.0f/s", pipeline, label, best(report["runs"][-1]))
-    changes = dotted(args.set)
+    changes, requests = dotted(args.set), rest_bodies(pipeline, bodies)
     for workers in args.workers:
         scale = {"minWorkers": workers, "maxWorkers": workers}
         if args.naive_served:
             naive = merge(merge(NAIVE_SETTINGS, NAIVE_BY_PIPELINE[pipeline]), scale)
             report["runs"].append(served(pipeline, model, f"naive torchserve x{workers}", naive,
-                                         rest_bodies(pipeline, bodies), specs, scratch, args))
+                                         requests, specs, scratch, args))
         for variant in args.variant or [""]:
             name, _, assignments = variant.partition(":")
             overrides = merge(merge(changes, dotted([a for a in assignments.split(",") if a])), scale)
             report["runs"].append(served(pipeline, model, f"torchserve x{workers}" + (f" {name}" if name else ""),
-                                         overrides, rest_bodies(pipeline, bodies), specs, scratch, args))
+                                         overrides, requests, specs, scratch, args))
     return report
 
 
@@ -158,7 +161,8 @@ def markdown(report: dict) -> str:
             top = max((p for p in run["points"] if not p["errors"]), key=lambda p: p["throughput"], default=None)
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in cpu_per_request(top).items()) if top else ""
             lines.append(f"| {run['label']} | {cells} | {best(run) / max(naive, 1e-9):.2f}x | "
-                         f"{best(run) / r['ceiling']['items_per_s']:.0%} | {c1 if c1 is None else f'{c1:.1f}'} | {cpu} |")
+                         f"{best(run) / r['ceiling']['items_per_s']:.0%} | {c1 if c1 is None else f'{c1:.1f}'} | "
+                         f"{cpu} |")
         lines.append("")
     return "\n".join(lines)
 
