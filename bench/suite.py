@@ -5,6 +5,9 @@ Workloads (`--workloads`): minilm (all-MiniLM-L6-v2), bert-base (BERT-base-sized
 JPEGs of `workloads.IMAGE_SIZES`. One item per request. Measured in one run on one machine:
   naive           a plain TorchServe-style handler in-process (pre -> infer -> post on the whole batch, pageable
                   copies, eager PyTorch), fed by a TorchServe-like batcher (batchSize 8, maxBatchDelay 5 ms, one worker)
+  litserve        (text) the external peer: LitServe + sentence-transformers fp16 with LitServe's own batching
+                  (bench/peers/litserve_text.py; `--litserve-arg` passes its flags), over HTTP/JSON from the same
+                  load processes; skipped with a warning where litserve does not import
   ts-plugin       the plugin's TorchServe handler (micro-batch pipelining, pinned copies, CUDA graphs; images decoded
                   by nvJPEG and the CPU in tandem), same batcher, batchSize 32
   triton-shipped  the usual Triton recipe, untuned: Python tokenizer/preprocess + GPU model (+ NMS) ensemble,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -41,7 +45,8 @@ import torch
 
 import stub_profile
 from _common import machine
-from tandem_serve.loadgen import LoadPoint, LoadSpec, measure
+from peers.launcher import LitServePeer, litserve_missing
+from tandem_serve.loadgen import LoadPoint, LoadSpec, PostSender, measure
 from tandem_serve.stats import StageStats
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
@@ -63,7 +68,8 @@ logger = logging.getLogger("bench.suite")
 WORKLOADS = {"minilm": "text", "bert-base": "text", "yolov5s": "detection"}
 ENSEMBLES = {"text": "text_embedding_fused", "detection": "object_detection"}
 NAIVE_BATCH, PLUGIN_BATCH, BATCH_DELAY_S = 8, 32, 0.005
-LABELS = ["naive", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
+LABELS = ["naive", "litserve", "ts-plugin", "triton-shipped", "triton-planned", "triton-plugin"]
+SERVED = ("litserve", "triton-shipped", "triton-plugin")  # the systems whose server CPU per request is reported
 
 
 class InProcessBatcher:
@@ -177,6 +183,15 @@ def in_process(service: Any, bodies: list[dict], batch_size: int, specs: list[Lo
         service.close()
 
 
+def litserve(model: Path, bodies: list[dict], specs: list[LoadSpec], args: argparse.Namespace) -> list[LoadPoint]:
+    """The LitServe peer on `model`, loaded over HTTP/JSON by the same load processes (server CPU from its process
+    tree: API servers and inference worker)."""
+    rest = [(json.dumps(b["body"]).encode(), "application/json") for b in bodies]
+    with LitServePeer(model, extra_args=args.litserve_arg) as peer:
+        sender = functools.partial(PostSender, peer.url, rest)
+        return measure(sender, specs, processes=args.client_processes, server_pid=peer.process.pid)
+
+
 def shipped_repository(models: dict[str, str], target: Path) -> Path:
     """The shipped models and ensembles in one repository (`tandem repository export`), pointed at the workload's
     model files, with the encoders run eagerly as the usual recipe does."""
@@ -244,6 +259,14 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     logger.info("%s: ts-plugin", name)
     micro = 16 if pipeline == "text" else 4
     ts_plugin = in_process(make_service(pipeline, model, True, micro), bodies, PLUGIN_BATCH, closed + open_spec)
+    peer = None
+    if pipeline == "text" and not args.skip_litserve:
+        why = litserve_missing()
+        if why:
+            logger.warning("%s: the LitServe peer skipped (%s)", name, why)
+        else:
+            logger.info("%s: litserve", name)
+            peer = litserve(model, bodies, closed + open_spec, args)
     logger.info("%s: triton-shipped", name)
     shipped_trials, shipped_open = triton_trials(shipped_repository(models, scratch / f"{name}-shipped"),
                                                  ENSEMBLES[pipeline], args, 0, open_spec)
@@ -266,6 +289,8 @@ def run_workload(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     else:
         logger.warning("%s: no plan under %s; triton-plugin skipped", name, plan_repo)
     result["points"] = {"naive": naive, "ts-plugin": ts_plugin, "triton-shipped": shipped.points + shipped_open}
+    if peer is not None:
+        result["points"]["litserve"] = peer
     if plugin:
         result["points"]["triton-planned"] = plugin["planned"].points
         result["points"]["triton-plugin"] = plugin["tuned"].points + plugin["open"]
@@ -293,7 +318,7 @@ def summary(name: str, r: dict) -> dict:
         out[f"{label}_p50_c1_ms"] = c1.p50_ms if c1 else None
         opened = at(series, "open")
         out[f"{label}_p99_open_ms"] = opened.p99_ms if opened else None
-    for label in ("triton-shipped", "triton-plugin"):  # the server's CPU time per request at its best closed level
+    for label in SERVED:  # the server's CPU time per request at its best closed level
         closed = [p for p in points.get(label, []) if p.mode == "closed" and not p.errors]
         top = max(closed, key=lambda p: p.throughput, default=None)
         out[f"{label}_server_cpu_ms"] = top.server_cpu_ms_per_request if top else None
@@ -306,6 +331,8 @@ def summary(name: str, r: dict) -> dict:
             out[f"{label}/ceiling"] = best(points[label]) / ceiling_rate
             if out[f"{label}_p50_c1_ms"] and out["naive_p50_c1_ms"]:
                 out[f"{label}/naive p50 c1"] = out[f"{label}_p50_c1_ms"] / out["naive_p50_c1_ms"]
+        if label in points and best(points.get("litserve", [])):
+            out[f"{label}/litserve"] = best(points[label]) / best(points["litserve"])
     return out
 
 
@@ -315,7 +342,7 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
              "|---|---|" + "---|" * len(labels) + "---|---|---|---|"]
     for r in rows:
         plugin = max((l for l in ("ts-plugin", "triton-plugin") if f"{l}/naive" in r), key=lambda l: r[f"{l}_best_per_s"])
-        cells = " | ".join(f"{r.get(f'{l}_best_per_s', 0):.0f}" for l in labels)
+        cells = " | ".join(f"{r[f'{l}_best_per_s']:.0f}" if f"{l}_best_per_s" in r else "-" for l in labels)
         lines.append(f"| {r['workload']} | {r['ceiling_items_per_s']:.0f} ({r['ceiling_batch']}) | {cells} | "
                      f"{r.get(f'{plugin}/naive', float('nan')):.2f}x ({plugin}) | {r.get(f'{plugin}/ceiling', float('nan')):.0%} | "
                      f"{r.get(f'{plugin}/naive p50 c1', float('nan')):.2f}x | "
@@ -323,7 +350,12 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     estimates = [f"{r['workload']}: `tandem plan` estimated {r['plan_estimate_per_s']:.0f}/s for the configs it rendered; "
                  f"served {r['triton-planned_best_per_s']:.0f}/s ({r['triton-planned/estimate']:.2f}x the estimate)"
                  for r in rows if "triton-planned/estimate" in r]
-    return "\n".join(lines + ([""] + estimates if estimates else []))
+    peers = [f"{r['workload']}: LitServe + sentence-transformers {r['litserve_best_per_s']:.0f}/s "
+             f"(server {r.get('litserve_server_cpu_ms') or float('nan'):.2f} ms CPU/request); the plugin serves "
+             + ", ".join(f"{r[f'{l}/litserve']:.2f}x it ({l})" for l in ("ts-plugin", "triton-plugin") if f"{l}/litserve" in r)
+             for r in rows if r.get("litserve_best_per_s")]
+    notes = estimates + peers
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def stage_lines(name: str, r: dict) -> list[str]:
@@ -409,6 +441,9 @@ def main() -> int:
     parser.add_argument("--triton-arg", action="append", metavar="ARG",
                         help="an extra tritonserver argument for every Triton system (repeatable), e.g. "
                              "--triton-arg=--cuda-memory-pool-byte-size=0:1073741824")
+    parser.add_argument("--skip-litserve", action="store_true", help="leave the LitServe peer out")
+    parser.add_argument("--litserve-arg", action="append", metavar="ARG", default=[],
+                        help="an argument for bench/peers/litserve_text.py (repeatable), e.g. --litserve-arg=--max-batch-size=128")
     parser.add_argument("--client-processes", type=int, default=4,
                         help="load processes for the Triton systems (one Python process sends a few thousand requests/s)")
     args = parser.parse_args()

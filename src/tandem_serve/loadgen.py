@@ -442,20 +442,20 @@ class TritonSender:
                 return read_slot_outputs(self.protocol, self.pool, result, self.outputs, areas)
 
 
-class TorchServeSender:
-    """`async send(i)`: body i % len(bodies) POSTed to a TorchServe's `/predictions/<model>` with the inference token
-    (aiohttp, tritonclient's own HTTP dependency: one pool of keep-alive connections). A non-200 answer raises,
-    naming its status and message. Picklable until entered (for `measure(..., processes=N)`)."""
+class PostSender:
+    """`async send(i)`: body i % len(bodies) POSTed to `url` with `headers` (aiohttp, tritonclient's own HTTP
+    dependency: one pool of keep-alive connections). A non-200 answer raises, naming its status and message.
+    Picklable until entered (for `measure(..., processes=N)`)."""
 
-    def __init__(self, url: str, model: str, bodies: Sequence[tuple[bytes, str]], token: str,
+    def __init__(self, url: str, bodies: Sequence[tuple[bytes, str]], headers: dict[str, str] | None = None,
                  timeout_s: float = 60.0, connections: int = 512):
         if not bodies:
             raise ConfigError("a sender needs at least one request body")
-        self.url = f"{url.rstrip('/')}/predictions/{model}"
-        self.bodies, self.token, self.timeout_s, self.connections = list(bodies), token, timeout_s, connections
+        self.url, self.bodies, self.headers = url, list(bodies), dict(headers or {})
+        self.timeout_s, self.connections = timeout_s, connections
         self.session: Any = None
 
-    async def __aenter__(self) -> "TorchServeSender":
+    async def __aenter__(self) -> "PostSender":
         import aiohttp
 
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.connections),
@@ -467,12 +467,20 @@ class TorchServeSender:
 
     async def __call__(self, index: int) -> bytes:
         body, content_type = self.bodies[index % len(self.bodies)]
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
-        async with self.session.post(self.url, data=body, headers=headers) as response:
+        async with self.session.post(self.url, data=body, headers={**self.headers, "Content-Type": content_type}) as response:
             raw = await response.read()
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {raw[:200].decode(errors='replace')}")
             return raw
+
+
+class TorchServeSender(PostSender):
+    """A PostSender to a TorchServe's `/predictions/<model>` with the inference token."""
+
+    def __init__(self, url: str, model: str, bodies: Sequence[tuple[bytes, str]], token: str,
+                 timeout_s: float = 60.0, connections: int = 512):
+        super().__init__(f"{url.rstrip('/')}/predictions/{model}", bodies, {"Authorization": f"Bearer {token}"},
+                         timeout_s, connections)
 
 
 def _log(spec: LoadSpec, point: LoadPoint) -> None:

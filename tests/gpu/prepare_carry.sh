@@ -14,6 +14,13 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     psutil==7.2.2 orjson==3.13.0
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 -d .carry/numpy1 numpy==1.26.4
+# the suite's external peer (bench/peers/litserve_text.py): LitServe and what the GPU image lacks of its dependencies
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 --platform any -d .carry/litserve \
+    litserve==0.2.19 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+    annotated-doc==0.0.7 typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2 anyio==4.16.0 \
+    uvicorn==0.55.0 h11==0.16.0 httptools==0.9.0 websockets==17.4 watchfiles==1.3.0 python-dotenv==1.2.4 pyzmq==27.3.0
 # cuda-python's runtime bindings: tritonclient's CUDA shared-memory utilities import them.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform any -d .carry/cuda "cuda-bindings==13.5.0" "cuda-pathfinder==1.9.0"

@@ -17,6 +17,7 @@
 # alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
 # Issue 18, a real TorchServe on the GPU (tests/gpu/prepare_torchserve.sh here, after prepare_carry.sh): after wheels
 # and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS).
+# The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
 # then soak (SOAK_ARGS, e.g. --ensembles text_embedding_fused --requests 100000; results under $OUT/soak).
@@ -120,6 +121,10 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
         python3 -m tandem_serve.cli profile $args --repeats 3 --out "$out/profile-$w.json" 2>&1 | grep -v "\] " | tail -3
         python3 -m tandem_serve.cli plan "$out/profile-$w.json" ${PLAN_ARGS:-} --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
     done
+    ;;
+litserve)  # issue 18, after wheels; carry [".carry/litserve"]: the suite's external peer (LitServe + sentence-transformers)
+    install_carried litserve "$base/site"
+    PYTHONPATH="$base/site" python3 -c "import litserve, sentence_transformers; print('litserve', litserve.__version__)"
     ;;
 suite)  # after suite-prep: bench/suite.py (SUITE_ARGS, e.g. --workloads minilm); results under $OUT/suite
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
