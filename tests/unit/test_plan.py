@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import project_root
+from tandem_serve.tuning.explain import format_report
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
 from tandem_serve.tuning.render import ensemble_problems, read_config, render
 from tandem_serve.tuning.serving_cost import ServingCost
+from tandem_serve.tuning.torchserve_workers import TorchServeCost
 
 MB = 1 << 20
 
@@ -213,7 +218,8 @@ def test_spare_cpu_takes_a_share_of_a_gpu_bound_stage_and_the_config_has_both_ki
     assert kinds == [mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU]
     assert read_config(tmp_path / "triton" / "detector" / "config.pbtxt").parameters["cpu_threads"].string_value == "1"
     served = yaml.safe_load((tmp_path / "torchserve" / "object_detection" / "model-config.yaml").read_text())
-    assert served["handler"]["pipeline"]["cpu_lane_threads"] == detector.cpu_instances  # the handler's balancer
+    workers = served["minWorkers"]  # the handler's balancer: the plan's CPU instances shared out among its workers
+    assert served["handler"]["pipeline"]["cpu_lane_threads"] == math.ceil(detector.cpu_instances / workers)
     assert served["handler"]["decode"] == "cpu"  # no nvJPEG timings in this profile: decoding planned on the CPU
 
 
@@ -381,3 +387,38 @@ def test_every_profiled_batch_counts_though_bigger_batches_padded_longer():
     plan = make_plan(profile, Objective(), sizes={"text": 56}).chosen["text"]
     tokenize = plan.stages[0]
     assert tokenize.batch == 1 and tokenize.cost_per_item_ms == pytest.approx(0.05)
+
+
+def test_torchserve_workers_cover_the_cpu_bound_at_the_measured_per_request_costs(tmp_path):
+    # text on 12 cores: tokenize 0.05 ms/item on the CPU, the encoder on the GPU with a CPU share (the handler's CPU
+    # lane, its cores per item = its threads / the plan's rate). Each request also costs a worker's 0.40 ms and the
+    # frontend's 0.25 ms; a worker's main thread serves 0.8 / 0.40 ms = 2,000/s
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective(), cpus=12)
+    plan, served = report.chosen["text"], report.torchserve["text"]
+    tokenize, encoder = plan.stages
+    assert tokenize.cost_per_item_ms == pytest.approx(0.05) and encoder.cpu_share > 0 and encoder.cpu_instances > 0
+    per_request_ms = 0.40 + 0.25 + 0.05 + 1e3 * encoder.cpu_instances / plan.throughput
+    assert served.cpu_bound == pytest.approx(12e3 / per_request_ms)
+    workers = max(2, math.ceil(min(served.cpu_bound, plan.gpu_bound) / 2000))
+    assert served.workers == workers > encoder.instances  # not the Triton plan's GPU instances
+    assert served.throughput == pytest.approx(min(served.cpu_bound, plan.gpu_bound, 2000 * workers))
+    assert f"TorchServe: {workers} workers" in format_report(report)
+    render(report, tmp_path)
+    values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
+    assert values["minWorkers"] == values["maxWorkers"] == workers
+    assert values["handler"]["pipeline"]["cpu_lane_threads"] == math.ceil(encoder.cpu_instances / workers)  # shared out
+    assert json.loads((tmp_path / "plan.json").read_text())["plans"]["text"]["torchserve"]["workers"] == workers
+    cheaper = make_plan(text_profile(1.0), Objective(), cpus=12, torchserve_cost=TorchServeCost(request_ms=0.1))
+    assert cheaper.torchserve["text"].cpu_bound > served.cpu_bound and cheaper.torchserve["text"].workers < workers
+
+
+def test_torchserve_workers_stay_at_two_where_the_gpu_bounds_and_at_a_core_each_where_the_cpu_does():
+    slow_gpu = detection_profile(gpu_ms=2.0, cpu_ms=5000.0, image_bytes=10_000, gb_per_s=25.0, cpus=64)
+    report = make_plan(slow_gpu, Objective())
+    plan, served = report.chosen["detection"], report.torchserve["detection"]
+    assert plan.bottleneck == "GPU" and served.gpu_bound == plan.gpu_bound < served.cpu_bound
+    assert served.workers == max(2, math.ceil(plan.gpu_bound / 2000))  # 500/s on the GPU: two
+    many = make_plan(text_profile(1.0), Objective(), cpus=4, torchserve_cost=TorchServeCost(request_ms=5.0))
+    assert many.torchserve["text"].workers == 4  # 755/s wants 5 workers of 160/s: never more than a core each
+    with pytest.raises(ValueError, match="positive"):
+        make_plan(text_profile(1.0), Objective(), torchserve_cost=TorchServeCost(request_ms=0))

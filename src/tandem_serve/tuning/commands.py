@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from tandem_serve.tuning.torchserve_workers import TorchServeCost
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,7 +39,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     objective = Objective(p99_ms=args.p99_ms, min_accuracy=args.min_accuracy)
     sizes = {k: v for k, v in (("text", args.seq_length), ("detection", args.image_size)) if v}
     profile = Profile.load(args.profile)
-    report = make_plan(profile, objective, sizes, args.gpus, args.cpus)
+    cost = TorchServeCost(request_ms=args.torchserve_request_ms, frontend_ms=args.torchserve_frontend_ms)
+    try:
+        cost.validate()
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    report = make_plan(profile, objective, sizes, args.gpus, args.cpus, cost)
     if not report.chosen:
         logger.error("%s holds no stage timings to plan from", args.profile)
         return 1
@@ -111,6 +119,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                       "instance groups on GPUs 0..N-1 (default the profiled machine's count)")
     plan.add_argument("--cpus", type=int, help="plan for N cores for the server (default the profiled machine's; "
                       "fewer where a load generator or other services share the host)")
+    plan.add_argument("--torchserve-request-ms", type=float, default=TorchServeCost.request_ms,
+                      help="a TorchServe worker's CPU per request beside the stages (frames, parsing, reply; default "
+                      "%(default)s, measured on an H200 host): with the frontend's, it sets the workers rendered")
+    plan.add_argument("--torchserve-frontend-ms", type=float, default=TorchServeCost.frontend_ms,
+                      help="TorchServe's Java frontend CPU per request (default %(default)s, measured)")
     plan.add_argument("--out", type=Path, help="write Triton configs, TorchServe model-config.yaml and plan.json here")
     plan.set_defaults(func=cmd_plan)
 

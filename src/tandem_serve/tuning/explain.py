@@ -64,6 +64,8 @@ def format_report(report: PlanReport, top: int = 5) -> str:
                     f"~{plan.latency_ms:.1f} ms, {plan.bottleneck}-bound (CPU bound {plan.cpu_bound:.0f}/s, "
                     f"GPU bound {plan.gpu_bound:.0f}/s, GPU instances {plan.instance_bound:.0f}/s){ok}"]
         out += _stage_table(plan)
+        if pipeline in report.torchserve:
+            out.append("  " + report.torchserve[pipeline].explain())
         out.append("  why:")
         out += _why(plan, alternatives[1:]) or ["  - no alternative placement was profiled"]
         out.append(f"  runners-up ({len(alternatives) - 1} scored):")

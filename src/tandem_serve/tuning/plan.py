@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from tandem_serve.tuning.profile import Profile, StageTiming
 from tandem_serve.tuning.serving_cost import AdapterCost, ServingCost
+from tandem_serve.tuning.torchserve_workers import TorchServeCost, TorchServeWorkers, torchserve_workers
 
 PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
     "text": [("text_embedding", ("tokenize", "token_embedding", "encoder")),
@@ -139,6 +140,8 @@ class PlanReport:
     alternatives: dict[str, list[PipelinePlan]] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
     serving: ServingCost | None = None  # the profile's per-step costs the scores include
+    cpus: int = 1  # the cores planned for
+    torchserve: dict[str, TorchServeWorkers] = field(default_factory=dict)  # per pipeline, behind a real TorchServe
 
 
 class TimingTable:
@@ -367,11 +370,13 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
 
 
 def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None,
-              gpus: int | None = None, cpus: int | None = None) -> PlanReport:
+              gpus: int | None = None, cpus: int | None = None,
+              torchserve_cost: TorchServeCost | None = None) -> PlanReport:
     """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one and `cpus` cores,
-    when given)."""
+    when given), and the TorchServe workers each needs (at `torchserve_cost` per request, default the measured)."""
     table = TimingTable(profile)
-    report = PlanReport(objective, serving=profile.serving)
+    cpus = cpus or int(profile.machine.get("cpus", 1))
+    report = PlanReport(objective, serving=profile.serving, cpus=cpus)
     seen = {(t.stage, t.device, t.precision): t.accuracy for t in profile.stages if t.accuracy is not None}
     for (stage, device, precision), accuracy in sorted(seen.items()):
         if precision == "int8" or accuracy < objective.min_accuracy:
@@ -382,6 +387,7 @@ def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | No
         if ranked:
             report.chosen[pipeline] = ranked[0]
             report.alternatives[pipeline] = ranked
+            report.torchserve[pipeline] = torchserve_workers(ranked[0], cpus, torchserve_cost)
     return report
 
 

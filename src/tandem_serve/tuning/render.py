@@ -14,11 +14,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
 from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
+from tandem_serve.tuning.torchserve_workers import MIN_WORKERS
 
 logger = logging.getLogger(__name__)
 HANDLER_OF_PIPELINE = {"text": "text_embedding", "detection": "object_detection"}
-# TorchServe 0.12 never answers requests that arrive while a model's only worker restarts: keep a second one.
-MIN_WORKERS = 2
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -127,16 +126,17 @@ def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, 
 
 
 def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None,
-                      model_files: dict[str, str] | None = None) -> Path:
-    """model-config.yaml for the pipeline's handler with the planned device, batch, workers, precision and (detection)
-    where images are decoded."""
+                      model_files: dict[str, str] | None = None, workers: int | None = None) -> Path:
+    """model-config.yaml for the pipeline's handler with the planned device, batch, workers (`workers`, from
+    `torchserve_workers`; else the GPU stage's instances), precision and (detection) where images are decoded."""
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
     source = (handlers or handlers_dir()) / handler / "model-config.yaml"
     values = yaml.safe_load(source.read_text()) or {}
     device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
     on_gpu = device_stage.device.startswith("cuda")
+    workers = max(MIN_WORKERS, device_stage.instances if workers is None else workers)
     values.update({"batchSize": device_stage.batch, "maxBatchDelay": max(1, round(device_stage.queue_delay_us / 1000)),
-                   "minWorkers": max(MIN_WORKERS, device_stage.instances), "maxWorkers": max(MIN_WORKERS, device_stage.instances),
+                   "minWorkers": workers, "maxWorkers": workers,
                    "deviceType": "gpu" if on_gpu else "cpu"})
     section = values.setdefault("handler", {})
     key = "encoder" if plan.pipeline == "text" else "detector"
@@ -157,7 +157,8 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
         stage_values["head_format"] = model_files.get("detector_head_format", "yolov5")
     pipeline = section.setdefault("pipeline", {})
     pipeline["micro_batch_size"] = max(1, device_stage.batch // 4)
-    pipeline["cpu_lane_threads"] = device_stage.cpu_instances if device_stage.cpu_share else 0  # the balancer's CPU lane
+    # the balancer's CPU lane: the plan's CPU instances shared out among the workers
+    pipeline["cpu_lane_threads"] = math.ceil(device_stage.cpu_instances / workers) if device_stage.cpu_share else 0
     path = target / "torchserve" / handler / "model-config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Rendered by `tandem plan`.\n" + yaml.safe_dump(values, sort_keys=False))
@@ -172,9 +173,14 @@ def render(report: PlanReport, target: Path, model_files: dict[str, str] | None 
     written = []
     for plan in report.chosen.values():
         written += render_triton(plan, target / "triton", model_files=model_files)
-        written.append(render_torchserve(plan, target, model_files=model_files))
+        served = report.torchserve.get(plan.pipeline)
+        written.append(render_torchserve(plan, target, model_files=model_files,
+                                         workers=served.workers if served else None))
     summary = {pipeline: {"ensemble": p.ensemble, "throughput": p.throughput, "latency_ms": p.latency_ms,
                           "stages": [s.__dict__ for s in p.stages]} for pipeline, p in report.chosen.items()}
+    for pipeline, served in report.torchserve.items():
+        summary[pipeline]["torchserve"] = {k: v for k, v in served.__dict__.items() if k != "cost"}
+        summary[pipeline]["torchserve"]["cost"] = served.cost.__dict__
     (target / "plan.json").write_text(json.dumps({"objective": report.objective.__dict__, "plans": summary}, indent=1))
     return written
 
