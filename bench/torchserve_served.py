@@ -11,12 +11,13 @@ batches of 8) behind the same frontend. The project's load generator (`TorchServ
 processes) runs a closed loop at each `--concurrency`; the server's CPU per request is split into the Java frontend's
 and the workers'. Beside it, on the same bodies: the naive handler and the plugin's handler in-process
 (bench/suite.py's, behind its in-process batcher) and the ceiling (bench/suite.py). `--profile` cProfiles every
-worker's main thread (TANDEM_STUB_PROFILE) and writes DIR/worker-profile-<pipeline>-<row>.md. Writes
-DIR/torchserve-served.json and .md.
+worker's main thread (TANDEM_STUB_PROFILE) and writes DIR/worker-profile-<pipeline>-<row>.md. `--planned PLAN`
+adds a row served with what `tandem plan --out PLAN` rendered (PLAN/torchserve/<handler>/model-config.yaml as it is,
+its workers included; the archive's own model files). Writes DIR/torchserve-served.json and .md.
 
     python bench/torchserve_served.py --out DIR [--pipelines text] [--workers 2 4] [--concurrency 1 64 256]
         [--set batchSize=64 ...] [--variant NAME:KEY=VALUE,...] [--job-queue-size 1000] [--naive-served] [--profile]
-        [--skip-in-process]
+        [--skip-in-process] [--planned PLAN]
 """
 
 from __future__ import annotations
@@ -139,7 +140,21 @@ def run_pipeline(pipeline: str, args: argparse.Namespace, scratch: Path) -> dict
             overrides = merge(merge(changes, dotted([a for a in assignments.split(",") if a])), scale)
             report["runs"].append(served(pipeline, model, f"torchserve x{workers}" + (f" {name}" if name else ""),
                                          overrides, requests, specs, scratch, args))
+    if args.planned:
+        rendered = planned_config(args.planned, pipeline)
+        label = f"torchserve planned x{rendered['minWorkers']}"
+        report["runs"].append(served(pipeline, model, label, rendered, requests, specs, scratch, args))
     return report
+
+
+def planned_config(plan: Path, pipeline: str) -> dict:
+    """The model-config.yaml `tandem plan` rendered for the pipeline's handler, less the model paths of the profiled
+    machine (the archive stages its own)."""
+    config = yaml.safe_load((plan / "torchserve" / ARCHIVE[pipeline] / "model-config.yaml").read_text())
+    handler = config.get("handler", {})
+    handler.pop("model_dir", None)
+    handler.get("detector", {}).pop("weights", None)
+    return config
 
 
 def markdown(report: dict) -> str:
@@ -183,6 +198,8 @@ def main() -> None:
     parser.add_argument("--naive-served", action="store_true", help="also the naive handler behind the same frontend")
     parser.add_argument("--profile", action="store_true", help="cProfile the workers' main threads")
     parser.add_argument("--skip-in-process", action="store_true", help="leave out the in-process rows")
+    parser.add_argument("--planned", type=Path, metavar="PLAN",
+                        help="also a row served with `tandem plan --out PLAN`'s TorchServe model-config.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
