@@ -240,7 +240,9 @@ def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
     tokenizer = read_config(tmp_path / "triton" / "tokenizer" / "config.pbtxt")
     assert tokenizer.parameters["parallel"].string_value == "false"  # the plan's instances are one core each
     values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
-    assert values["batchSize"] == 32 and values["deviceType"] == "gpu"
+    served = report.torchserve["text"]
+    assert values["batchSize"] == served.batch_size and values["deviceType"] == "gpu"
+    assert values["handler"]["pipeline"]["micro_batch_size"] == served.micro_batch_size
     assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16", "cuda_graph_max_batch": 64}
     assert len(written) == 2 + 3 + 2
 
@@ -422,3 +424,42 @@ def test_torchserve_workers_stay_at_two_where_the_gpu_bounds_and_at_a_core_each_
     assert many.torchserve["text"].workers == 4  # 755/s wants 5 workers of 160/s: never more than a core each
     with pytest.raises(ValueError, match="positive"):
         make_plan(text_profile(1.0), Objective(), torchserve_cost=TorchServeCost(request_ms=0))
+
+
+def test_torchserve_batches_give_every_worker_one_of_the_requests_in_flight(tmp_path):
+    """TorchServe hands a free worker every queued request up to batchSize: the plan sizes it as the requests in
+    flight over the workers (a power of two), with micro-batches of the plan's GPU batch or half a TorchServe batch."""
+    from tandem_serve.tuning.torchserve_workers import torchserve_batches
+
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective(), cpus=12, torchserve_concurrency=512)
+    plan, served = report.chosen["text"], report.torchserve["text"]
+    gpu_batch = plan.stages[-1].batch
+    expected = 1 << (512 // served.workers).bit_length() - 1
+    assert served.batch_size == expected and expected <= 512 / served.workers < 2 * expected
+    assert served.micro_batch_size == min(expected, max(gpu_batch, expected // 2))
+    assert f"batchSize {expected} (512 requests in flight over {served.workers} workers)" in format_report(report)
+    assert torchserve_batches(plan, 8, 512) == (64, max(gpu_batch, 32))
+    assert torchserve_batches(plan, 8, 64) == (8, 8)  # low load: a batch of 8 per worker, one micro-batch
+    assert torchserve_batches(plan, 8, 4) == (1, 1)  # fewer requests than workers: one each
+    with pytest.raises(ValueError, match="concurrency"):
+        torchserve_batches(plan, 8, 0)
+    render(report, tmp_path)
+    values = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
+    assert (values["batchSize"], values["handler"]["pipeline"]["micro_batch_size"]) == (expected, served.micro_batch_size)
+    assert json.loads((tmp_path / "plan.json").read_text())["plans"]["text"]["torchserve"]["batch_size"] == expected
+
+
+def test_torchserve_counts_the_tokenizer_as_the_handler_runs_it_not_as_triton_serves_it():
+    """Triton's tokenizer stub costs 0.35 ms of CPU per request (measured served); the handler tokenizes a whole
+    micro-batch in its pool, at the profiled 0.05 ms per text: TorchServe's CPU per request counts the latter."""
+    from tandem_serve.tuning.serving_cost import AdapterCost
+
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.serving = ServingCost(step_s=0.1e-3, byte_s=0.0, payload_bytes=MB, latencies_s={},
+                                  adapters={"tokenize": AdapterCost("tokenizer", busy_s=0.6e-3, stub_cpu_s=0.35e-3)})
+    report = make_plan(profile, Objective(), cpus=12)
+    plan, served = report.chosen["text"], report.torchserve["text"]
+    assert plan.stages[0].cost_per_item_ms == pytest.approx(0.35)  # Triton's
+    others_ms = sum(s.cost_per_item_ms for s in plan.stages if s.device == "cpu" and s.stage != "tokenize")
+    others_ms += sum(1e3 * s.cpu_instances / plan.throughput for s in plan.stages if s.cpu_share)
+    assert served.cpu_ms_per_request == pytest.approx(0.40 + 0.25 + 0.05 + others_ms)

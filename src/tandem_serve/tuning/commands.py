@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tandem_serve.tuning.torchserve_workers import TorchServeCost
+from tandem_serve.tuning.torchserve_workers import DESIGN_CONCURRENCY, TorchServeCost
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cost = TorchServeCost(request_ms=args.torchserve_request_ms, frontend_ms=args.torchserve_frontend_ms)
     try:
         cost.validate()
+        if args.torchserve_concurrency < 1:
+            raise ValueError(f"--torchserve-concurrency must be >= 1, got {args.torchserve_concurrency}")
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    report = make_plan(profile, objective, sizes, args.gpus, args.cpus, cost)
+    report = make_plan(profile, objective, sizes, args.gpus, args.cpus, cost, args.torchserve_concurrency)
     if not report.chosen:
         logger.error("%s holds no stage timings to plan from", args.profile)
         return 1
@@ -124,6 +126,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                       "%(default)s, measured on an H200 host): with the frontend's, it sets the workers rendered")
     plan.add_argument("--torchserve-frontend-ms", type=float, default=TorchServeCost.frontend_ms,
                       help="TorchServe's Java frontend CPU per request (default %(default)s, measured)")
+    plan.add_argument("--torchserve-concurrency", type=int, default=DESIGN_CONCURRENCY,
+                      help="requests in flight TorchServe's batches are sized for (default %(default)s): TorchServe "
+                      "hands a free worker all it has queued up to batchSize, so batchSize is this over the workers")
     plan.add_argument("--out", type=Path, help="write Triton configs, TorchServe model-config.yaml and plan.json here")
     plan.set_defaults(func=cmd_plan)
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 
 from tandem_serve.tuning.profile import Profile, StageTiming
 from tandem_serve.tuning.serving_cost import AdapterCost, ServingCost
-from tandem_serve.tuning.torchserve_workers import TorchServeCost, TorchServeWorkers, torchserve_workers
+from tandem_serve.tuning.torchserve_workers import (DESIGN_CONCURRENCY, TorchServeCost, TorchServeWorkers,
+                                                   torchserve_workers)
 
 PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
     "text": [("text_embedding", ("tokenize", "token_embedding", "encoder")),
@@ -369,11 +370,27 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
     return sorted(plans, key=rank)
 
 
+def handler_stage_costs(table: TimingTable, plan: PipelinePlan, objective: Objective) -> dict[str, float]:
+    """ms per item of the plan's one-request CPU stages as the TorchServe handler runs them: the profiled compute on
+    batches up to the GPU stage's (the handler tokenizes a micro-batch at once), without Triton's stub per request."""
+    device_batch = max(s.batch for s in plan.stages)
+    out = {}
+    for stage in plan.stages:
+        if stage.stage in ONE_REQUEST_STAGES and stage.device == "cpu":
+            rows = [t for t in table.options(stage.stage, plan.size, objective.min_accuracy).get(("cpu", stage.precision), [])
+                    if t.batch <= device_batch]
+            if rows:
+                out[stage.stage] = rows[-1].seconds / rows[-1].batch * 1e3
+    return out
+
+
 def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None,
               gpus: int | None = None, cpus: int | None = None,
-              torchserve_cost: TorchServeCost | None = None) -> PlanReport:
+              torchserve_cost: TorchServeCost | None = None,
+              torchserve_concurrency: int = DESIGN_CONCURRENCY) -> PlanReport:
     """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one and `cpus` cores,
-    when given), and the TorchServe workers each needs (at `torchserve_cost` per request, default the measured)."""
+    when given), and the TorchServe workers each needs (at `torchserve_cost` per request, default the measured) with
+    their batches for `torchserve_concurrency` requests in flight."""
     table = TimingTable(profile)
     cpus = cpus or int(profile.machine.get("cpus", 1))
     report = PlanReport(objective, serving=profile.serving, cpus=cpus)
@@ -387,7 +404,8 @@ def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | No
         if ranked:
             report.chosen[pipeline] = ranked[0]
             report.alternatives[pipeline] = ranked
-            report.torchserve[pipeline] = torchserve_workers(ranked[0], cpus, torchserve_cost)
+            report.torchserve[pipeline] = torchserve_workers(ranked[0], cpus, torchserve_cost, torchserve_concurrency,
+                                                             handler_stage_costs(table, ranked[0], objective))
     return report
 
 

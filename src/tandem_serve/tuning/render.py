@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
 from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
-from tandem_serve.tuning.torchserve_workers import MIN_WORKERS
+from tandem_serve.tuning.torchserve_workers import MIN_WORKERS, TorchServeWorkers
 
 logger = logging.getLogger(__name__)
 HANDLER_OF_PIPELINE = {"text": "text_embedding", "detection": "object_detection"}
@@ -126,16 +126,18 @@ def render_triton(plan: PipelinePlan, target: Path, models: Path | None = None, 
 
 
 def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = None,
-                      model_files: dict[str, str] | None = None, workers: int | None = None) -> Path:
-    """model-config.yaml for the pipeline's handler with the planned device, batch, workers (`workers`, from
-    `torchserve_workers`; else the GPU stage's instances), precision and (detection) where images are decoded."""
+                      model_files: dict[str, str] | None = None, served: TorchServeWorkers | None = None) -> Path:
+    """model-config.yaml for the pipeline's handler with the planned device, precision, (detection) where images are
+    decoded, and the workers and batches of `served` (`torchserve_workers`; else the GPU stage's instances and
+    batch, in micro-batches of a quarter)."""
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
     source = (handlers or handlers_dir()) / handler / "model-config.yaml"
     values = yaml.safe_load(source.read_text()) or {}
     device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
     on_gpu = device_stage.device.startswith("cuda")
-    workers = max(MIN_WORKERS, device_stage.instances if workers is None else workers)
-    values.update({"batchSize": device_stage.batch, "maxBatchDelay": max(1, round(device_stage.queue_delay_us / 1000)),
+    workers = max(MIN_WORKERS, device_stage.instances if served is None else served.workers)
+    batch = device_stage.batch if served is None else served.batch_size
+    values.update({"batchSize": batch, "maxBatchDelay": max(1, round(device_stage.queue_delay_us / 1000)),
                    "minWorkers": workers, "maxWorkers": workers,
                    "deviceType": "gpu" if on_gpu else "cpu"})
     section = values.setdefault("handler", {})
@@ -156,7 +158,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
         stage_values["weights"] = model_files["detector_weights"]
         stage_values["head_format"] = model_files.get("detector_head_format", "yolov5")
     pipeline = section.setdefault("pipeline", {})
-    pipeline["micro_batch_size"] = max(1, device_stage.batch // 4)
+    pipeline["micro_batch_size"] = max(1, device_stage.batch // 4) if served is None else served.micro_batch_size
     # the balancer's CPU lane: the plan's CPU instances shared out among the workers
     pipeline["cpu_lane_threads"] = math.ceil(device_stage.cpu_instances / workers) if device_stage.cpu_share else 0
     path = target / "torchserve" / handler / "model-config.yaml"
@@ -174,8 +176,7 @@ def render(report: PlanReport, target: Path, model_files: dict[str, str] | None 
     for plan in report.chosen.values():
         written += render_triton(plan, target / "triton", model_files=model_files)
         served = report.torchserve.get(plan.pipeline)
-        written.append(render_torchserve(plan, target, model_files=model_files,
-                                         workers=served.workers if served else None))
+        written.append(render_torchserve(plan, target, model_files=model_files, served=served))
     summary = {pipeline: {"ensemble": p.ensemble, "throughput": p.throughput, "latency_ms": p.latency_ms,
                           "stages": [s.__dict__ for s in p.stages]} for pipeline, p in report.chosen.items()}
     for pipeline, served in report.torchserve.items():
