@@ -11,13 +11,13 @@ batches of 8) behind the same frontend. The project's load generator (`TorchServ
 processes) runs a closed loop at each `--concurrency`; the server's CPU per request is split into the Java frontend's
 and the workers'. Beside it, on the same bodies: the naive handler and the plugin's handler in-process
 (bench/suite.py's, behind its in-process batcher) and the ceiling (bench/suite.py). `--profile` cProfiles every
-worker's main thread (TANDEM_STUB_PROFILE) and writes DIR/worker-profile-<pipeline>-<row>.md. `--planned PLAN`
-adds a row served with what `tandem plan --out PLAN` rendered (PLAN/torchserve/<handler>/model-config.yaml as it is,
+worker's main thread (TANDEM_STUB_PROFILE) and writes DIR/worker-profile-<pipeline>-<row>.md. `--planned PLAN ...`
+adds a row per PLAN served with what `tandem plan --out PLAN` rendered (PLAN/torchserve/<handler>/model-config.yaml as it is,
 its workers included; the archive's own model files). Writes DIR/torchserve-served.json and .md.
 
     python bench/torchserve_served.py --out DIR [--pipelines text] [--workers 2 4] [--concurrency 1 64 256]
         [--set batchSize=64 ...] [--variant NAME:KEY=VALUE,...] [--job-queue-size 1000] [--naive-served] [--profile]
-        [--skip-in-process] [--planned PLAN]
+        [--skip-in-process] [--planned PLAN ...]
 """
 
 from __future__ import annotations
@@ -140,9 +140,9 @@ def run_pipeline(pipeline: str, args: argparse.Namespace, scratch: Path) -> dict
             overrides = merge(merge(changes, dotted([a for a in assignments.split(",") if a])), scale)
             report["runs"].append(served(pipeline, model, f"torchserve x{workers}" + (f" {name}" if name else ""),
                                          overrides, requests, specs, scratch, args))
-    if args.planned:
-        rendered = planned_config(args.planned, pipeline)
-        label = f"torchserve planned x{rendered['minWorkers']}"
+    for plan in args.planned:
+        rendered = planned_config(plan, pipeline)
+        label = f"torchserve planned {plan.name} x{rendered['minWorkers']} b{rendered['batchSize']}"
         report["runs"].append(served(pipeline, model, label, rendered, requests, specs, scratch, args))
     return report
 
@@ -186,7 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pipelines", nargs="+", default=["text", "detection"], choices=sorted(ARCHIVE))
-    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[2],
+                        help="a row per worker count of the plugin's archive (none: `--workers` alone)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--client-processes", type=int, default=4)
@@ -198,8 +199,8 @@ def main() -> None:
     parser.add_argument("--naive-served", action="store_true", help="also the naive handler behind the same frontend")
     parser.add_argument("--profile", action="store_true", help="cProfile the workers' main threads")
     parser.add_argument("--skip-in-process", action="store_true", help="leave out the in-process rows")
-    parser.add_argument("--planned", type=Path, metavar="PLAN",
-                        help="also a row served with `tandem plan --out PLAN`'s TorchServe model-config.yaml")
+    parser.add_argument("--planned", type=Path, nargs="+", default=[], metavar="PLAN",
+                        help="also a row per PLAN served with `tandem plan --out PLAN`'s TorchServe model-config.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@
 # suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824"). After wheels
 # alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
 # Issue 18, a real TorchServe on the GPU (tests/gpu/prepare_torchserve.sh here, after prepare_carry.sh): after wheels
-# and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS).
+# and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS);
+# ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads.
 # The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
@@ -241,6 +242,22 @@ ts-real)  # issue 18, after ts-wheel; carry [".carry/model2"]: the handlers behi
     python3 bench/torchserve_frames.py --out "$out/ts-frames.json" 2>&1 | tee "$out/ts-frames.md"  # the worker's reader
     python3 bench/torchserve_served.py --out "$out/ts-real" ${TSREAL_ARGS:-} 2>&1 | grep -v "MODEL_LOG\|ACCESS_LOG\|TS_METRICS" \
         | tee "$out/ts-real.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -30
+    ;;
+ts-planned)  # issue 18, after ts-wheel; carry [".carry/model2"]: TorchServe's batches as `tandem plan` sizes them for
+    # each of TS_PLAN_CONCURRENCY (default 64 256 512 requests in flight), from TS_PROFILE, served at those loads
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export JAVA_HOME="$base/tandem-jre"
+    levels=${TS_PLAN_CONCURRENCY:-64 256 512}
+    plans=()
+    for c in $levels; do
+        python3 -m tandem_serve.cli plan "${TS_PROFILE:-bench/results/h200-2026-12-04-profile-minilm.json}" --cpus 12 \
+            --torchserve-concurrency "$c" --out "$base/plans/ts-c$c" 2>&1 | grep "TorchServe:" | tee -a "$out/ts-planned.txt"
+        plans+=("$base/plans/ts-c$c")
+    done
+    python3 bench/torchserve_served.py --out "$out/ts-planned" --pipelines text --workers --job-queue-size 2000 \
+        --concurrency $levels --planned "${plans[@]}" 2>&1 | grep -v "MODEL_LOG\|ACCESS_LOG\|TS_METRICS" \
+        | tee "$out/ts-planned.log" | grep -v "^20[0-9-]* [0-9:,]* tandem_serve" | tail -12
     ;;
 custom-triton)  # issue 19, after wheels; carry [".carry/numpy1", ".carry/wheels2", ".carry/tok"]: a user's text model and
     # YOLOv8-style detector served by Triton on the GPU (KIND_AUTO), then the AOTInductor probe of the custom models
