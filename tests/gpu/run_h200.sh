@@ -123,6 +123,17 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
         python3 -m tandem_serve.cli plan "$out/profile-$w.json" ${PLAN_ARGS:-} --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
     done
     ;;
+replan)  # after wheels, model1, numpy1; carry [".carry/model2"]: plans from a kept profile instead of suite-prep's
+    # profiling (REPLAN_PROFILE, REPLAN_WORKLOAD, PLAN_ARGS) into $base/plans/<workload>; REPLAN_HEADROOM sets the
+    # plan's CPU_INSTANCE_HEADROOM (the CPU stages' instances over their share of the cores) to compare it served
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    rm -rf "$base/plans/${REPLAN_WORKLOAD:-minilm}"
+    python3 -c "import sys; import tandem_serve.tuning.plan as plan; from tandem_serve.cli import main
+plan.CPU_INSTANCE_HEADROOM = float(sys.argv[1]); sys.exit(main(sys.argv[2:]))" "${REPLAN_HEADROOM:-1.25}" plan \
+        "${REPLAN_PROFILE:-bench/results/h200-2026-12-04-profile-minilm.json}" ${PLAN_ARGS:-} \
+        --out "$base/plans/${REPLAN_WORKLOAD:-minilm}" 2>&1 | tee "$out/plan-${REPLAN_WORKLOAD:-minilm}-${REPLAN_HEADROOM:-1.25}.txt" | head -8
+    ;;
 litserve)  # issue 18, after wheels; carry [".carry/litserve"]: the suite's external peer (LitServe + sentence-transformers)
     install_carried litserve "$base/site"
     PYTHONPATH="$base/site" python3 -c "import litserve, sentence_transformers; print('litserve', litserve.__version__)"
