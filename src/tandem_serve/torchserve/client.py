@@ -8,13 +8,15 @@ import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from tandem_serve.torchserve.launcher import read_key
 from tandem_serve.torchserve.replies import NPY
-from tandem_serve.vision.nms import Detections
+
+if TYPE_CHECKING:  # imported where used: it needs torch, which a command-line client does not load
+    from tandem_serve.vision.nms import Detections
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_WORKSPACE = Path("~/.cache/tandem-serve/torchserve").expanduser()
@@ -77,7 +79,7 @@ class TorchServeClient:
         return np.asarray(json.loads(raw)["embeddings"], np.float32)
 
     def detect(self, data: bytes, conf_threshold: float | None = None, iou_threshold: float | None = None,
-               max_det: int | None = None, model: str = "object_detection") -> Detections:
+               max_det: int | None = None, model: str = "object_detection") -> "Detections":
         """Detections in original pixels; thresholds travel as multipart fields when given."""
         overrides = {k: str(v).encode() for k, v in (("conf_threshold", conf_threshold), ("iou_threshold", iou_threshold),
                                                       ("max_det", max_det)) if v is not None}
@@ -86,5 +88,7 @@ class TorchServeClient:
         else:
             body, content_type = data, "application/octet-stream"
         reply = json.loads(self._post(model, body, content_type)[0])
+        from tandem_serve.vision.nms import Detections
+
         return Detections(np.asarray(reply["boxes"], np.float32).reshape(-1, 4), np.asarray(reply["scores"], np.float32),
                           np.asarray(reply["classes"], np.int32))
