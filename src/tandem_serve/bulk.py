@@ -1,29 +1,34 @@
 """Bulk jobs through a running Triton: embed a text file into a .npy memmap, detect over a folder into JSONL.
 
 Both keep many requests in flight (one client per worker thread), show progress, keep memory
-flat however large the input (texts are streamed; each chunk of embeddings goes into its own
-short-lived `numpy.memmap` window of the .npy file, so written pages never pile up in the
-process) and resume after an interruption: rerun the same command
-and only the missing work is done.
+flat however large the input (texts are streamed in windows; a window's embeddings are written
+into the .npy with `os.pwrite`, never mapped, so written pages do not pile up in the process)
+and resume after an interruption: rerun the same command and only the missing work is done.
+`embed_file` sends each window's texts in requests of about the same length, as
+sentence-transformers' `encode` sorts its input: a request pads to its longest text.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import random
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -37,6 +42,7 @@ class BulkOptions:
     in_flight: int = 8  # concurrent requests (one client each)
     progress: bool = True
     shm_key: str | None = None  # the shared-memory API's key (None: the default keys file's)
+    retries: int = 6  # a request turned away as busy is sent again up to this many times (see `with_retries`)
 
 
 class Progress:
@@ -80,8 +86,7 @@ def _run_bounded(tasks: Iterator[Callable[[], object]], workers: int, on_done: C
                         on_done(future)
                 pending.add(pool.submit(task))
             for future in pending:
-                future.result()
-                on_done(future)
+                on_done(future)  # it reads the result: a task's error is on_done's to record or raise
             pending = set()
         except KeyboardInterrupt:
             for future in pending:
@@ -94,6 +99,32 @@ def _run_bounded(tasks: Iterator[Callable[[], object]], workers: int, on_done: C
                     except Exception:  # noqa: BLE001 - recorded as not done; a rerun retries it
                         pass
             raise
+
+
+BUSY_MESSAGES = ("Request timeout expired", "Exceeds maximum queue size")  # Triton's queue policy turning one away
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether the server turned a request away for load (its queue full, or the request queued past the model's
+    timeout): nothing was computed, and the same request may succeed later."""
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    return any(text in str(message) for text in BUSY_MESSAGES)
+
+
+def with_retries(call: Callable[[], T], retries: int, pause_s: float = 0.25, most_s: float = 8.0,
+                 on_retry: Callable[[], None] | None = None) -> T:
+    """`call()`, sent again up to `retries` times while the server says it is busy, after pauses growing from `pause_s`
+    to `most_s` (with jitter, so that turned-away requests do not come back together); `on_retry` is told each time."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - only load is retried; anything else is the caller's
+            if attempt == retries or not is_busy(exc):
+                raise
+            if on_retry is not None:
+                on_retry()
+            time.sleep(min(most_s, pause_s * 2**attempt) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 class _ThreadClients:
@@ -124,22 +155,32 @@ def count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _chunks(path: Path, size: int) -> Iterator[tuple[int, list[bytes]]]:
-    """(chunk index, lines without their newline) for consecutive groups of `size` lines."""
+def _windows(path: Path, size: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(window index, lines without their newline) for consecutive groups of `size` lines."""
     with open(path, "rb") as handle:
-        chunk: list[bytes] = []
+        window: list[bytes] = []
         index = 0
         for line in handle:
-            chunk.append(line.rstrip(b"\r\n"))
-            if len(chunk) == size:
-                yield index, chunk
-                index, chunk = index + 1, []
-        if chunk:
-            yield index, chunk
+            window.append(line.rstrip(b"\r\n"))
+            if len(window) == size:
+                yield index, window
+                index, window = index + 1, []
+        if window:
+            yield index, window
+
+
+def length_sorted_requests(lines: list[bytes], batch: int, descending: bool = False) -> list[np.ndarray]:
+    """The positions of `lines` in requests of at most `batch`, by UTF-8 length (a stable sort), so that each
+    request's texts pad to about the same length."""
+    order = np.argsort(np.fromiter(map(len, lines), np.int64, len(lines)), kind="stable")
+    if descending:
+        order = order[::-1]
+    return [order[start:start + batch] for start in range(0, len(order), batch)]
 
 
 class NpyRows:
-    """Row-range writes into an existing 2-D .npy file, each through a memmap window that is flushed and dropped."""
+    """Row-range writes into an existing 2-D float .npy file with `os.pwrite` (no mapping: the process's RSS stays
+    flat; the page cache holds what is written)."""
 
     def __init__(self, path: Path):
         with path.open("rb") as handle:
@@ -150,73 +191,142 @@ class NpyRows:
         if fortran or len(shape) != 2:
             raise ValueError(f"{path} is not a C-ordered 2-D array")
         self.path, self.shape, self.dtype = path, shape, dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+        self.fd = os.open(path, os.O_WRONLY)
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Rows [start, start + len(rows)) := rows."""
-        window = np.memmap(self.path, self.dtype, mode="r+", shape=(len(rows), self.shape[1]),
-                           offset=self.offset + start * self.shape[1] * self.dtype.itemsize)
-        window[:] = rows
-        window.flush()
-        del window  # unmapped: the page cache keeps the data, the process's RSS does not
+        data = np.ascontiguousarray(rows, self.dtype).data
+        written, offset = 0, self.offset + start * self.row_bytes
+        while written < data.nbytes:  # pwrite may write less than asked
+            written += os.pwrite(self.fd, data[written:], offset + written)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text_embedding", batch: int = 32,
-               restart: bool = False) -> dict:
-    """Embed every line of `source` (row i = line i) into the .npy file `out`; returns a summary."""
+class _Counter:
+    """A count that threads add to."""
+
+    def __init__(self) -> None:
+        self.value, self._lock = 0, threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+@dataclass
+class _Window:
+    """A window of lines being embedded: its rows as they come back, and the requests still out."""
+
+    index: int
+    rows: np.ndarray
+    left: int
+    failed: bool = False
+
+
+def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text_embedding", batch: int = 64,
+               restart: bool = False, window: int = 4096) -> dict:
+    """Embed every line of `source` (row i = line i) into the .npy file `out`; returns a summary.
+
+    Lines are read in windows of `window`; each window's lines go out in requests of `batch` texts of about the same
+    length (short texts are not padded to a long one's length; windows alternate ascending and descending so that
+    requests at a boundary match too), its rows are put back in line order and written at once; a window is the unit
+    that a rerun skips when done."""
+    if batch < 1 or window < 1:
+        raise ValueError(f"batch and window must be >= 1 (got {batch}, {window})")
     total = count_lines(source)
     with TextEmbeddingClient(options.url, options.protocol, model) as probe:
         hidden = _output_width(probe, "embedding")
     batch = min(batch, probe.max_batch_size)
-    chunks = -(-total // batch)
+    windows = -(-total // window)
     state_path = out.with_name(out.name + ".done")
     meta_path = out.with_name(out.name + ".json")
-    meta = {"source": str(source.resolve()), "lines": total, "hidden": hidden, "batch": batch, "model": model}
+    meta = {"source": str(source.resolve()), "lines": total, "hidden": hidden, "window": window, "model": model}
     resuming = not restart and out.exists() and state_path.exists() and meta_path.exists()
     if resuming and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{out} belongs to another job ({meta_path}); pass --restart to start over")
     if not resuming:
         meta_path.write_text(json.dumps(meta))
         np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(total, hidden)).flush()
-        np.memmap(state_path, np.uint8, mode="w+", shape=(max(chunks, 1),)).flush()
+        np.memmap(state_path, np.uint8, mode="w+", shape=(max(windows, 1),)).flush()
     embeddings = NpyRows(out)
-    done = np.memmap(state_path, np.uint8, mode="r+", shape=(max(chunks, 1),))
-    left = chunks - int(done[:chunks].sum())
+    done = np.memmap(state_path, np.uint8, mode="r+", shape=(max(windows, 1),))
+    finished = int(done[:windows].sum())
     if resuming:
-        logger.info("resuming %s: %d of %d chunk(s) left", out, left, chunks)
-    progress = Progress(total, "texts", options.progress, already=min(total, int(done[:chunks].sum()) * batch))
+        logger.info("resuming %s: %d of %d window(s) left", out, windows - finished, windows)
+    already = sum(min(window, total - int(i) * window) for i in np.flatnonzero(done[:windows]))
+    progress = Progress(total, "texts", options.progress, already=already)
     clients = _ThreadClients(lambda: TextEmbeddingClient(options.url, options.protocol, model, shm=options.shm,
-                                                                 shm_key=options.shm_key))
+                                                         shm_key=options.shm_key))
     failures: list[str] = []
+    retried = _Counter()
 
-    def task(index: int, lines: list[bytes]) -> Callable[[], tuple[int, int]]:
-        def run() -> tuple[int, int]:
-            rows = clients.get().embed(lines)
-            embeddings.write(index * batch, rows)
-            return index, len(lines)
-        return run
+    def tasks() -> Iterator[Callable[[], tuple[_Window, np.ndarray, np.ndarray]]]:
+        for index, lines in _windows(source, window):
+            if done[index]:
+                continue
+            requests = length_sorted_requests(lines, batch, descending=bool(index % 2))
+            state = _Window(index, np.empty((len(lines), hidden), np.float32), len(requests))
+            for positions in requests:
+                yield functools.partial(_embed_request, clients, state, lines, positions, index * window,
+                                        options.retries, retried.add)
 
     def on_done(future: Future) -> None:
         try:
-            index, count = future.result()
-        except Exception as exc:  # noqa: BLE001 - a failed chunk stays undone; a rerun retries it
-            failures.append(str(exc).splitlines()[0][:200])
+            state, positions, rows = future.result()
+        except _RequestFailed as failed:
+            failed.window.failed = True
+            failed.window.left -= 1
+            failures.append(failed.message)
             return
-        done[index] = 1
-        progress.add(count)
+        state.rows[positions] = rows
+        state.left -= 1
+        progress.add(len(positions))
+        if state.left == 0 and not state.failed:
+            embeddings.write(state.index * window, state.rows)
+            done[state.index] = 1
 
     try:
-        _run_bounded((task(i, lines) for i, lines in _chunks(source, batch) if not done[i]), options.in_flight, on_done)
+        _run_bounded(tasks(), options.in_flight, on_done)
     finally:
         done.flush()
+        embeddings.close()
         clients.close()
-    complete = int(done[:chunks].sum()) == chunks
-    summary = {"texts": total, "hidden": hidden, "chunks": chunks, "failed_chunks": len(failures), "complete": complete}
+    complete = int(done[:windows].sum()) == windows
+    summary = {"texts": total, "hidden": hidden, "windows": windows, "failed_requests": len(failures),
+               "retried_requests": retried.value, "complete": complete}
+    if retried.value:
+        logger.warning("the server turned %d request(s) away as busy and they were sent again: fewer --in-flight "
+                       "would queue less", retried.value)
     if failures:
-        logger.error("%d chunk(s) failed (rerun to retry them); first: %s", len(failures), failures[0])
+        logger.error("%d request(s) failed, their windows are not written (rerun to retry them); first: %s",
+                     len(failures), failures[0])
     if complete:
         state_path.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
     return summary
+
+
+class _RequestFailed(Exception):
+    """A request of `window` failed with `message` (its window stays undone)."""
+
+    def __init__(self, window: _Window, message: str):
+        super().__init__(message)
+        self.window, self.message = window, message
+
+
+def _embed_request(clients: _ThreadClients, state: _Window, lines: list[bytes], positions: np.ndarray, first_line: int,
+                   retries: int, on_retry: Callable[[], None]) -> tuple[_Window, np.ndarray, np.ndarray]:
+    """The embeddings of `lines` at `positions`, from this thread's client; a failure names the file's lines."""
+    try:
+        texts = [lines[p] for p in positions]
+        return state, positions, with_retries(lambda: clients.get().embed(texts), retries, on_retry=on_retry)
+    except Exception as exc:  # noqa: BLE001 - a failed request leaves its window undone; a rerun retries it
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        numbers = ", ".join(str(first_line + int(p) + 1) for p in sorted(positions)[:8])
+        raise _RequestFailed(state, f"lines {numbers}{' ...' if len(positions) > 8 else ''}: {message}") from exc
 
 
 def _output_width(client: TextEmbeddingClient, name: str) -> int:
@@ -249,7 +359,7 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
     todo = [f for f in files if _rel(f, folder) not in finished]
     progress = Progress(len(files), "images", options.progress, already=len(files) - len(todo))
     clients = _ThreadClients(lambda: ObjectDetectionClient(options.url, options.protocol, model, shm=options.shm,
-                                                                   shm_key=options.shm_key))
+                                                           shm_key=options.shm_key))
     lock = threading.Lock()
     counts = {"images": len(files), "detected": 0, "errors": 0}
 
@@ -258,7 +368,8 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
             def run() -> dict:
                 name = _rel(path, folder)
                 try:
-                    found = clients.get().detect(path.read_bytes())
+                    data = path.read_bytes()
+                    found = with_retries(lambda: clients.get().detect(data), options.retries)
                 except Exception as exc:  # noqa: BLE001 - recorded per image
                     message = exc.message() if hasattr(exc, "message") else str(exc)
                     return {"file": name, "error": str(message).splitlines()[0][:300]}

@@ -243,14 +243,15 @@ def _bulk_options(args: argparse.Namespace) -> "BulkOptions":
     from tandem_serve.bulk import BulkOptions
 
     return BulkOptions(url=args.url, protocol=args.protocol, shm=args.shm, in_flight=args.in_flight,
-                       progress=not args.quiet, shm_key=_shm_key(args))
+                       progress=not args.quiet, shm_key=_shm_key(args), retries=args.retries)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from tandem_serve.bulk import embed_file
 
     try:
-        summary = embed_file(args.file, args.out, _bulk_options(args), args.model, args.batch, args.restart)
+        summary = embed_file(args.file, args.out, _bulk_options(args), args.model, args.batch, args.restart,
+                             args.window)
     except KeyboardInterrupt:
         logger.warning("interrupted: rerun the same command to resume")
         return 130
@@ -270,11 +271,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bulk_options(parser: argparse.ArgumentParser) -> None:
+def _add_bulk_options(parser: argparse.ArgumentParser, in_flight: int = 8) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="Triton address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
     parser.add_argument("--shm", choices=("none", "system", "cuda"), default="none", help="shared memory for each request")
-    parser.add_argument("--in-flight", type=int, default=8, help="concurrent requests (default 8)")
+    parser.add_argument("--in-flight", type=int, default=in_flight, help=f"concurrent requests (default {in_flight})")
+    parser.add_argument("--retries", type=int, default=6,
+                        help="times a request the server turned away as busy (a full queue, or queued past the model's "
+                             "timeout: 10 s in the shipped configs) is sent again, after growing pauses (default 6)")
     parser.add_argument("--key-file", type=Path, help="with --shm: the server's keys.json "
                                                       "(default $TANDEM_TRITON_KEYS or the `tandem serve triton` workspace's)")
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
@@ -414,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("file", type=Path, help="UTF-8 text, one text per line (row i of the output = line i)")
     embed.add_argument("--out", type=Path, required=True, help="output .npy, float32 [lines, hidden]")
     embed.add_argument("--model", default="text_embedding")
-    embed.add_argument("--batch", type=int, default=32, help="texts per request (default 32)")
-    _add_bulk_options(embed)
+    embed.add_argument("--batch", type=int, default=64,
+                       help="texts per request (default 64, the shipped ensembles' max_batch_size; at most the model's)")
+    embed.add_argument("--window", type=int, default=4096,
+                       help="lines read at a time, sent in requests of texts of about the same length, written at once "
+                            "and resumed as one (default 4096)")
+    _add_bulk_options(embed, in_flight=16)
     embed.set_defaults(func=cmd_embed)
 
     detect = commands.add_parser("detect", help="detect objects in every image of a folder into JSON lines (resumable)")
