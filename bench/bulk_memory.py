@@ -2,8 +2,9 @@
 
 Writes text files of N and 10 N lines (sentence lengths drawn from a stated mix), embeds each
 with `tandem embed` in a child process against one embedded Triton, and reports the child's peak
-RSS (wait4's ru_maxrss), its throughput, the output size, and the RSS ratio large / small (flat:
-close to 1 while the output grows 10x). Prints a table and writes JSON.
+RSS (its own VmHWM: wait4's ru_maxrss would keep this process's), its throughput, the output size,
+and the RSS ratio large / small (flat: close to 1 while the output grows 10x). Prints a table and
+writes JSON.
 
     python bench/bulk_memory.py --lines 20000 --out bulk_memory.json
 """
@@ -13,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import machine
+from _common import machine, run_child
 from tandem_serve.triton.launcher import EmbeddedTriton
 
 logger = logging.getLogger("bench.bulk_memory")
@@ -42,17 +40,13 @@ def write_corpus(path: Path, lines: int, seed: int = 0) -> None:
 
 
 def embed(source: Path, out: Path, url: str, in_flight: int, batch: int) -> dict:
-    """Run `tandem embed` as a child; its peak RSS and wall time."""
+    """Run `tandem embed` as a child; its own peak RSS (VmHWM) and wall time."""
     command = [sys.executable, "-m", "tandem_serve.cli", "embed", str(source), "--out", str(out), "--url", url,
                "--in-flight", str(in_flight), "--batch", str(batch), "--quiet", "--restart"]
-    start = time.perf_counter()
-    child = subprocess.Popen(command)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise RuntimeError(f"tandem embed exited {child.returncode}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    run = run_child(command)
+    if run.returncode:
+        raise RuntimeError(f"tandem embed exited {run.returncode}")
+    return {"seconds": run.seconds, "peak_rss_mib": run.peak_rss_mib}
 
 
 def main() -> int:

@@ -40,7 +40,8 @@ def with_encoder_batch(source: Path, target: Path, batch: int) -> Path:
         config.max_batch_size = batch
         config.dynamic_batching.preferred_batch_size[:] = [batch // 2, batch]
         write_config(config, path)
-    shutil.copy(source.parent / "plan.json", target.parent / "plan.json")
+    if (source.parent / "plan.json").exists():  # a planned repository's record goes with it
+        shutil.copy(source.parent / "plan.json", target.parent / "plan.json")
     return target
 
 

@@ -17,7 +17,8 @@
 # alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
 # Issue 18, a real TorchServe on the GPU (tests/gpu/prepare_torchserve.sh here, after prepare_carry.sh): after wheels
 # and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS);
-# ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads.
+# ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads. Bulk: after wheels, model1,
+# numpy1, bulk carry [".carry/model2"] (BULK_ARGS; replan first for a planned repository).
 # The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
@@ -42,7 +43,8 @@ install_carried() {  # the wheels of .carry/$1 into $2, offline, as they are
 assemble_model() {  # the second half of the model from .carry/model2, joined and checked
     cp -r .carry/model2/* "$base/model/"
     cat "$base/model"/model.safetensors.part0* > "$base/model/model.safetensors"
-    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c -
+    echo "$(cat "$base/model/model.safetensors.sha256")  $base/model/model.safetensors" | sha256sum -c - \
+        || { rm -f "$base/model/model.safetensors"; return 1; }  # not left for a later stage to take as assembled
 }
 case "$stage" in
 wheels)
@@ -133,6 +135,14 @@ replan)  # after wheels, model1, numpy1; carry [".carry/model2"]: plans from a k
 plan.CPU_INSTANCE_HEADROOM = float(sys.argv[1]); sys.exit(main(sys.argv[2:]))" "${REPLAN_HEADROOM:-1.25}" plan \
         "${REPLAN_PROFILE:-bench/results/h200-2026-12-04-profile-minilm.json}" ${PLAN_ARGS:-} \
         --out "$base/plans/${REPLAN_WORKLOAD:-minilm}" 2>&1 | tee "$out/plan-${REPLAN_WORKLOAD:-minilm}-${REPLAN_HEADROOM:-1.25}.txt" | head -8
+    ;;
+bulk)  # issue 18, after wheels, model1, numpy1; carry [".carry/model2"]: tandem embed on a large file vs sentence-
+    # transformers' encode on it (bench/bulk_embed.py BULK_ARGS, e.g. --repository $base/plans/minilm/triton after replan)
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/bulk_embed.py --out "$out/bulk-embed${BULK_TAG:-}.json" ${BULK_ARGS:-} 2>&1 \
+        | grep -v "^[IWE][0-9]\{4\} " | tee "$out/bulk-embed${BULK_TAG:-}.log" | tail -30
     ;;
 litserve)  # issue 18, after wheels; carry [".carry/litserve"]: the suite's external peer (LitServe + sentence-transformers)
     install_carried litserve "$base/site"
