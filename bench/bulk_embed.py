@@ -100,10 +100,23 @@ def stage_times(client, before: dict, seconds: float) -> dict:
     for now in read_statistics(client, "grpc"):
         step = stats_delta(now, before.get(now.model))
         if step.requests:
+            config = client.get_model_config(step.model).config
+            instances = sum(group.count or 1 for group in config.instance_group)  # an ensemble has none
+            busy = step.compute_ms * step.executions / 1000 / seconds
             stages[step.model] = {"requests": step.requests, "mean_batch": round(step.mean_batch, 1),
                                   "queue_ms": round(step.queue_ms, 3), "compute_ms": round(step.compute_ms, 3),
-                                  "instances_busy": round(step.compute_ms * step.executions / 1000 / seconds, 2)}
+                                  "instances_busy": round(busy, 2), "instances": instances,
+                                  "utilisation": round(busy / instances, 2) if instances else None}
     return stages
+
+
+def held_by(stages: dict) -> str:
+    """The stage whose instances were busiest (the one that holds the run), as 'model (NN % of its N instances)'."""
+    used = {name: t for name, t in stages.items() if t["utilisation"] is not None}
+    if not used:
+        return "-"
+    name, top = max(used.items(), key=lambda item: item[1]["utilisation"])
+    return f"{name} ({top['utilisation']:.0%} of {top['instances']} instance(s))"
 
 
 def in_process_row(source: Path, out: Path, url: str, model: str, batch: int, in_flight: int, window: int) -> dict:
@@ -178,20 +191,23 @@ def main() -> int:
                          **agreement(out, expected)})
     for row in rows:
         row["over_sentence_transformers"] = row["texts_per_s"] / peer["texts_per_s"]
-    header = "| system | texts/s | seconds | / sentence-transformers | client CPU us/text | peak RSS MiB | min cosine |"
-    table = [header, "|---|---|---|---|---|---|---|"]
+    header = ("| system | texts/s | seconds | / sentence-transformers | client CPU us/text | peak RSS MiB | min cosine "
+              "| busiest stage |")
+    table = [header, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cpu, rss = row.get("client_cpu_us_per_text"), row.get("peak_rss_mib")
         table.append(f"| {row['system']} | {row['texts_per_s']:,.0f} | {row['seconds']:.1f} | "
                      f"{row['over_sentence_transformers']:.2f}x | {'-' if cpu is None else f'{cpu:.1f}'} | "
-                     f"{'-' if rss is None else f'{rss:.0f}'} | {row.get('min_cosine', 1.0):.5f} |")
+                     f"{'-' if rss is None else f'{rss:.0f}'} | {row.get('min_cosine', 1.0):.5f} | "
+                     f"{held_by(row['stages']) if row.get('stages') else '-'} |")
     table += ["", "Per model during each `tandem embed` run (queue and compute ms per request; busy: compute time over "
-              "the wall, 1.0 = one instance all the time):", ""]
+              "the wall, 1.0 = one instance all the time, of its instances):", ""]
     for row in rows:
         if row.get("stages"):
             table.append(f"- {row['system']}: " + "; ".join(
                 f"{name} batch {t['mean_batch']}, queue {t['queue_ms']:.2f}, compute {t['compute_ms']:.2f}, "
-                f"busy {t['instances_busy']:.2f}" for name, t in row["stages"].items()))
+                f"busy {t['instances_busy']:.2f} of {t['instances']}" for name, t in row["stages"].items()
+                if t["instances"]))  # the ensemble itself runs no instances
     text = (f"{args.lines:,} lines of the suite's text mix {LENGTH_MIX} (words: share); Triton repository "
             f"{args.repository or 'shipped'}"
             f"{f' with encoders batching up to {args.encoder_max_batch}' if args.encoder_max_batch else ''}, ensemble "
