@@ -65,7 +65,7 @@ def encode_child(source: Path, out: Path, model: str, batch: int, precision: str
 
 
 def sentence_transformers_row(source: Path, out: Path, model: str, batch: int, precision: str, device: str) -> dict:
-    """The peer's row: encode in a child process (this process keeps no CUDA context)."""
+    """The peer's row: encode in a child process, whose GPU memory is freed before Triton starts."""
     command = [sys.executable, __file__, "--encode-child", str(source), str(out), model, str(batch), precision, device]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:

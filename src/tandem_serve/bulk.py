@@ -104,11 +104,15 @@ def _run_bounded(tasks: Iterator[Callable[[], object]], workers: int, on_done: C
 BUSY_MESSAGES = ("Request timeout expired", "Exceeds maximum queue size")  # Triton's queue policy turning one away
 
 
+def error_text(exc: BaseException) -> str:
+    """The server's message of a tritonclient error (its `message()`, without the status), else the exception's text."""
+    return str(exc.message() if callable(getattr(exc, "message", None)) else exc)
+
+
 def is_busy(exc: BaseException) -> bool:
     """Whether the server turned a request away for load (its queue full, or the request queued past the model's
     timeout): nothing was computed, and the same request may succeed later."""
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    return any(text in str(message) for text in BUSY_MESSAGES)
+    return any(text in error_text(exc) for text in BUSY_MESSAGES)
 
 
 def with_retries(call: Callable[[], T], retries: int, pause_s: float = 0.25, most_s: float = 8.0,
@@ -371,8 +375,7 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
                     data = path.read_bytes()
                     found = with_retries(lambda: clients.get().detect(data), options.retries)
                 except Exception as exc:  # noqa: BLE001 - recorded per image
-                    message = exc.message() if hasattr(exc, "message") else str(exc)
-                    return {"file": name, "error": str(message).splitlines()[0][:300]}
+                    return {"file": name, "error": error_text(exc).splitlines()[0][:300]}
                 return {"file": name, "boxes": found.boxes.round(2).tolist(), "scores": found.scores.round(4).tolist(),
                         "classes": found.classes.tolist()}
             return run
