@@ -102,6 +102,9 @@ class EncoderConfig:
     cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
     # On a GPU, batches up to this many texts replay CUDA graphs captured at load (text/graphs.py); 0: eager
     cuda_graph_max_batch: int = 64
+    # Rows of a batch run in groups of similar length of at most this many tokens (rows x padded length), so that
+    # long texts do not pad short ones (text/token_budget.py); 0: the whole batch in one call, as it came
+    max_batch_tokens: int = 0
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):
@@ -110,6 +113,8 @@ class EncoderConfig:
             raise ConfigError("parameter 'cpu_threads' must be >= 0")
         if self.cuda_graph_max_batch < 0:
             raise ConfigError("parameter 'cuda_graph_max_batch' must be >= 0 (0: no CUDA graphs)")
+        if self.max_batch_tokens < 0:
+            raise ConfigError("parameter 'max_batch_tokens' must be >= 0 (0: no token budget)")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class TextEmbeddingStages:
         return [ids, mask]
 
     def infer(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.encoder.module(inputs[0], inputs[1])]
+        return [self.encoder.encode(inputs[0], inputs[1], graphs=False)]
 
     @staticmethod
     def finish(outputs: list[torch.Tensor], prepared: list[TokenizedBatch]) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ from tandem_serve.text.bert import (
     parse_dtype,
 )
 from tandem_serve.text.graphs import GraphedEncoder
+from tandem_serve.text.token_budget import length_groups, row_lengths, run_groups
 from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, check_text_sizes, decode_utf8
 from tandem_serve.threads import set_stage_threads
 from tandem_serve.transfer import pad_into_host, to_device
@@ -104,13 +105,15 @@ class EncoderStage:
             dtype = torch.float32
         set_stage_threads(self.device, config.cpu_threads)
         self.module = load_sentence_encoder(self.files, self.device, dtype, fused=self.fused)
+        self.max_batch_tokens = config.max_batch_tokens
         self.graphs: GraphedEncoder | None = None
         if self.device.type == "cuda" and config.cuda_graph_max_batch:
             self.graphs = GraphedEncoder(self.module, self.device, config.cuda_graph_max_batch,
                                          self.files.max_seq_length, self.files.bert.pad_token_id, self.fused)
             self.graphs.capture_all()
-        logger.info("encoder: %s on %s, %s, token embedding %s", self.files.root, self.device, dtype,
-                    "fused" if self.fused else "separate")
+        logger.info("encoder: %s on %s, %s, token embedding %s, %s", self.files.root, self.device, dtype,
+                    "fused" if self.fused else "separate",
+                    f"at most {config.max_batch_tokens} tokens per call" if config.max_batch_tokens else "no token budget")
 
     @property
     def hidden_size(self) -> int:
@@ -133,13 +136,28 @@ class EncoderStage:
     @torch.inference_mode()
     def __call__(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         pad = self.files.bert.pad_token_id if self.fused else 0
+        lengths = None
         if all(t.device.type == "cpu" for r in requests for t in r):  # from the tokenizer's shared memory
             pin = self.device.type == "cuda"
             host = [pad_into_host([r[0] for r in requests], pad, pin), pad_into_host([r[1] for r in requests], 0, pin)]
+            if self.max_batch_tokens:  # read on the host before the copy: no wait on the device for them
+                lengths = row_lengths(host[1].numpy())
         else:
             host = [concat_padded([r[0] for r in requests], pad), concat_padded([r[1] for r in requests], 0)]
         inputs, mask = to_device(host, self.device)
         # one copy of the batch to the host: EMBEDDING leaves the server anyway, and each per-request GPU output
         # would cross the Python backend on its own (on the H100 this gained ~4 %, within noise)
-        embeddings = (self.graphs or self.module)(inputs, mask).cpu()
+        embeddings = self.encode(inputs, mask, lengths).cpu()
         return split_rows(embeddings, [len(r[0]) for r in requests])
+
+    @torch.inference_mode()
+    def encode(self, inputs: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray | None = None,
+               graphs: bool = True) -> torch.Tensor:
+        """Embeddings of a merged batch on the stage's device: one call, or under `max_batch_tokens` one per group of
+        similar lengths (`lengths`: the rows' from the mask when not given); CUDA graphs where captured and `graphs`."""
+        run = (self.graphs if graphs else None) or self.module
+        if not self.max_batch_tokens:
+            return run(inputs, mask)
+        if lengths is None:
+            lengths = row_lengths(mask.cpu().numpy())
+        return run_groups(run, inputs, mask, length_groups(lengths, self.max_batch_tokens, mask.shape[1]))
