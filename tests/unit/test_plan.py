@@ -245,7 +245,8 @@ def test_rendered_configs_keep_the_ensembles_consistent(tmp_path):
     served = report.torchserve["text"]
     assert values["batchSize"] == served.batch_size and values["deviceType"] == "gpu"
     assert values["handler"]["pipeline"]["micro_batch_size"] == served.micro_batch_size
-    assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16", "cuda_graph_max_batch": 64}
+    assert values["handler"]["encoder"] == {"fuse_token_embedding": True, "precision": "fp16", "cuda_graph_max_batch": 64,
+                                           "max_batch_tokens": 0}
     assert len(written) == 2 + 3 + 2
 
 
@@ -465,3 +466,24 @@ def test_torchserve_counts_the_tokenizer_as_the_handler_runs_it_not_as_triton_se
     others_ms = sum(s.cost_per_item_ms for s in plan.stages if s.device == "cpu" and s.stage != "tokenize")
     others_ms += sum(1e3 * s.cpu_instances / plan.throughput for s in plan.stages if s.cpu_share)
     assert served.cpu_ms_per_request == pytest.approx(0.40 + 0.25 + 0.05 + others_ms)
+
+
+def test_the_encoder_token_budget_is_where_its_token_rate_levels_off(tmp_path):
+    """An encoder bound by a 1 ms launch floor up to 3,333 tokens and by 0.3 us per token beyond: its rate is at its
+    best from 4,096 tokens (batch 32 x 128), so rows run in calls of at most that many; where the rate still climbs
+    at the largest batch (text_profile: 1 ms + 0.1 ms per text) the plan sets no budget."""
+    rows = []
+    for batch in (1, 8, 32, 128):
+        seconds = max(1e-3, batch * 128 * 0.3e-6)
+        rows += [timing("tokenize", "cpu", batch, 0.01, "-", 0, 128 * 16, size=128, pipeline="text"),
+                 StageTiming("text", "encoder_fused", "cuda:0", "fp16", batch, 128, seconds, 128 * 16, 384 * 4, 0.9999)]
+    report = make_plan(Profile({"cpus": 8, "gpus": ["Test GPU"]}, rows, transfers(25.0)), Objective())
+    encoder = next(s for s in report.chosen["text"].stages if s.stage == "encoder_fused")
+    assert encoder.max_batch_tokens == 4096
+    render(report, tmp_path)
+    config = read_config(tmp_path / "triton" / "encoder_fused" / "config.pbtxt")
+    assert config.parameters["max_batch_tokens"].string_value == "4096"
+    assert "encoder_fused: at most 4096 tokens per call" in format_report(report)
+    flat = make_plan(text_profile(25.0), Objective())
+    assert all(s.max_batch_tokens == 0 for s in flat.chosen["text"].stages)
+    assert ": no token budget (its profiled token rate still climbs" in format_report(flat)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem_serve.tuning.plan import PipelinePlan, PlanReport, feasible
+from tandem_serve.tuning.plan import TOKEN_BUDGET_STAGES, TOKEN_RATE_SHARE, PipelinePlan, PlanReport, feasible
 
 
 def _stage_table(plan: PipelinePlan) -> list[str]:
@@ -13,6 +13,22 @@ def _stage_table(plan: PipelinePlan) -> list[str]:
         lines.append(f"  {s.stage:<17}{s.model:<17}{device:<15}{s.precision:<6}{s.batch:>6}{s.instances:>5}"
                      f"{s.queue_delay_us:>9}{s.cost_per_item_ms:>9.3f}{s.transfer_per_item_ms:>13.4f}"
                      f"{s.serving_per_item_ms:>13.4f}{s.serving_cpu_per_item_ms:>12.4f}")
+    return lines
+
+
+def _token_budget_lines(plan: PipelinePlan) -> list[str]:
+    """The encoder's token budget and where it comes from."""
+    lines = []
+    for s in plan.stages:
+        if s.stage not in TOKEN_BUDGET_STAGES:
+            continue
+        if s.max_batch_tokens:
+            lines.append(f"  {s.stage}: at most {s.max_batch_tokens} tokens per call (rows x length), where its profiled "
+                         f"token rate reaches {TOKEN_RATE_SHARE:.0%} of its best: a batch's rows run in groups of similar "
+                         "length")
+        else:
+            lines.append(f"  {s.stage}: no token budget (its profiled token rate still climbs at the largest batch; "
+                         "profile larger --batch-sizes to find where it levels off)")
     return lines
 
 
@@ -64,6 +80,7 @@ def format_report(report: PlanReport, top: int = 5) -> str:
                     f"~{plan.latency_ms:.1f} ms, {plan.bottleneck}-bound (CPU bound {plan.cpu_bound:.0f}/s, "
                     f"GPU bound {plan.gpu_bound:.0f}/s, GPU instances {plan.instance_bound:.0f}/s){ok}"]
         out += _stage_table(plan)
+        out += _token_budget_lines(plan)
         if pipeline in report.torchserve:
             out.append("  " + report.torchserve[pipeline].explain())
         out.append("  why:")

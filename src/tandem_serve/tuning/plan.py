@@ -60,6 +60,11 @@ MAX_CPU_SHARE = 0.9  # a split stage keeps at least this much off its CPU instan
 # while every instance is busy, so batches grow without it; an idle pipeline only pays it in latency.
 MAX_QUEUE_DELAY_US = 1000
 NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the lower latency wins
+# An encoder's token budget is the smallest profiled batch (rows x length) whose token rate is within this share of
+# the best profiled rate: beyond it the device gains little from longer calls, so rows of very different lengths run
+# apart (text/token_budget.py, whose cost per extra call assumes this share)
+TOKEN_RATE_SHARE = 0.9
+TOKEN_BUDGET_STAGES = {"encoder", "encoder_fused"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class StagePlan:
     latency_ms: float = 0.0
     input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
     host_input_step_ms: float = 0.0  # per item, the step's CPU cost of receiving its input through host memory
+    max_batch_tokens: int = 0  # an encoder's token budget per call (0: none; see token_budget)
 
     @property
     def model(self) -> str:
@@ -198,6 +204,21 @@ class TimingTable:
         """The server's and stub's CPU seconds per request of a step receiving `in_bytes` in batches of `batch`."""
         serving = self.profile.serving
         return serving.step_cpu_seconds(in_bytes, batch) if serving else 0.0
+
+    def token_budget(self, stage: str, device: str, precision: str) -> int:
+        """An encoder's tokens per call (rows x length) from its profiled (batch, length) timings: the fewest at which
+        it runs within TOKEN_RATE_SHARE of its best token rate; 0 (no budget) when that is the largest profiled
+        batch (the rate still climbing: nothing says where to cut) or fewer than two batches were profiled."""
+        rows = [t for t in self.profile.stages if t.stage == stage and t.device == device and t.precision == precision]
+        if len({t.batch * t.size for t in rows}) < 2:
+            return 0
+        rate = {}
+        for t in rows:
+            tokens = t.batch * t.size
+            rate[tokens] = max(rate.get(tokens, 0.0), tokens / t.seconds)
+        best = max(rate.values())
+        knee = min(tokens for tokens, r in rate.items() if r >= TOKEN_RATE_SHARE * best)
+        return 0 if knee == max(rate) else knee
 
     def adapter(self, stage: str) -> "AdapterCost | None":
         """The stage's real adapter as measured served alone, if the profile has it."""
@@ -349,7 +370,10 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
             stages, split, previous_on_gpu = [], {}, False
             on_gpu = [key[0].startswith("cuda") for key, _ in combo] + [False]
             for index, (stage, ((device, precision), timing)) in enumerate(zip(stage_names, combo)):
-                stages.append(_stage_plan(stage, timing, previous_on_gpu, table, on_gpu[index + 1]))
+                planned = _stage_plan(stage, timing, previous_on_gpu, table, on_gpu[index + 1])
+                if stage in TOKEN_BUDGET_STAGES:
+                    planned = replace(planned, max_batch_tokens=table.token_budget(stage, device, precision))
+                stages.append(planned)
                 if stage in SPLITTABLE and device.startswith("cuda"):
                     cpu_rows = [t for (d, p), rows in options[index].items() if d == "cpu" for t in rows]
                     if cpu_rows:

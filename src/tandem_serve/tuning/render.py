@@ -13,7 +13,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
-from tandem_serve.tuning.plan import PipelinePlan, PlanReport, StagePlan
+from tandem_serve.tuning.plan import TOKEN_BUDGET_STAGES, PipelinePlan, PlanReport, StagePlan
 from tandem_serve.tuning.torchserve_workers import MIN_WORKERS, TorchServeWorkers
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
     if stage.precision not in ("-", "int8") and "precision" in out.parameters:
         out.parameters["precision"].string_value = stage.precision
+    if stage.stage in TOKEN_BUDGET_STAGES:  # written whether or not the source config lists it
+        out.parameters["max_batch_tokens"].string_value = str(stage.max_batch_tokens)
     if stage.device == "cpu" or stage.cpu_share:  # the plan counts a CPU instance as one core
         for key, value in (("cpu_threads", "1"), ("parallel", "false")):
             if key in out.parameters:
