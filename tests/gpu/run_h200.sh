@@ -19,6 +19,8 @@
 # and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS);
 # ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads. Bulk: after wheels, model1,
 # numpy1, bulk carry [".carry/model2"] (BULK_ARGS; replan first for a planned repository).
+# Token budget: after wheels, model1, numpy1, token-budget carry [".carry/model2"] (BUDGET_ARGS, PLAN_ARGS), then
+# suite SUITE_ARGS="--workloads minilm".
 # The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).
 # Issue 16 (after wheels, model1, numpy1): installed carry [".carry/model2", ".carry/dist"].
 # Issue 15 (after wheels, model1, numpy1): faults carry [".carry/model2"] (the fault tier with KIND_GPU encoders),
@@ -143,6 +145,19 @@ bulk)  # issue 18, after wheels, model1, numpy1; carry [".carry/model2"]: tandem
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/bulk_embed.py --out "$out/bulk-embed${BULK_TAG:-}.json" ${BULK_ARGS:-} 2>&1 \
         | grep -v "^[IWE][0-9]\{4\} " | tee "$out/bulk-embed${BULK_TAG:-}.log" | tail -30
+    ;;
+token-budget)  # issue 18, after wheels, model1, numpy1; carry [".carry/model2"]: bench/token_budget.py (the encoder
+    # split by a token budget vs one padded call), then minilm profiled to 256 x 128 tokens and planned into
+    # $base/plans/minilm (the plan picks the budget where the token rate levels off), for `suite --workloads minilm`
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    python3 bench/token_budget.py --out "$out/token-budget.json" ${BUDGET_ARGS:-} 2>&1 | tee "$out/token-budget.log" | tail -50
+    python3 -m tandem_serve.cli profile --pipelines text --seq-lengths 32 128 --batch-sizes 1 16 64 256 --repeats 3 \
+        --out "$out/profile-minilm.json" 2>&1 | grep -v "\] " | tail -3
+    rm -rf "$base/plans/minilm"
+    python3 -m tandem_serve.cli plan "$out/profile-minilm.json" ${PLAN_ARGS:-} --out "$base/plans/minilm" 2>&1 \
+        | tee "$out/plan-minilm.txt" | head -40
     ;;
 litserve)  # issue 18, after wheels; carry [".carry/litserve"]: the suite's external peer (LitServe + sentence-transformers)
     install_carried litserve "$base/site"
