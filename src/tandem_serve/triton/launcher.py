@@ -46,6 +46,7 @@ from tandem_serve.processes import (
 )
 from tandem_serve.server_process import ServerProcess
 from tandem_serve.triton.keys import KEYS_FILE, TritonKeys
+from tandem_serve.triton.queue_policy import warn_about_queue_policies
 from tandem_serve.triton.stubs import Stub, all_stubs, kill_stubs, orphaned_stubs, unlink_region
 from tandem_serve.triton.supervisor import SupervisorOptions, TritonSupervisor, refused_entries
 
@@ -295,6 +296,7 @@ class EmbeddedTriton(ServerProcess):
         if not is_loopback(self.host):
             logger.warning("tritonserver binds %s: reachable from other hosts. Inference is open to them; the "
                            "restricted APIs need the keys in %s", self.host, self.keys_file)
+        warn_about_queue_policies(self.options.model_repositories or default_repositories())
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a kept workspace's log grows
         env = stub_environment(dist, self.options.stub_python_path)
         self._spawn(self.command(dist, dist.has_option("--allow-client-shm", env)), env, self.log_path, private=True)
