@@ -99,7 +99,7 @@ class EncoderConfig:
     model_dir: str = ""
     fuse_token_embedding: bool = False  # true: takes INPUT_IDS and embeds on its own device
     precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions only on a GPU)
-    cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
+    cpu_threads: int = 0  # torch threads; 0: the cores shared among its CPU instances, 1 on a GPU instance (threads.py)
     # On a GPU, batches up to this many texts replay CUDA graphs captured at load (text/graphs.py); 0: eager
     cuda_graph_max_batch: int = 64
     # Rows of a batch run in groups of similar length of at most this many tokens (rows x padded length), so that
@@ -151,7 +151,7 @@ class DetectorConfig:
     # here, once. On the H200 the IPC path cost nms 1.38 ms per request (the copy, CUDA in its stub) against a host
     # step's 0.17 ms, and nms then held the pipeline back.
     output_on_device: bool = False
-    cpu_threads: int = 0  # torch threads; 0: all cores on a CPU instance, 1 on a GPU instance (see threads.py)
+    cpu_threads: int = 0  # torch threads; 0: the cores shared among its CPU instances, 1 on a GPU instance (threads.py)
     # On a GPU, batches up to this many images (capped by the model's max_batch_size in Triton) replay CUDA graphs
     # of the network and the candidate filter (vision/detector.py GraphedFilter); 0: eager
     cuda_graph_max_batch: int = 64

@@ -26,6 +26,11 @@ def stage_threads(device: torch.device, requested: int) -> int | None:
     return GPU_INSTANCE_THREADS if device.type == "cuda" else None
 
 
+def shared_cpu_threads(instances: int) -> int:
+    """Torch threads for each of a model's `instances` CPU instances: the cores torch would use, shared."""
+    return max(1, torch.get_num_threads() // instances)
+
+
 def set_stage_threads(device: torch.device, requested: int) -> int:
     """Set torch's intra-op threads (process-wide) for a stage instance on `device`; returns the count in use."""
     count = stage_threads(device, requested)

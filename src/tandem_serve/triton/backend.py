@@ -7,6 +7,7 @@ Outputs always go through DLPack (`Tensor.from_dlpack`): with numpy 2 in the stu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Callable, Sequence, TypeVar
@@ -19,6 +20,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.stage_config import parse_stage_config, resolve_paths
+from tandem_serve.threads import shared_cpu_threads
 from tandem_serve.profiling import run_profiled
 
 _Settings = TypeVar("_Settings")
@@ -79,7 +81,17 @@ def stage_settings(args: dict[str, str], settings_cls: type[_Settings]) -> tuple
     """For `initialize`: bridge logging, then the model config and its parameters parsed into `settings_cls`."""
     bridge_logging()
     config = model_config(args)
-    return config, parse_stage_config(settings_cls, resolve_paths(parameters(config), args.get("model_repository", "")))
+    settings = parse_stage_config(settings_cls, resolve_paths(parameters(config), args.get("model_repository", "")))
+    sharing = cpu_instance_count(config)
+    if getattr(settings, "cpu_threads", None) == 0 and instance_device(args) == "cpu" and sharing > 1:
+        settings = dataclasses.replace(settings, cpu_threads=shared_cpu_threads(sharing))
+    return config, settings
+
+
+def cpu_instance_count(config: dict[str, Any]) -> int:
+    """How many CPU instances the model runs (KIND_AUTO groups count where Triton made them CPU instances)."""
+    return sum(int(g.get("count", 1)) for g in config.get("instance_group", [])
+               if g.get("kind", "KIND_AUTO") in ("KIND_CPU", "KIND_AUTO"))
 
 
 def parameters(config: dict[str, Any]) -> dict[str, str]:
