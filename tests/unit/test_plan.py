@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,10 +11,11 @@ import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import project_root
+from tandem_serve.triton.queue_policy import stalling_models
 from tandem_serve.tuning.explain import format_report
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
-from tandem_serve.tuning.render import ensemble_problems, read_config, render
+from tandem_serve.tuning.render import apply_stage, ensemble_problems, read_config, render
 from tandem_serve.tuning.serving_cost import ServingCost
 from tandem_serve.tuning.torchserve_workers import TorchServeCost
 
@@ -101,6 +103,19 @@ def test_the_tokenizer_takes_one_request_per_execution(tmp_path):
     assert ensemble_problems(tmp_path / "triton", report.chosen["text"].ensemble) == []
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.dynamic_batching.default_queue_policy.max_queue_size > 0  # the shipped queue bound is kept
+    assert stalling_models([tmp_path / "triton"]) == []  # and on two instances or more wherever it is set
+
+
+def test_a_queue_bounded_stage_planned_on_one_instance_is_rendered_on_two():
+    """One GPU encoder instance may be all the plan needs, but with the shipped queue bound Triton's batcher would
+    lose the wake-up of a finishing instance (triton/queue_policy.py): the rendered config runs two."""
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
+    encoder = dataclasses.replace(report.chosen["text"].stages[-1], instances=1)
+    shipped = read_config(project_root() / "model_repository" / encoder.stage / "config.pbtxt")
+    config = apply_stage(shipped, encoder, min_batch=1)
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2, [0])]
+    assert apply_stage(shipped, dataclasses.replace(encoder, instances=3), min_batch=1).instance_group[0].count == 3
 
 
 def test_token_embedding_stays_on_the_cpu_when_the_copy_is_free_and_the_gpu_is_the_bottleneck():

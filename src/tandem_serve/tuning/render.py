@@ -13,6 +13,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
+from tandem_serve.triton.queue_policy import MIN_INSTANCES, instance_count, stalls
 from tandem_serve.tuning.plan import TOKEN_BUDGET_STAGES, PipelinePlan, PlanReport, StagePlan
 from tandem_serve.tuning.torchserve_workers import MIN_WORKERS, TorchServeWorkers
 
@@ -57,8 +58,11 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
             out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=stage.cpu_instances)
     else:
         out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=stage.instances)
-    out.dynamic_batching.preferred_batch_size[:] = [b for b in stage.preferred_batches if b <= out.max_batch_size]
-    out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
+    if stalls(out):  # a queue-bounded model on one instance loses Triton's wake-ups (triton/queue_policy.py)
+        out.instance_group[0].count += MIN_INSTANCES - instance_count(out)
+    if out.max_batch_size > 0:  # one request per execution needs no batcher
+        out.dynamic_batching.preferred_batch_size[:] = [b for b in stage.preferred_batches if b <= out.max_batch_size]
+        out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
     if stage.precision not in ("-", "int8") and "precision" in out.parameters:
         out.parameters["precision"].string_value = stage.precision
     if stage.stage in TOKEN_BUDGET_STAGES:  # written whether or not the source config lists it
