@@ -259,12 +259,13 @@ def test_a_malformed_length_prefix_fails_only_its_own_request(server):
 
 
 def test_the_tokenizer_never_batches_a_malformed_request_with_queued_ones(tmp_path):
-    """One tokenizer instance, 63 long texts and one malformed request at once, straight to the model: requests
-    queue up (a dynamic batcher would batch them, and the Python backend would fail the whole batch); each is
-    executed alone and only the malformed one fails."""
+    """The shipped tokenizer (two instances, queue bound 1024), a long text and 63 short requests, one of them
+    malformed, at once, straight to the model: requests queue up (a dynamic batcher would batch them, and the
+    Python backend would fail the whole batch); each is executed alone and only the malformed one fails. With one
+    instance, Triton's batcher lost wake-ups and some requests hit the 10 s queue timeout (triton/queue_policy.py)."""
     from tandem_serve.stats import read_statistics
 
-    repo = _tokenizer_repository(tmp_path / "repo", queue_size=1024)
+    repo = _tokenizer_repository(tmp_path / "repo")
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", supervise=False)) as triton:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
         send = functools.partial(_send_bytes, stub, "tokenizer", "TEXT")
@@ -352,12 +353,15 @@ def test_another_local_user_reads_no_key_no_region_and_no_log(server):
     assert "READABLE" not in result.stdout, result.stdout
 
 
-def _tokenizer_repository(root: Path, queue_size: int) -> Path:
+def _tokenizer_repository(root: Path, queue_size: int | None = None, instances: int | None = None) -> Path:
+    """A repository of the shipped tokenizer alone, its queue bound and instance count changed where given."""
     source = default_repositories()[0] / "tokenizer"
     config = text_format.Parse((source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    config.dynamic_batching.default_queue_policy.max_queue_size = queue_size
-    del config.instance_group[:]
-    config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU, count=1)
+    if queue_size is not None:
+        config.dynamic_batching.default_queue_policy.max_queue_size = queue_size
+    if instances is not None:
+        del config.instance_group[:]
+        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU, count=instances)
     target = root / "tokenizer"
     target.mkdir(parents=True)
     (target / "1").symlink_to(source / "1", target_is_directory=True)
@@ -367,7 +371,7 @@ def _tokenizer_repository(root: Path, queue_size: int) -> Path:
 
 def test_overload_is_refused_fast_with_unavailable(tmp_path):
     """A queue bound of 2 and 48 concurrent long requests: the excess gets UNAVAILABLE at once, nothing hangs."""
-    repo = _tokenizer_repository(tmp_path / "repo", queue_size=2)
+    repo = _tokenizer_repository(tmp_path / "repo", queue_size=2, instances=1)
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", supervise=False)) as triton:
         text = " ".join(["overload"] * 2000)
 
@@ -390,7 +394,7 @@ def test_overload_is_refused_fast_with_unavailable(tmp_path):
 
 
 def test_stop_is_prompt_after_a_stub_died(tmp_path):
-    repo = _tokenizer_repository(tmp_path / "repo", queue_size=16)
+    repo = _tokenizer_repository(tmp_path / "repo", queue_size=16, instances=1)
     triton = EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws",
                                           supervisor=SupervisorOptions(interval_s=0.2))).start()
     try:
