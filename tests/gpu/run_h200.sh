@@ -19,6 +19,7 @@
 # and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS);
 # ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads. Bulk: after wheels, model1,
 # numpy1, bulk carry [".carry/model2"] (BULK_ARGS; replan first for a planned repository).
+# Queue policy: after wheels, model1, numpy1, queue-policy carry [".carry/model2"] (QUEUE_ARGS, QUEUE_ENSEMBLES).
 # Token budget: after wheels, model1, numpy1, token-budget carry [".carry/model2"] (BUDGET_ARGS, PLAN_ARGS), then
 # suite SUITE_ARGS="--workloads minilm".
 # The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).
@@ -158,6 +159,16 @@ token-budget)  # issue 18, after wheels, model1, numpy1; carry [".carry/model2"]
     rm -rf "$base/plans/minilm"
     python3 -m tandem_serve.cli plan "$out/profile-minilm.json" ${PLAN_ARGS:-} --out "$base/plans/minilm" 2>&1 \
         | tee "$out/plan-minilm.txt" | head -40
+    ;;
+queue-policy)  # after wheels, model1, numpy1; carry [".carry/model2"]: bench/queue_policy.py on both ensembles (the
+    # shipped two instances vs one bottleneck instance vs no queue policy, closed load; QUEUE_ARGS)
+    [ -f "$base/model/model.safetensors" ] || assemble_model
+    export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export TANDEM_STUB_PYTHONPATH="$base/numpy1"
+    for e in ${QUEUE_ENSEMBLES:-text_embedding_fused object_detection}; do
+        python3 bench/queue_policy.py --ensemble "$e" --out "$out/queue-policy-$e.json" ${QUEUE_ARGS:-} 2>&1 \
+            | grep "round\|Error\|error" | tail -12
+    done
     ;;
 litserve)  # issue 18, after wheels; carry [".carry/litserve"]: the suite's external peer (LitServe + sentence-transformers)
     install_carried litserve "$base/site"
