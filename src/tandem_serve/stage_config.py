@@ -43,6 +43,9 @@ def resolve_paths(values: dict[str, str], model_directory: str) -> dict[str, str
 
 def parse_stage_config(cls: type[_T], parameters: Mapping[str, object]) -> _T:
     """Build `cls` from string (or YAML scalar) parameters; unknown keys and bad values raise ConfigError."""
+    combined = getattr(cls, "from_parameters", None)
+    if combined is not None:  # a stage made of others (Utf8EncoderConfig): its parts take their own keys
+        return combined(parameters)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {}
     for name, raw in parameters.items():
@@ -115,6 +118,42 @@ class EncoderConfig:
             raise ConfigError("parameter 'cuda_graph_max_batch' must be >= 0 (0: no CUDA graphs)")
         if self.max_batch_tokens < 0:
             raise ConfigError("parameter 'max_batch_tokens' must be >= 0 (0: no token budget)")
+
+
+@dataclass(frozen=True)
+class Utf8EncoderConfig:
+    """Settings of the `encoder_utf8` stage, which tokenizes and encodes in one step: the tokenizer's and the fused
+    encoder's parameters side by side in one model (`model_dir` serves both)."""
+
+    tokenizer: TokenizerConfig
+    encoder: EncoderConfig
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.encoder.cpu_threads
+
+    def with_cpu_threads(self, threads: int) -> "Utf8EncoderConfig":
+        return dataclasses.replace(self, encoder=dataclasses.replace(self.encoder, cpu_threads=threads))
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, object]) -> "Utf8EncoderConfig":
+        """Each parameter to the part that knows it; one neither knows raises ConfigError naming all known."""
+        parts = (TokenizerConfig, EncoderConfig)
+        known = [{f.name for f in dataclasses.fields(part)} for part in parts]
+        for name in parameters:
+            if not name.isupper() and not any(name in k for k in known):
+                raise ConfigError(f"unknown parameter {name!r}; known: {sorted(set().union(*known))}")
+        if str(parameters.get("fuse_token_embedding", "true")).strip().lower() in _FALSE:
+            raise ConfigError("encoder_utf8 embeds the token ids itself: parameter 'fuse_token_embedding' must be true")
+        tokenizer, encoder = (parse_stage_config(part, {k: v for k, v in parameters.items() if k in names})
+                              for part, names in zip(parts, known))
+        return cls(tokenizer, dataclasses.replace(encoder, fuse_token_embedding=True))
+
+
+def with_cpu_threads(settings: _T, threads: int) -> _T:
+    """`settings` with torch's thread count `threads` (a combined stage's own `with_cpu_threads` where it has one)."""
+    own = getattr(settings, "with_cpu_threads", None)
+    return own(threads) if own else dataclasses.replace(settings, cpu_threads=threads)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ Outputs always go through DLPack (`Tensor.from_dlpack`): with numpy 2 in the stu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from typing import Any, Callable, Sequence, TypeVar
@@ -19,7 +18,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
-from tandem_serve.stage_config import parse_stage_config, resolve_paths
+from tandem_serve.stage_config import parse_stage_config, resolve_paths, with_cpu_threads
 from tandem_serve.threads import shared_cpu_threads
 from tandem_serve.profiling import run_profiled
 
@@ -84,7 +83,7 @@ def stage_settings(args: dict[str, str], settings_cls: type[_Settings]) -> tuple
     settings = parse_stage_config(settings_cls, resolve_paths(parameters(config), args.get("model_repository", "")))
     sharing = cpu_instance_count(config)
     if getattr(settings, "cpu_threads", None) == 0 and instance_device(args) == "cpu" and sharing > 1:
-        settings = dataclasses.replace(settings, cpu_threads=shared_cpu_threads(sharing))
+        settings = with_cpu_threads(settings, shared_cpu_threads(sharing))
     return config, settings
 
 
