@@ -146,26 +146,45 @@ def _text_array(texts: Sequence[str | bytes]) -> np.ndarray:
     return np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
 
 
+def utf8_text_array(text: str | bytes) -> np.ndarray:
+    """One text as the uint8 [1, bytes] tensor `text_embedding_utf8` takes."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8)[None]
+
+
 class TextEmbeddingClient(TensorClient):
     """Embeds texts through a `text_embedding`-style ensemble; splits inputs into allowed batches.
 
-    `shm="system"` or `"cuda"` sends texts and receives embeddings through shared memory.
+    `shm="system"` or `"cuda"` sends texts and receives embeddings through shared memory. A model whose `text` is
+    UINT8 (`text_embedding_utf8`) gets one request per text, its UTF-8 bytes.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "text_embedding", timeout_s: float = 60.0,
                  shm: str = "none", shm_slots: int = 4, shm_bytes: int = 1 << 20, shm_key: str | None = None):
         super().__init__(url, protocol, model, timeout_s, shm, shm_slots, shm_bytes, shm_key)
-        self.max_batch_size = self._max_batch_size()
+        self.max_batch_size, self.utf8 = self._read_config()
 
-    def _max_batch_size(self) -> int:
+    def _read_config(self) -> tuple[int, bool]:
+        """The model's max_batch_size (at least 1) and whether its `text` input is UTF-8 bytes (UINT8)."""
         config = self.client.get_model_config(self.model)
         if self.protocol == "grpc":
-            return int(config.config.max_batch_size) or 1
-        return int(config.get("max_batch_size", 0)) or 1
+            from tritonclient.grpc import model_config_pb2 as mc
+
+            config = config.config
+            types = {t.name: mc.DataType.Name(t.data_type) for t in config.input}
+            return int(config.max_batch_size) or 1, types.get("text") == "TYPE_UINT8"
+        types = {t["name"]: t["data_type"] for t in config.get("input", [])}
+        return int(config.get("max_batch_size", 0)) or 1, types.get("text") == "TYPE_UINT8"
 
     def embed(self, texts: Sequence[str | bytes], prompt_name: str | None = None) -> np.ndarray:
         """Embeddings as the model's head computes them, float32 [len(texts), embedding size]; `prompt_name`: one
         of the model's prompts prepended to every text (default: the model's default prompt, if any)."""
+        if self.utf8:
+            if prompt_name is not None:
+                raise ValueError(f"{self.model} takes no prompt name (it uses the model's default prompt); "
+                                 "use text_embedding_fused for named prompts")
+            rows = [self.infer_tensors([("text", utf8_text_array(t))], ["embedding"])["embedding"] for t in texts]
+            return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         chunks = []
         for start in range(0, len(texts), self.max_batch_size):
             chunk = texts[start : start + self.max_batch_size]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
-from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
+from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, Utf8EncoderConfig
+from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage, Utf8EmbeddingStage
 from tandem_serve.triton import backend
 
 logger = logging.getLogger(__name__)
@@ -78,4 +78,25 @@ class EncoderModel:
             compute=self.stage,
             encode=lambda embedding: [backend.output_tensor("EMBEDDING", embedding)],
             stage="encoder",
+        )
+
+
+class Utf8EncoderModel:
+    """TEXT (uint8 UTF-8 bytes, one text per row) -> EMBEDDING, tokenized and encoded in one step."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config, settings = backend.stage_settings(args, Utf8EncoderConfig)
+        self.stage = Utf8EmbeddingStage(settings, backend.instance_device(args))
+        backend.expect_dims(config, "output", "EMBEDDING", [self.stage.files.embedding_size],
+                            "set EMBEDDING dims to the model's embedding size here and in the ensembles "
+                            "(`tandem repository export --model-dir` writes them)")
+        logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.encoder.device)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return backend.respond(
+            requests,
+            decode=lambda r: self.stage.decode(backend.input_tensor(r, "TEXT")),
+            compute=self.stage,
+            encode=lambda embedding: [backend.output_tensor("EMBEDDING", embedding)],
+            stage="encoder_utf8",
         )
