@@ -45,11 +45,16 @@ def pipeline_of(ensemble: str) -> str:
     return "text" if ensemble.startswith("text") else "detection"
 
 
-def triton_requests(pipeline: str, count: int, seed: int = 0, items: int = 1) -> list[list[tuple[str, np.ndarray]]]:
+def triton_requests(pipeline: str, count: int, seed: int = 0, items: int = 1,
+                    utf8: bool = False) -> list[list[tuple[str, np.ndarray]]]:
     """Inputs of `count` requests of `items` texts (text) or one image each to a pipeline's ensemble, as (name, array)
-    pairs."""
+    pairs; `utf8`: one text per request as its UTF-8 bytes, for `text_embedding_utf8`."""
     if pipeline == "text":
         texts = [t.encode("utf-8") for t in mixed_length_texts(count * items, seed)]
+        if utf8:
+            if items != 1:
+                raise ValueError("text_embedding_utf8 takes one text per request")
+            return [[("text", np.frombuffer(t, np.uint8)[None])] for t in texts]
         return [[("text", np.array(texts[i:i + items], dtype=object).reshape(items, 1))]
                 for i in range(0, len(texts), items)]
     if items != 1:
