@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = kinds.add_parser("text", help="embed texts")
     text.add_argument("text", nargs="+", help="one or more texts")
     _add_client_options(text)
-    text.add_argument("--model", default="text_embedding", help="text_embedding or text_embedding_fused (Triton)")
+    text.add_argument("--model", default="text_embedding", help="text_embedding, text_embedding_fused or text_embedding_utf8 (Triton)")
     text.add_argument("--json", action="store_true", help="print full vectors as JSON lines")
     text.add_argument("--prompt-name", help="one of the model's prompts (config_sentence_transformers.json), e.g. query")
     text.set_defaults(func=cmd_infer_text)
