@@ -188,5 +188,6 @@ class Utf8EmbeddingStage:
 
     def __call__(self, requests: Sequence[list[str]]) -> list[torch.Tensor]:
         """Per request its texts -> its embeddings, float32 [texts, embedding size] on the host."""
-        batches = self.tokenize(requests)
-        return self.encoder([(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask)) for b in batches])
+        batch = self.tokenize.tokenizer([text for texts in requests for text in texts])  # one padded batch, one call
+        (embeddings,) = self.encoder([(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))])
+        return split_rows(embeddings, [len(texts) for texts in requests])
