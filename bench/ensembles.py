@@ -26,7 +26,7 @@ from _common import machine
 from suite import shipped_repository
 from tandem_serve.loadgen import LoadSpec, TritonSender, measure
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests
+from tandem_serve.workloads import OUTPUTS, ensemble_requests, pipeline_of
 
 logger = logging.getLogger("bench.ensembles")
 
@@ -51,7 +51,7 @@ def main() -> int:
             for ensemble in args.ensembles:
                 pipeline = pipeline_of(ensemble)
                 sender = functools.partial(TritonSender, server.grpc_url, "grpc", ensemble,
-                                           triton_requests(pipeline, 64, seed=3), OUTPUTS[pipeline], timeout_s=60.0)
+                                           ensemble_requests(ensemble, 64, seed=3), OUTPUTS[pipeline], timeout_s=60.0)
                 for processes in args.client_processes:
                     specs = [LoadSpec("closed", c, seconds=args.seconds) for c in args.concurrency]
                     for point in measure(sender, specs, stats=stats, processes=processes):

@@ -33,7 +33,7 @@ from _common import machine  # noqa: E402
 from tandem_serve.loadgen import TritonSender  # noqa: E402
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions  # noqa: E402
 from tandem_serve.triton.stubs import SHM_DIR, server_stubs  # noqa: E402
-from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests  # noqa: E402
+from tandem_serve.workloads import OUTPUTS, ensemble_requests, pipeline_of  # noqa: E402
 
 logger = logging.getLogger("soak")
 CLIENT_PREFIX = "tandem"  # the project's clients' regions (ShmPool's default prefix)
@@ -139,7 +139,7 @@ async def soak(server: EmbeddedTriton, ensemble: str, shm: str, requests: int, c
     run = SoakRun(ensemble, shm, requests, concurrency, dev_shm_before_mb=stub_shm_mb(server),
                   client_shm_before_mb=client_shm_mb(), registrations_before=registrations(server))
     restarts_before = sum(m["restarts"] for m in server.health_status().models.values())
-    payloads = triton_requests(pipeline_of(ensemble), 64, seed=11)
+    payloads = ensemble_requests(ensemble, 64, seed=11)
     url = server.grpc_url
     next_index = 0
     lock = asyncio.Lock()

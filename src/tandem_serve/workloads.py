@@ -45,6 +45,11 @@ def pipeline_of(ensemble: str) -> str:
     return "text" if ensemble.startswith("text") else "detection"
 
 
+def ensemble_requests(ensemble: str, count: int, seed: int = 0) -> list[list[tuple[str, np.ndarray]]]:
+    """`count` requests of the kind `ensemble` takes: a text (its UTF-8 bytes for text_embedding_utf8) or an image."""
+    return triton_requests(pipeline_of(ensemble), count, seed, utf8=ensemble == "text_embedding_utf8")
+
+
 def triton_requests(pipeline: str, count: int, seed: int = 0, items: int = 1,
                     utf8: bool = False) -> list[list[tuple[str, np.ndarray]]]:
     """Inputs of `count` requests of `items` texts (text) or one image each to a pipeline's ensemble, as (name, array)

@@ -90,3 +90,23 @@ def test_the_rendered_plan_is_served_by_triton_and_tuned(planned, reference, tmp
             assert on_disk.max_batch_size == int(live[on_disk.name].get("max_batch_size", 0))
         with TextEmbeddingClient(server.grpc_url, "grpc", ensemble) as client:
             assert_cosines(client.embed(EDGE_TEXTS[:3]), reference(EDGE_TEXTS[:3]))
+
+
+def test_a_plan_for_utf8_clients_is_served_and_tuned_with_their_requests(planned, reference, tmp_path):
+    """`tandem plan --text-input utf8` renders text_embedding_utf8 alone; Triton serves it and `tandem tune`'s load is
+    one text's UTF-8 bytes per request."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["plan", str(planned / "profile.json"), "--text-input", "utf8", "--out", str(tmp_path / "repo")]) == 0
+    repo = tmp_path / "repo" / "triton"
+    assert json.loads((tmp_path / "repo" / "plan.json").read_text())["plans"]["text"]["ensemble"] == "text_embedding_utf8"
+    assert sorted(p.name for p in repo.iterdir()) == ["encoder_utf8", "text_embedding_utf8"]
+    options = TritonOptions(model_repositories=[repo], model_control=True, workspace=tmp_path / "triton")
+    with EmbeddedTriton(options) as server:
+        with TextEmbeddingClient(server.grpc_url, "grpc", "text_embedding_utf8") as client:
+            assert client.utf8 and client.max_batch_size == 1
+            assert_cosines(client.embed(EDGE_TEXTS), reference(EDGE_TEXTS))
+        tuner = Tuner(TuneOptions(server.grpc_url, "text_embedding_utf8", concurrencies=(4,), seconds=1.5, rounds=1,
+                                  admin_key=server.admin_key))
+        trials = tuner.run()
+        assert trials[0].kept and all(p.errors == 0 and p.throughput > 0 for t in trials for p in t.points)
+        assert {s.model for s in trials[0].stages} == {"encoder_utf8"}  # the one composing model, tuned

@@ -502,3 +502,42 @@ def test_the_encoder_token_budget_is_where_its_token_rate_levels_off(tmp_path):
     flat = make_plan(text_profile(25.0), Objective())
     assert all(s.max_batch_tokens == 0 for s in flat.chosen["text"].stages)
     assert ": no token budget (its profiled token rate still climbs" in format_report(flat)
+
+
+def test_clients_sending_one_utf8_text_get_one_step_that_tokenizes_on_its_instances(tmp_path):
+    """--text-input utf8: the only placement is text_embedding_utf8, whose encoder_utf8 has encoder_fused's timings and
+    tokenize's CPU per item on its instances (their busy time, on the cores reserved for them), not a step of its own:
+    with the same measured step costs the cores serve more than through two steps; rendered with serial tokenization and
+    the ensemble, consistent. The default plan never offers it (the clients' input would change)."""
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.machine["cpus"] = 16
+    profile.serving = ServingCost(step_s=0.1e-3, byte_s=0.0, payload_bytes=MB, latencies_s={}, step_cpu_s=0.4e-3,
+                                  step_cpu_shared_s=0.3e-3, byte_cpu_s=0.0, request_cpu_s=0.25e-3, batched_mean=6.0)
+    two_steps = make_plan(profile, Objective()).chosen["text"]
+    report = make_plan(profile, Objective(), text_input="utf8")
+    plan = report.chosen["text"]
+    assert plan.ensemble == "text_embedding_utf8" and all(a.ensemble == "text_embedding_utf8"
+                                                          for a in report.alternatives["text"])
+    assert not any(a.ensemble == "text_embedding_utf8" for a in make_plan(profile, Objective()).alternatives["text"])
+    (stage,) = plan.stages
+    assert (stage.stage, stage.model, stage.device, stage.precision) == ("encoder_utf8", "encoder_utf8", "cuda:0", "fp16")
+    assert stage.host_cpu_per_item_ms == pytest.approx(0.05)  # tokenize's profiled CPU per item
+    assert stage.cost_per_item_ms == pytest.approx(0.11 + 1.0 / stage.batch, rel=1e-3)  # encoder_fused's
+    busy_s = (stage.cost_per_item_ms + stage.serving_per_item_ms + 0.05) / 1e3
+    cores = 16 - stage.instances
+    assert plan.cpu_bound == pytest.approx(cores / ((stage.serving_cpu_per_item_ms + 0.25) / 1e3), rel=1e-6)
+    assert plan.instance_bound == pytest.approx(stage.instances / busy_s, rel=1e-6)
+    assert plan.cpu_bound > two_steps.cpu_bound  # one step's CPU per item instead of two (this GPU bounds both)
+    assert plan.throughput == min(plan.cpu_bound, plan.gpu_bound, plan.instance_bound)
+    assert "its instances also tokenize, 0.050 ms of CPU per item" in format_report(report)
+    with pytest.raises(ValueError, match="text_input"):
+        make_plan(profile, Objective(), text_input="json")
+    render(report, tmp_path)
+    repo = tmp_path / "triton"
+    assert sorted(p.name for p in repo.iterdir()) == ["encoder_utf8", "text_embedding_utf8"]
+    assert ensemble_problems(repo, "text_embedding_utf8") == []
+    config = read_config(repo / "encoder_utf8" / "config.pbtxt")
+    assert config.parameters["parallel"].string_value == "false"  # tokenized on the instance's thread, as planned
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, stage.instances)]
+    ts = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
+    assert ts["handler"]["encoder"]["fuse_token_embedding"] is True

@@ -47,7 +47,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    report = make_plan(profile, objective, sizes, args.gpus, args.cpus, cost, args.torchserve_concurrency)
+    report = make_plan(profile, objective, sizes, args.gpus, args.cpus, cost, args.torchserve_concurrency,
+                       args.text_input)
     if not report.chosen:
         logger.error("%s holds no stage timings to plan from", args.profile)
         return 1
@@ -129,6 +130,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--torchserve-concurrency", type=int, default=DESIGN_CONCURRENCY,
                       help="requests in flight TorchServe's batches are sized for (default %(default)s): TorchServe "
                       "hands a free worker all it has queued up to batchSize, so batchSize is this over the workers")
+    plan.add_argument("--text-input", choices=("bytes", "utf8"), default="bytes",
+                      help="what text clients send: BYTES texts, any number per request (text_embedding, "
+                      "text_embedding_fused; default), or one text per request as its UTF-8 bytes (text_embedding_utf8: "
+                      "tokenized in the encoder's step, one step per request)")
     plan.add_argument("--out", type=Path, help="write Triton configs, TorchServe model-config.yaml and plan.json here")
     plan.set_defaults(func=cmd_plan)
 

@@ -32,6 +32,13 @@ def _token_budget_lines(plan: PipelinePlan) -> list[str]:
     return lines
 
 
+def _host_work_lines(plan: PipelinePlan) -> list[str]:
+    """GPU stages whose instances also work on the host (encoder_utf8 tokenizing its batch)."""
+    return [f"  {s.stage}: its instances also tokenize, {s.host_cpu_per_item_ms:.3f} ms of CPU per item (the profiled "
+            "tokenize, on the instance's own thread and core), counted in their busy time"
+            for s in plan.stages if s.host_cpu_per_item_ms]
+
+
 def _why(plan: PipelinePlan, alternatives: list[PipelinePlan]) -> list[str]:
     """For each stage: the best plan that puts it elsewhere (other device, or another ensemble) and the cost."""
     lines = []
@@ -80,6 +87,7 @@ def format_report(report: PlanReport, top: int = 5) -> str:
                     f"~{plan.latency_ms:.1f} ms, {plan.bottleneck}-bound (CPU bound {plan.cpu_bound:.0f}/s, "
                     f"GPU bound {plan.gpu_bound:.0f}/s, GPU instances {plan.instance_bound:.0f}/s){ok}"]
         out += _stage_table(plan)
+        out += _host_work_lines(plan)
         out += _token_budget_lines(plan)
         if pipeline in report.torchserve:
             out.append("  " + report.torchserve[pipeline].explain())

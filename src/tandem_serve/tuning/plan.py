@@ -38,9 +38,17 @@ PIPELINES = {  # pipeline -> placements: (ensemble, stages in order)
              ("text_embedding_fused", ("tokenize", "encoder_fused"))],
     "detection": [("object_detection", ("image_preprocess", "detector", "nms"))],
 }
+# What the text clients send: BYTES texts (any number per request; the placements above), or one text per request as
+# its UTF-8 bytes (`text_embedding_utf8`, which only such clients can call: the plan does not change the API by itself)
+TEXT_INPUTS = {"bytes": PIPELINES["text"], "utf8": [("text_embedding_utf8", ("encoder_utf8",))]}
 MODEL_OF_STAGE = {"tokenize": "tokenizer", "token_embedding": "token_embedding", "encoder": "encoder",
-                  "encoder_fused": "encoder_fused", "image_preprocess": "image_preprocess", "detector": "detector",
-                  "nms": "nms"}
+                  "encoder_fused": "encoder_fused", "encoder_utf8": "encoder_utf8",
+                  "image_preprocess": "image_preprocess", "detector": "detector", "nms": "nms"}
+# Stages made of two profiled ones: (host part, device part). encoder_utf8's instance tokenizes its batch on its own
+# thread (rendered `parallel: false`), then runs encoder_fused: the device part's timings, with the host part's CPU
+# time per item added to the instance's busy time (on the core the plan reserves for each GPU instance).
+COMBINED_STAGES = {"encoder_utf8": ("tokenize", "encoder_fused")}
+DEVICE_STAGES = ("encoder", "encoder_fused", "encoder_utf8", "detector")  # the network's stage in each pipeline
 # Stages that may run on both devices at once (Triton instance groups of both kinds): image_preprocess decodes
 # JPEGs with nvJPEG on a KIND_GPU instance and on the cores of its KIND_CPU instances.
 SPLITTABLE = {"encoder", "encoder_fused", "detector", "image_preprocess"}
@@ -51,6 +59,9 @@ ONE_REQUEST_STAGES = {"tokenize"}
 LATENCY_SLACK = 2.0  # p99 ~ this x the no-queue latency estimate
 CPU_BATCH_SLACK = 1.05  # a CPU stage batches no more than it takes to get within 5 % of its best cost per item
 MAX_GPU_INSTANCES = 4  # per GPU stage and GPU (`tandem tune` may add more)
+# A GPU stage that also works on the host (encoder_utf8) is busy mostly on its core: it may have up to this share
+# of the cores as instances
+MAX_HOST_WORK_INSTANCE_SHARE = 0.5
 # CPU stages get instances for this much more than their share of the cores serves: served under load the tokenizer's
 # instances were busier per request than profiled alone (0.48 vs 0.40 ms, H200, 2026-12-04) and capped the pipeline
 # at their count, while an idle instance's stub costs no CPU
@@ -64,7 +75,7 @@ NEAR_BEST = 0.98  # plans this close to the best throughput count as equal; the 
 # the best profiled rate: beyond it the device gains little from longer calls, so rows of very different lengths run
 # apart (text/token_budget.py, whose cost per extra call assumes this share)
 TOKEN_RATE_SHARE = 0.9
-TOKEN_BUDGET_STAGES = {"encoder", "encoder_fused"}
+TOKEN_BUDGET_STAGES = {"encoder", "encoder_fused", "encoder_utf8"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class StagePlan:
     input_copy_ms: float = 0.0  # per item, the H2D copy of its input (charged only when it comes from the host)
     host_input_step_ms: float = 0.0  # per item, the step's CPU cost of receiving its input through host memory
     max_batch_tokens: int = 0  # an encoder's token budget per call (0: none; see token_budget)
+    host_cpu_per_item_ms: float = 0.0  # per item, CPU work the stage's own instance does beside its device compute
 
     @property
     def model(self) -> str:
@@ -128,6 +140,11 @@ class PipelinePlan:
     gpu_bound: float
     instance_bound: float = math.inf  # what the GPU stages' instances (one batch at a time each) can serve
     gpus: int = 1  # GPUs of one host the GPU stages spread over (instances per GPU = ceil(instances / gpus))
+
+    @property
+    def device_stage(self) -> StagePlan:
+        """The stage running the network (the encoder or the detector; the last stage where none is)."""
+        return next((s for s in self.stages if s.stage in DEVICE_STAGES), self.stages[-1])
 
     @property
     def bottleneck(self) -> str:
@@ -166,7 +183,11 @@ class TimingTable:
 
     def options(self, stage: str, size: int, min_accuracy: float) -> dict[tuple[str, str], list[StageTiming]]:
         """(device, precision) -> timings by batch, each batch at the profiled size nearest `size` (texts of the same
-        words pad to longer lengths in bigger batches: one size for all would drop the other batch sizes)."""
+        words pad to longer lengths in bigger batches: one size for all would drop the other batch sizes). A combined
+        stage has its device part's, where its host part was profiled too."""
+        if stage in COMBINED_STAGES:
+            host, device = COMBINED_STAGES[stage]
+            return self.options(device, size, min_accuracy) if self.options(host, size, min_accuracy) else {}
         nearest: dict[tuple[str, str, int], StageTiming] = {}
         for t in self.profile.stages:
             # int8 is profiled for its accuracy and speed, but no stage config offers it yet
@@ -205,10 +226,22 @@ class TimingTable:
         serving = self.profile.serving
         return serving.step_cpu_seconds(in_bytes, batch) if serving else 0.0
 
+    def host_seconds(self, stage: str, size: int, batch: int) -> float:
+        """A combined stage's host part, CPU seconds per item at `batch` items (the profiled batch nearest it, at the
+        size nearest `size`); 0 for other stages."""
+        if stage not in COMBINED_STAGES:
+            return 0.0
+        rows = [t for t in self.profile.stages if t.stage == COMBINED_STAGES[stage][0] and t.device == "cpu"]
+        if not rows:
+            return 0.0
+        nearest = min(rows, key=lambda t: (abs(t.size - size), abs(t.batch - batch)))
+        return nearest.seconds / nearest.batch
+
     def token_budget(self, stage: str, device: str, precision: str) -> int:
         """An encoder's tokens per call (rows x length) from its profiled (batch, length) timings: the fewest at which
         it runs within TOKEN_RATE_SHARE of its best token rate; 0 (no budget) when that is the largest profiled
         batch (the rate still climbing: nothing says where to cut) or fewer than two batches were profiled."""
+        stage = COMBINED_STAGES.get(stage, ("", stage))[1]  # a combined stage's encoder is its device part
         rows = [t for t in self.profile.stages if t.stage == stage and t.device == device and t.precision == precision]
         if len({t.batch * t.size for t in rows}) < 2:
             return 0
@@ -281,17 +314,27 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
         delay = 0
     else:
         delay = int(min(MAX_QUEUE_DELAY_US, 0.5 * timing.seconds * 1e6)) if on_gpu and timing.batch > 1 else 100
+    host = table.host_seconds(stage, timing.size, timing.batch)  # a combined stage's host part, before its compute
     return StagePlan(stage, timing.device, timing.precision, timing.batch, 1, delay,
                      cost_per_item_ms=seconds / timing.batch * 1e3, transfer_per_item_ms=transfer / timing.batch * 1e3,
                      serving_per_item_ms=step * 1e3, serving_cpu_per_item_ms=step_cpu * 1e3,
-                     latency_ms=(seconds + step) * 1e3 + delay / 1e3,
-                     input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3)
+                     latency_ms=(seconds + host * timing.batch + step) * 1e3 + delay / 1e3,
+                     input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3,
+                     host_cpu_per_item_ms=host * 1e3)
 
 
 def _instance_seconds(stage: StagePlan) -> float:
     """Seconds an instance of the stage is busy per item: as measured served, else its compute and copies plus its
-    ensemble step."""
-    return (stage.busy_per_item_ms or stage.cost_per_item_ms + stage.serving_per_item_ms) / 1e3
+    ensemble step, and any host work of its own."""
+    return (stage.busy_per_item_ms or stage.cost_per_item_ms + stage.serving_per_item_ms + stage.host_cpu_per_item_ms) / 1e3
+
+
+def _max_instances(stage: StagePlan, cpus: int, gpus: int) -> int:
+    """The most instances the plan gives a GPU stage: MAX_GPU_INSTANCES per GPU, more for one whose instances work on
+    the host (they are busy on their cores, not on the GPU)."""
+    if stage.host_cpu_per_item_ms:
+        return max(MAX_GPU_INSTANCES * gpus, int(MAX_HOST_WORK_INSTANCE_SHARE * cpus))
+    return MAX_GPU_INSTANCES * gpus
 
 
 def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus: int, gpus: int,
@@ -300,7 +343,8 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
     gpu_stages = [s for s in stages if s.device.startswith("cuda")]
     busiest = max(gpu_stages, key=lambda g: g.cost_per_item_ms).stage if gpu_stages else None
     counts = {s.stage: 2 if s.stage == busiest else 1 for s in gpu_stages}  # two overlap the busiest's Python work
-    # every step's stub and server work, and each request's own, on the cores
+    # every step's stub and server work, and each request's own, on the cores; a GPU stage's own host work
+    # (host_cpu_per_item_ms) runs on its instances' cores, reserved below, and counts in their busy time
     serving = sum(s.serving_cpu_per_item_ms for s in stages) / 1e3 + request_cpu_s
     sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
@@ -309,7 +353,7 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
         cores = max(1, cpus - sum(counts.values()))
         cpu_bound = cores / sum_c if sum_c else math.inf
         wanted = min(cpu_bound, gpu_bound)
-        counts = {g.stage: max(counts[g.stage], min(MAX_GPU_INSTANCES * gpus, math.ceil(wanted * _instance_seconds(g))))
+        counts = {g.stage: max(counts[g.stage], min(_max_instances(g, cpus, gpus), math.ceil(wanted * _instance_seconds(g))))
                   for g in gpu_stages}
     cores = max(1, cpus - sum(counts.values()))
     cpu_bound = cores / sum_c if sum_c else math.inf
@@ -348,10 +392,10 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
 
 
 def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size: int | None = None,
-                  gpus: int | None = None, cpus: int | None = None) -> list[PipelinePlan]:
+                  gpus: int | None = None, cpus: int | None = None, text_input: str = "bytes") -> list[PipelinePlan]:
     """Every scored combination for one pipeline, best first (the objective's feasible plans lead). `gpus`: plan for
     that many GPUs of the profiled kind in one host (default the profiled machine's); `cpus`: for that many cores
-    (default the profiled machine's)."""
+    (default the profiled machine's); `text_input`: what text clients send (TEXT_INPUTS)."""
     cpus = cpus or int(table.profile.machine.get("cpus", 1))
     request_cpu = table.request_cpu_seconds()
     gpus = gpus or max(1, len(table.profile.machine.get("gpus", [])))
@@ -360,7 +404,7 @@ def plan_pipeline(table: TimingTable, pipeline: str, objective: Objective, size:
         return []
     size = size or max(sizes)
     plans = []
-    for ensemble, stage_names in PIPELINES[pipeline]:
+    for ensemble, stage_names in (TEXT_INPUTS[text_input] if pipeline == "text" else PIPELINES[pipeline]):
         options = [table.options(stage, size, objective.min_accuracy) for stage in stage_names]
         if any(not o for o in options):
             continue
@@ -409,16 +453,20 @@ def handler_stage_costs(table: TimingTable, plan: PipelinePlan, objective: Objec
                     if t.batch <= device_batch]
             if rows:
                 out[stage.stage] = rows[-1].seconds / rows[-1].batch * 1e3
+        if stage.stage in COMBINED_STAGES:  # its host part (encoder_utf8 tokenizing) runs in the handler too
+            out[COMBINED_STAGES[stage.stage][0]] = stage.host_cpu_per_item_ms
     return out
 
 
 def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | None = None,
               gpus: int | None = None, cpus: int | None = None,
               torchserve_cost: TorchServeCost | None = None,
-              torchserve_concurrency: int = DESIGN_CONCURRENCY) -> PlanReport:
+              torchserve_concurrency: int = DESIGN_CONCURRENCY, text_input: str = "bytes") -> PlanReport:
     """The best plan for each pipeline in the profile (for `gpus` GPUs like the profiled one and `cpus` cores,
-    when given), and the TorchServe workers each needs (at `torchserve_cost` per request, default the measured) with
-    their batches for `torchserve_concurrency` requests in flight."""
+    when given; text for clients sending `text_input`), and the TorchServe workers each needs (at `torchserve_cost`
+    per request, default the measured) with their batches for `torchserve_concurrency` requests in flight."""
+    if text_input not in TEXT_INPUTS:
+        raise ValueError(f"text_input must be one of {sorted(TEXT_INPUTS)}, got {text_input!r}")
     table = TimingTable(profile)
     cpus = cpus or int(profile.machine.get("cpus", 1))
     report = PlanReport(objective, serving=profile.serving, cpus=cpus)
@@ -428,7 +476,7 @@ def make_plan(profile: Profile, objective: Objective, sizes: dict[str, int] | No
             why = "below the accuracy floor" if accuracy < objective.min_accuracy else "no stage config offers int8"
             report.rejected.append(f"{stage} {device} {precision}: accuracy {accuracy:.4f} vs fp32 ({why})")
     for pipeline in PIPELINES:
-        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline), gpus, cpus)
+        ranked = plan_pipeline(table, pipeline, objective, (sizes or {}).get(pipeline), gpus, cpus, text_input)
         if ranked:
             report.chosen[pipeline] = ranked[0]
             report.alternatives[pipeline] = ranked

@@ -71,6 +71,8 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
         for key, value in (("cpu_threads", "1"), ("parallel", "false")):
             if key in out.parameters:
                 out.parameters[key].string_value = value
+    elif stage.host_cpu_per_item_ms and "parallel" in out.parameters:  # host work on the instance's own thread, as planned
+        out.parameters["parallel"].string_value = "false"
     return out
 
 
@@ -139,7 +141,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
     handler = HANDLER_OF_PIPELINE[plan.pipeline]
     source = (handlers or handlers_dir()) / handler / "model-config.yaml"
     values = yaml.safe_load(source.read_text()) or {}
-    device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
+    device_stage = plan.device_stage
     on_gpu = device_stage.device.startswith("cuda")
     workers = max(MIN_WORKERS, device_stage.instances if served is None else served.workers)
     batch = device_stage.batch if served is None else served.batch_size
@@ -152,7 +154,7 @@ def render_torchserve(plan: PipelinePlan, target: Path, handlers: Path | None = 
     if device_stage.precision not in ("-", "int8"):
         stage_values["precision"] = device_stage.precision
     if plan.pipeline == "text":
-        stage_values["fuse_token_embedding"] = plan.ensemble == "text_embedding_fused"
+        stage_values["fuse_token_embedding"] = plan.ensemble in ("text_embedding_fused", "text_embedding_utf8")
     model_files = model_files or {}
     if plan.pipeline == "text" and model_files.get("model_dir"):
         section["model_dir"] = model_files["model_dir"]

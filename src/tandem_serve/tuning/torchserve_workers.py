@@ -69,9 +69,8 @@ def torchserve_batches(plan: "PipelinePlan", workers: int, concurrency: int) -> 
     fewer, larger launches serve more)."""
     if concurrency < 1:
         raise ValueError(f"TorchServe's design concurrency must be >= 1, got {concurrency}")
-    device_stage = next((s for s in plan.stages if s.stage in ("encoder", "encoder_fused", "detector")), plan.stages[-1])
     batch = 1 << max(0, (concurrency // workers).bit_length() - 1)
-    return batch, max(1, min(batch, max(device_stage.batch, batch // 2)))
+    return batch, max(1, min(batch, max(plan.device_stage.batch, batch // 2)))
 
 
 def torchserve_workers(plan: "PipelinePlan", cpus: int, cost: TorchServeCost | None = None,

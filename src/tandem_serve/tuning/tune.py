@@ -33,7 +33,7 @@ from tandem_serve.loadgen import LoadPoint, LoadSpec, TritonSender, measure
 from tandem_serve.stats import StageStats, read_statistics, stats_delta
 from tandem_serve.triton.keys import ADMIN_HEADER, header_for
 from tandem_serve.tuning.render import config_json, write_config
-from tandem_serve.workloads import OUTPUTS, pipeline_of, triton_requests
+from tandem_serve.workloads import OUTPUTS, ensemble_requests, pipeline_of
 
 logger = logging.getLogger(__name__)
 IMPROVEMENT = 1.03
@@ -82,7 +82,7 @@ class Tuner:
         self.headers = header_for("grpc", ADMIN_HEADER, options.admin_key) if options.admin_key else None
         ensemble = self.config(options.ensemble)
         self.models = [step.model_name for step in ensemble.ensemble_scheduling.step]
-        requests = triton_requests(pipeline_of(options.ensemble), 64, seed=3)
+        requests = ensemble_requests(options.ensemble, 64, seed=3)
         if options.protocol == "http" and not options.http_url:
             raise ConfigError("protocol 'http' needs the server's HTTP address (http_url)")
         load_url = options.http_url if options.protocol == "http" else options.url
