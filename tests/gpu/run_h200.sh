@@ -20,6 +20,10 @@
 # ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads. Bulk: after wheels, model1,
 # numpy1, bulk carry [".carry/model2"] (BULK_ARGS; replan first for a planned repository).
 # Queue policy: after wheels, model1, numpy1, queue-policy carry [".carry/model2"] (QUEUE_ARGS, QUEUE_ENSEMBLES).
+# One text per request as UTF-8 (text_embedding_utf8, issue 18): after wheels, model1, numpy1, PLAN_ARGS="--cpus 12"
+# replan carry [".carry/model2"] then ITEMS_ARGS="--items 1 16 --concurrency 256 512 --utf8-instances 4 8" items (the
+# two-step plan's rows beside text_embedding_utf8, one run); the plan for UTF-8 clients: PLAN_ARGS="--cpus 12
+# --text-input utf8" replan, then SUITE_ARGS="--workloads minilm" suite (its triton-plugin row is text_embedding_utf8).
 # Token budget: after wheels, model1, numpy1, token-budget carry [".carry/model2"] (BUDGET_ARGS, PLAN_ARGS), then
 # suite SUITE_ARGS="--workloads minilm".
 # The suite's LitServe peer: after wheels, litserve carry [".carry/litserve"] before suite (else it is skipped).

@@ -18,7 +18,7 @@ TEXTS = EDGE_TEXTS + mixed_texts(64, seed=5)
 
 def test_encoders_are_gpu_instances(triton):
     log = triton.log_path.read_text()
-    for name in ("encoder", "encoder_fused"):
+    for name in ("encoder", "encoder_fused", "encoder_utf8"):
         assert f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_0 (GPU device 0)" in log
         assert f"{name} instance {name}_0_0 ready on cuda:0" in log
     for name in ("tokenizer", "token_embedding"):
@@ -26,12 +26,46 @@ def test_encoders_are_gpu_instances(triton):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("model", ["text_embedding", "text_embedding_fused"])
+@pytest.mark.parametrize("model", ["text_embedding", "text_embedding_fused", "text_embedding_utf8"])
 def test_served_on_gpu_matches_reference(triton, reference, results, model, protocol):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     with TextEmbeddingClient(url, protocol, model) as client:
         served = client.embed(TEXTS)
     results[f"min_cosine_{model}_{protocol}"] = assert_cosines(served, reference(TEXTS))
+
+
+def test_utf8_requests_batched_on_the_gpu_and_a_bad_one_fails_alone(triton, reference, results):
+    """64 one-text UTF-8 requests at once, one of them invalid UTF-8: batched by encoder_utf8's GPU instances (CUDA
+    graphs), every good one its reference embedding, the bad one its own INVALID_ARG."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+
+    from tandem_serve.client import utf8_text_array
+    from tandem_serve.stats import read_statistics
+
+    texts = mixed_texts(63, seed=9)
+    payloads = [utf8_text_array(t) for t in texts]
+    payloads.insert(20, np.array([[0x61, 0xFF]], np.uint8))
+    status = grpcclient.InferenceServerClient(triton.grpc_url)
+    before = next(s for s in read_statistics(status, "grpc") if s.model == "encoder_utf8")
+
+    def send(payload):
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        tensor = grpcclient.InferInput("text", list(payload.shape), "UINT8")
+        tensor.set_data_from_numpy(payload)
+        try:
+            return client.infer("text_embedding_utf8", [tensor], client_timeout=60).as_numpy("embedding")
+        except Exception as exc:  # noqa: BLE001 - compared below
+            return str(exc)
+
+    with ThreadPoolExecutor(64) as pool:
+        served = list(pool.map(send, payloads))
+    bad = served.pop(20)
+    assert isinstance(bad, str) and "INVALID_ARGUMENT" in bad and "not valid UTF-8" in bad, bad
+    results["min_cosine_utf8_concurrent"] = assert_cosines(np.concatenate(served), reference(texts))
+    after = next(s for s in read_statistics(status, "grpc") if s.model == "encoder_utf8")
+    assert after.executions - before.executions < after.requests - before.requests == 64
 
 
 @pytest.mark.parametrize("precision,bound", [("fp32", 0.9999), ("fp16", 0.999), ("bf16", 0.99)])
