@@ -176,7 +176,6 @@ class Utf8EmbeddingStage:
     def __init__(self, config: Utf8EncoderConfig, device: str | torch.device = "cpu"):
         self.tokenize = TokenizeStage(config.tokenizer)
         self.encoder = EncoderStage(config.encoder, device)
-        self.files = self.encoder.files
 
     def decode(self, raw: torch.Tensor | np.ndarray) -> list[str]:
         """A request's uint8 [texts, bytes] tensor (rows zero-padded to the longest; trailing zero bytes are not text)

@@ -56,6 +56,14 @@ class TokenEmbeddingModel:
         )
 
 
+def _encoder_ready(config: dict[str, Any], args: dict[str, str], encoder: EncoderStage) -> None:
+    """Fail initialize where EMBEDDING's dims are not the model's embedding size; log the instance ready."""
+    backend.expect_dims(config, "output", "EMBEDDING", [encoder.files.embedding_size],
+                        "set EMBEDDING dims to the model's embedding size here and in the ensembles "
+                        "(`tandem repository export --model-dir` writes them)")
+    logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), encoder.device)
+
+
 class EncoderModel:
     """HIDDEN (or INPUT_IDS when fused) + ATTENTION_MASK -> EMBEDDING."""
 
@@ -65,10 +73,7 @@ class EncoderModel:
         self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
         if not settings.fuse_token_embedding:
             backend.expect_dims(config, "input", "HIDDEN", [-1, self.stage.hidden_size])
-        backend.expect_dims(config, "output", "EMBEDDING", [self.stage.files.embedding_size],
-                            "set EMBEDDING dims to the model's embedding size here and in the ensembles "
-                            "(`tandem repository export --model-dir` writes them)")
-        logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.device)
+        _encoder_ready(config, args, self.stage)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -87,10 +92,7 @@ class Utf8EncoderModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, Utf8EncoderConfig)
         self.stage = Utf8EmbeddingStage(settings, backend.instance_device(args))
-        backend.expect_dims(config, "output", "EMBEDDING", [self.stage.files.embedding_size],
-                            "set EMBEDDING dims to the model's embedding size here and in the ensembles "
-                            "(`tandem repository export --model-dir` writes them)")
-        logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), self.stage.encoder.device)
+        _encoder_ready(config, args, self.stage.encoder)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
