@@ -541,3 +541,13 @@ def test_clients_sending_one_utf8_text_get_one_step_that_tokenizes_on_its_instan
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, stage.instances)]
     ts = yaml.safe_load((tmp_path / "torchserve" / "text_embedding" / "model-config.yaml").read_text())
     assert ts["handler"]["encoder"]["fuse_token_embedding"] is True
+
+
+def test_a_combined_stage_on_the_cpu_charges_its_host_part_to_the_cores():
+    """encoder_utf8 on CPU instances: tokenizing and encoding both run on the shared cores (no GPU instance to hold it)."""
+    profile = text_profile(hidden_gb_per_s=1e6)
+    profile.stages = [t for t in profile.stages if t.device == "cpu"]
+    plan = make_plan(profile, Objective(), text_input="utf8").chosen["text"]
+    (stage,) = plan.stages
+    assert stage.device == "cpu" and stage.host_cpu_per_item_ms == pytest.approx(0.05)
+    assert plan.cpu_bound == pytest.approx(8 / ((stage.cost_per_item_ms + 0.05) / 1e3), rel=1e-6)

@@ -346,7 +346,7 @@ def score(pipeline: str, ensemble: str, size: int, stages: list[StagePlan], cpus
     # every step's stub and server work, and each request's own, on the cores; a GPU stage's own host work
     # (host_cpu_per_item_ms) runs on its instances' cores, reserved below, and counts in their busy time
     serving = sum(s.serving_cpu_per_item_ms for s in stages) / 1e3 + request_cpu_s
-    sum_c = sum(s.cost_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
+    sum_c = sum(s.cost_per_item_ms + s.host_cpu_per_item_ms for s in stages if s.device == "cpu") / 1e3 + serving
     sum_g = sum(s.cost_per_item_ms for s in gpu_stages) / 1e3
     gpu_bound = gpus / sum_g if sum_g else math.inf
     for _ in range(2):  # a GPU instance is one stub process doing one batch at a time: enough of them, a core each
