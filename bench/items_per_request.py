@@ -74,9 +74,9 @@ def with_utf8_encoder(repository: Path, instances: int) -> Path:
 
 
 def measure_rows(server: EmbeddedTriton, model: str, items: int, label: str, top: dict, args: argparse.Namespace) -> list[dict]:
-    """Closed-loop levels of requests of `items` texts to `model` (`label` "utf8 xN": one text's UTF-8 bytes)."""
+    """Closed-loop levels of requests of `items` texts to `model` (text_embedding_utf8: one text's UTF-8 bytes)."""
     stats = grpcclient.InferenceServerClient(server.grpc_url)
-    requests = triton_requests("text", 64, seed=3, items=items, utf8=label.startswith("utf8"))
+    requests = triton_requests("text", 64, seed=3, items=items, utf8=model == "text_embedding_utf8")
     sender = functools.partial(TritonSender, server.grpc_url, "grpc", model, requests, OUTPUTS["text"], timeout_s=60.0)
     specs = [LoadSpec("closed", c, seconds=args.seconds, warm_up=8) for c in args.concurrency]
     rows = []

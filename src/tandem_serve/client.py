@@ -170,11 +170,12 @@ class TextEmbeddingClient(TensorClient):
         if self.protocol == "grpc":
             from tritonclient.grpc import model_config_pb2 as mc
 
-            config = config.config
-            types = {t.name: mc.DataType.Name(t.data_type) for t in config.input}
-            return int(config.max_batch_size) or 1, types.get("text") == "TYPE_UINT8"
-        types = {t["name"]: t["data_type"] for t in config.get("input", [])}
-        return int(config.get("max_batch_size", 0)) or 1, types.get("text") == "TYPE_UINT8"
+            batch = config.config.max_batch_size
+            types = {t.name: mc.DataType.Name(t.data_type) for t in config.config.input}
+        else:
+            batch = config.get("max_batch_size", 0)
+            types = {t["name"]: t["data_type"] for t in config.get("input", [])}
+        return int(batch) or 1, types.get("text") == "TYPE_UINT8"
 
     def embed(self, texts: Sequence[str | bytes], prompt_name: str | None = None) -> np.ndarray:
         """Embeddings as the model's head computes them, float32 [len(texts), embedding size]; `prompt_name`: one
