@@ -6,9 +6,10 @@ The search (coordinate ascent on the bottleneck, not a grid):
    untimed requests per sender first), throughput and p50/p99, and per-stage statistics;
 2. the bottleneck is the composing model with the highest utilisation (compute time per second
    of wall time, per instance);
-3. try, in order, one more instance of it, then twice its queue delay with a larger preferred
-   batch; a change is applied through the model-control API (load with a config override) and
-   kept if the objective improves by at least 3 %, else the previous config is reloaded;
+3. try, in order, one more instance of it (with instances of both kinds: one more of each kind, then one
+   moved from one kind to the other), then twice its queue delay with a larger preferred batch; a
+   change is applied through the model-control API (load with a config override) and kept if the
+   objective improves by at least 3 %, else the previous config is reloaded;
 4. repeat from 2 for `rounds`, stopping early when no change helps.
 The objective is the highest throughput over the levels (or over the levels whose p99 meets the
 bound). Prints the trials, writes the best configs, plots the curves before and after.
@@ -133,23 +134,8 @@ class Tuner:
         return max(trial.stages, key=busy).model
 
     def candidates(self, model: str) -> list[tuple[str, mc.ModelConfig]]:
-        """Changes to try on the bottleneck, in order (a model of max_batch_size 0 never batches: instances only)."""
-        current = self.config(model)
-        more = mc.ModelConfig()
-        more.CopyFrom(current)
-        for group in more.instance_group:
-            group.count += 1
-        counts = "+".join(str(g.count) for g in more.instance_group)
-        if current.max_batch_size == 0:
-            return [(f"{model}: {counts} instance(s)", more)]
-        batch = mc.ModelConfig()
-        batch.CopyFrom(current)
-        delay = max(500, 2 * batch.dynamic_batching.max_queue_delay_microseconds)
-        batch.dynamic_batching.max_queue_delay_microseconds = delay
-        top = max(list(batch.dynamic_batching.preferred_batch_size) or [1])
-        if 2 * top <= batch.max_batch_size:
-            batch.dynamic_batching.preferred_batch_size.append(2 * top)
-        return [(f"{model}: {counts} instance(s)", more), (f"{model}: queue delay {delay} us, batches up to {2 * top}", batch)]
+        """Changes to try on the bottleneck, in order (`candidate_changes` of its current config)."""
+        return candidate_changes(model, self.config(model))
 
     def run(self) -> list[Trial]:
         """The trials in order; the search stops early (keeping what it has) if a reload fails or times out."""
@@ -175,6 +161,59 @@ class Tuner:
             logger.error("tuning stopped: %s (the server may now run a configuration that was not kept; "
                          "the best one measured is reported)", str(exc).splitlines()[0][:300])
         return trials
+
+
+def _kind_name(group: mc.ModelInstanceGroup) -> str:
+    """"GPU", "CPU" or "AUTO"."""
+    return mc.ModelInstanceGroup.Kind.Name(group.kind).removeprefix("KIND_")
+
+
+def _with_counts(config: mc.ModelConfig, deltas: dict[int, int]) -> mc.ModelConfig:
+    """A copy of `config` with instance group i's count changed by deltas[i]."""
+    changed = mc.ModelConfig()
+    changed.CopyFrom(config)
+    for index, delta in deltas.items():
+        changed.instance_group[index].count += delta
+    return changed
+
+
+def candidate_changes(model: str, current: mc.ModelConfig) -> list[tuple[str, mc.ModelConfig]]:
+    """Changes to try on a bottleneck stage, in order: more instances, then twice its queue delay with a larger
+    preferred batch (a model of max_batch_size 0 never batches: instances only).
+
+    A stage with instance groups of both kinds (the CPU-GPU split of `image_preprocess` or an encoder) is tuned one
+    kind at a time: one more GPU instance, one more CPU instance, then one instance moved from either kind to the
+    other (where the kind it leaves keeps one), so the split itself can move.
+    """
+    groups = list(current.instance_group)
+    kinds = {_kind_name(g) for g in groups}
+    changes: list[tuple[str, mc.ModelConfig]] = []
+    if len(kinds) > 1:
+        order = sorted(range(len(groups)), key=lambda i: _kind_name(groups[i]) != "GPU")  # GPU groups first
+        for i in order:
+            changes.append((f"{model}: one more {_kind_name(groups[i])} instance ({groups[i].count + 1})",
+                            _with_counts(current, {i: 1})))
+        for source in order:
+            for target in order:
+                if _kind_name(groups[source]) != _kind_name(groups[target]) and groups[source].count > 1:
+                    changes.append((f"{model}: one instance moved from {_kind_name(groups[source])} to "
+                                    f"{_kind_name(groups[target])} ({groups[source].count - 1} + "
+                                    f"{groups[target].count + 1})",
+                                    _with_counts(current, {source: -1, target: 1})))
+    else:
+        more = _with_counts(current, {i: 1 for i in range(len(groups))})
+        counts = "+".join(str(g.count) for g in more.instance_group)
+        changes.append((f"{model}: {counts} instance(s)", more))
+    if current.max_batch_size == 0:
+        return changes
+    batch = mc.ModelConfig()
+    batch.CopyFrom(current)
+    delay = max(500, 2 * batch.dynamic_batching.max_queue_delay_microseconds)
+    batch.dynamic_batching.max_queue_delay_microseconds = delay
+    top = max(list(batch.dynamic_batching.preferred_batch_size) or [1])
+    if 2 * top <= batch.max_batch_size:
+        batch.dynamic_batching.preferred_batch_size.append(2 * top)
+    return changes + [(f"{model}: queue delay {delay} us, batches up to {2 * top}", batch)]
 
 
 def best_trial(trials: list[Trial]) -> Trial:
