@@ -13,7 +13,8 @@
 # Issue 7 (after wheels, model1, numpy1): graphs and suite-prep carry [".carry/model2"], then ensembles and suite
 # (SUITE_ARGS, one workload per call).
 # Issue 17 (after wheels, model1, numpy1): decode carry [".carry/decode"]; detector carry [".carry/model2"]; after
-# suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824"). After wheels
+# suite-prep, flags (FLAGS_ARGS="--variant base= --variant pool=--cuda-memory-pool-byte-size=0:1073741824"; the
+# batching window at concurrency 1 vs under load: FLAGS_ARGS="--variant base= --delay-scales 1 0.25 0"). After wheels
 # alone: ts-decode carry [".carry/numpy1", ".carry/wheels2"] (the TorchServe handler decoding with nvJPEG / in tandem).
 # Issue 18, a real TorchServe on the GPU (tests/gpu/prepare_torchserve.sh here, after prepare_carry.sh): after wheels
 # and model1, ts-java carry [".carry/jre"], ts-wheel [".carry/torchserve"], ts-real [".carry/model2"] (TSREAL_ARGS);
