@@ -55,6 +55,11 @@ def test_profile_measures_the_ensemble_step_costs_on_the_real_server(planned):
     assert 0 < serving.step_s < 0.05
     assert 0.05e9 < 1 / serving.byte_s < 200e9  # bytes/s between two steps: shared memory, not a network
     assert "Triton step cost" in (planned / "plan.txt").read_text()
+    # the real tokenizer served alone: one instance, always a request waiting, so its requests are at least its
+    # compute time apart (the hand-off between executions on top), and the plan sizes its instances by that
+    tokenize = serving.adapters["tokenize"]
+    assert 0 < tokenize.busy_s <= tokenize.period_s * 1.02 and tokenize.period_s < 0.05
+    assert "ms apart, hand-off included" in (planned / "plan.txt").read_text()
 
 
 def test_the_rendered_plan_is_served_by_triton_and_tuned(planned, reference, tmp_path):

@@ -207,6 +207,28 @@ def test_a_one_request_stage_measured_served_is_costed_and_given_instances_by_wh
     assert ServingCost.from_json(serving.to_json()) == serving  # the adapters survive the profile's JSON
 
 
+def test_a_one_request_stage_is_given_instances_for_its_period_when_it_was_measured():
+    """Served alone, the tokenizer's instance computed 0.4 ms per request but took requests 0.55 ms apart (Triton's
+    hand-off between executions): its instances are sized, and its instance bound computed, with the 0.55 ms."""
+    from tandem_serve.tuning.serving_cost import AdapterCost
+
+    def plan_with(adapter: AdapterCost):
+        profile = text_profile(hidden_gb_per_s=1e6)
+        profile.machine["cpus"] = 32
+        profile.serving = ServingCost(step_s=0.1e-3, byte_s=0.0, payload_bytes=MB, latencies_s={}, step_cpu_s=0.4e-3,
+                                      step_cpu_shared_s=0.3e-3, step_stub_cpu_s=0.25e-3, request_cpu_s=0.25e-3,
+                                      adapters={"tokenize": adapter})
+        return make_plan(profile, Objective()).chosen["text"]
+
+    compute_only = plan_with(AdapterCost("tokenizer", busy_s=0.4e-3, stub_cpu_s=0.35e-3))
+    with_period = plan_with(AdapterCost("tokenizer", busy_s=0.4e-3, stub_cpu_s=0.35e-3, period_s=0.55e-3))
+    assert compute_only.stages[0].busy_per_item_ms == pytest.approx(0.4)
+    assert with_period.stages[0].busy_per_item_ms == pytest.approx(0.55)
+    assert with_period.stages[0].instances >= math.ceil(1.25 * with_period.throughput * 0.55e-3)
+    assert with_period.stages[0].cost_per_item_ms == pytest.approx(0.35)  # the CPU it costs is the stub's, as before
+    assert AdapterCost(**{"model": "tokenizer", "busy_s": 0.4e-3, "stub_cpu_s": 0.3e-3}).instance_s == 0.4e-3  # old JSON
+
+
 def test_gpu_instances_follow_their_step_cost_and_bound_the_pipeline():
     # a cheap GPU stage behind a per-item step cost of 2 ms: one instance serves 1/(2 ms + compute) items/s at most
     profile = detection_profile(gpu_ms=0.2, cpu_ms=10_000.0, image_bytes=10_000, gb_per_s=25.0, cpus=64)  # no CPU share

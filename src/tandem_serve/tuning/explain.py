@@ -70,7 +70,8 @@ def _serving_line(report: PlanReport) -> str:
              f"per execution, shared by a batch) + {serving.byte_cpu_s * (1 << 20) * 1e3:.3f} ms per MiB, and "
              f"{serving.request_cpu_s * 1e3:.3f} ms per request (gRPC, the ensemble)")
     for stage, adapter in serving.adapters.items():
-        line += (f"\n{stage} served alone: an instance busy {adapter.busy_s * 1e3:.3f} ms and its stub "
+        apart = f" ({adapter.period_s * 1e3:.3f} ms apart, hand-off included)" if adapter.period_s else ""
+        line += (f"\n{stage} served alone: an instance busy {adapter.busy_s * 1e3:.3f} ms{apart} and its stub "
                  f"{adapter.stub_cpu_s * 1e3:.3f} ms of CPU per request (measured)")
     return line
 

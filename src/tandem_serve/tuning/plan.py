@@ -308,7 +308,7 @@ def _stage_plan(stage: str, timing: StageTiming, previous_on_gpu: bool, table: T
         return StagePlan(stage, timing.device, timing.precision, 1, 1, 0, cost_per_item_ms=adapter.stub_cpu_s * 1e3,
                          serving_per_item_ms=step * 1e3,
                          serving_cpu_per_item_ms=table.server_step_cpu_seconds(received) * 1e3,
-                         busy_per_item_ms=adapter.busy_s * 1e3, latency_ms=adapter.busy_s * 1e3 + step * 1e3,
+                         busy_per_item_ms=adapter.instance_s * 1e3, latency_ms=adapter.busy_s * 1e3 + step * 1e3,
                          input_copy_ms=input_copy * 1e3, host_input_step_ms=host_input_step * 1e3)
     if stage in ONE_REQUEST_STAGES:
         delay = 0

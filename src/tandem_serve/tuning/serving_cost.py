@@ -43,8 +43,16 @@ class AdapterCost:
     what its stub spends per request (compute and the stub's own share of the step)."""
 
     model: str
-    busy_s: float  # Triton's compute time per execution (input, execute, output): an instance's time per request
+    busy_s: float  # Triton's compute time per execution (input, execute, output)
     stub_cpu_s: float  # CPU seconds of the model's stub per request
+    # the one instance's wall time per request while requests always waited for it: its compute and the hand-off
+    # between executions that Triton's compute time leaves out (0 in profiles from before it was measured)
+    period_s: float = 0.0
+
+    @property
+    def instance_s(self) -> float:
+        """An instance's time per request: its measured period, or its compute time where no period was measured."""
+        return max(self.busy_s, self.period_s)
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ def _drive(url: str, server_pid: int, model: str, infer: str, inputs: list, requ
            warm: int = 5):
     """Send `requests` to `infer` from `threads` clients at once, cycling over `inputs` (the server kept busy: CPU
     time read while it idles would count waiting stubs): the server tree's CPU time, `model`'s statistics of the
-    window, and the number of requests sent."""
+    window, the number of requests sent and the window's wall seconds."""
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.loadgen import ProcessTreeCpu
@@ -186,12 +194,14 @@ def _drive(url: str, server_pid: int, model: str, infer: str, inputs: list, requ
         per_thread = max(1, requests // threads)
         before = stats()
         with ProcessTreeCpu(server_pid) as cpu, ThreadPoolExecutor(threads) as pool:
+            began = time.perf_counter()
             list(pool.map(send, clients, [per_thread] * threads, range(threads)))
+            wall = time.perf_counter() - began
         window = stats_delta(stats(), before)
     finally:
         for client in clients:
             client.close()
-    return cpu, window, per_thread * threads
+    return cpu, window, per_thread * threads, wall
 
 
 def _cpu_per_request(server_pid: int, url: str, chain: str, size: int, requests: int, threads: int) -> CpuRun:
@@ -201,7 +211,7 @@ def _cpu_per_request(server_pid: int, url: str, chain: str, size: int, requests:
     tensor = grpcclient.InferInput("data", [1, size], "UINT8")
     tensor.set_data_from_numpy(np.random.default_rng(size).integers(0, 255, (1, size), dtype=np.uint8))
     step = STEP_MODEL if chain.startswith("chain") else SINGLE_MODEL
-    cpu, window, sent = _drive(url, server_pid, step, chain, [tensor], requests, threads)
+    cpu, window, sent, _ = _drive(url, server_pid, step, chain, [tensor], requests, threads)
     stubs = sum(seconds for part, seconds in cpu.parts.items() if part.startswith("stub:"))
     return CpuRun((cpu.seconds or 0.0) / sent, stubs / sent, window.mean_batch)
 
@@ -278,9 +288,11 @@ def measure_tokenizer_cost(model_dir: str, texts: list[str], requests: int = 200
                 tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
                 inputs.append(tensor)
-            cpu, window, sent = _drive(server.grpc_url, server.process.pid, "tokenizer", "tokenizer", inputs, requests,
-                                       threads, warm=50)
-    cost = AdapterCost("tokenizer", busy_s=window.compute_ms / 1e3, stub_cpu_s=cpu.parts.get("stub:tokenizer", 0.0) / sent)
-    logger.info("tokenizer served alone: busy %.3f ms and its stub %.3f ms of CPU per request (%d requests, %d "
-                "executions)", cost.busy_s * 1e3, cost.stub_cpu_s * 1e3, window.requests, window.executions)
+            cpu, window, sent, wall = _drive(server.grpc_url, server.process.pid, "tokenizer", "tokenizer", inputs,
+                                             requests, threads, warm=50)
+    cost = AdapterCost("tokenizer", busy_s=window.compute_ms / 1e3, stub_cpu_s=cpu.parts.get("stub:tokenizer", 0.0) / sent,
+                       period_s=wall / max(1, window.executions))
+    logger.info("tokenizer served alone: busy %.3f ms per request (%.3f ms apart, hand-off included) and its stub %.3f "
+                "ms of CPU per request (%d requests, %d executions)", cost.busy_s * 1e3, cost.period_s * 1e3,
+                cost.stub_cpu_s * 1e3, window.requests, window.executions)
     return cost
