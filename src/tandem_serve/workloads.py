@@ -109,8 +109,9 @@ BERT_SIZES = {"tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attentio
 
 
 def random_bert(size: str, directory: Path, source: Path | None = None) -> Path:
-    """A sentence-transformers directory with a BERT of `size` ("base", "large") and random weights (speed only),
-    the tokenizer and settings copied from `source` (default: the shipped all-MiniLM-L6-v2)."""
+    """A sentence-transformers directory with a BERT of `size` ("tiny", "base", "large", or "source": the source's
+    own architecture) and random weights (speed only), the tokenizer and settings copied from `source` (default: the
+    shipped all-MiniLM-L6-v2; its weights need not be there)."""
     from safetensors.torch import save_file
 
     from tandem_serve.model_files import BertConfig, SentenceModelFiles
@@ -120,7 +121,7 @@ def random_bert(size: str, directory: Path, source: Path | None = None) -> Path:
     target = Path(directory) / f"bert-{size}-random"
     shutil.copytree(files.root, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     raw = json.loads((files.root / "config.json").read_text())
-    raw.update(BERT_SIZES[size])
+    raw.update({} if size == "source" else BERT_SIZES[size])
     (target / "config.json").write_text(json.dumps(raw, indent=1))
     torch.manual_seed(0)
     config = BertConfig.from_dict(raw, target / "config.json")

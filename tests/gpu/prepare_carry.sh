@@ -29,6 +29,8 @@ split -n 2 -d "$model/model.safetensors" .carry/model1/model.safetensors.part
 mv .carry/model1/model.safetensors.part01 .carry/model2/
 (cd "$model" && tar cf - --exclude model.safetensors .) | (cd .carry/model2 && tar xf -)
 sha256sum "$model/model.safetensors" | cut -d' ' -f1 > .carry/model2/model.safetensors.sha256
+# the model's files without its weights: the `quick` stage gives them random weights of the same architecture
+mkdir -p .carry/shell && (cd "$model" && tar cf - --exclude model.safetensors .) | (cd .carry/shell && tar xf -)
 # the shipped tokenizer files alone, for the custom text models of issue 19 (stages custom, custom-triton)
 mkdir -p .carry/tok
 for f in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do cp "$model/$f" .carry/tok/; done

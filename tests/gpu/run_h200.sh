@@ -21,6 +21,8 @@
 # ts-planned [".carry/model2"] serves the plan's TorchServe batches for several loads. Bulk: after wheels, model1,
 # numpy1, bulk carry [".carry/model2"] (BULK_ARGS; replan first for a planned repository).
 # Queue policy: after wheels, model1, numpy1, queue-policy carry [".carry/model2"] (QUEUE_ARGS, QUEUE_ENSEMBLES).
+# Short of device time: after wheels, `quick` carry [".carry/shell", ".carry/wheels2", ".carry/numpy1"] stands for model1
+# and numpy1 (random weights; timings only); chain in the same call stages that need no .carry/model2 (replan, items).
 # One text per request as UTF-8 (text_embedding_utf8, issue 18): after wheels, model1, numpy1, PLAN_ARGS="--cpus 12"
 # replan carry [".carry/model2"] then ITEMS_ARGS="--items 1 16 --concurrency 256 512 --utf8-instances 4 8" items (the
 # two-step plan's rows beside text_embedding_utf8, one run); the plan for UTF-8 clients: PLAN_ARGS="--cpus 12
@@ -132,6 +134,18 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
         python3 -m tandem_serve.cli profile $args --repeats 3 --out "$out/profile-$w.json" 2>&1 | grep -v "\] " | tail -3
         python3 -m tandem_serve.cli plan "$out/profile-$w.json" ${PLAN_ARGS:-} --out "$base/plans/$w" 2>&1 | tee "$out/plan-$w.txt" | head -30
     done
+    ;;
+quick)  # after wheels alone; carry [".carry/shell", ".carry/wheels2", ".carry/numpy1"]: model1 and numpy1's set-up in
+    # one call, with all-MiniLM-L6-v2's weights replaced by random ones of its architecture (timings only: the same
+    # kernels; embeddings are not the model's), for benchmarks when a lease is short: chain the next stages in the call
+    install_carried wheels2 "$base/site"
+    install_carried numpy1 "$base/numpy1"
+    touch .carry/shell/model.safetensors  # the files' check wants one; random_bert writes the weights
+    rm -rf "$base/model" "$base/models/bert-source-random"
+    PYTHONPATH="$base/site:$PWD/src" python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert
+print(random_bert('source', Path('$base/models'), Path('.carry/shell')))"
+    mv "$base/models/bert-source-random" "$base/model"
+    ls -la "$base/model" | head -20
     ;;
 replan)  # after wheels, model1, numpy1; carry [".carry/model2"]: plans from a kept profile instead of suite-prep's
     # profiling (REPLAN_PROFILE, REPLAN_WORKLOAD, PLAN_ARGS) into $base/plans/<workload>; REPLAN_HEADROOM sets the
