@@ -27,7 +27,7 @@ from tandem_serve.client import ObjectDetectionClient
 from tandem_serve.paths import assets_root
 from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.tuning.render import read_config, write_config
+from tandem_serve.triton.model_config import read_config, write_config
 from tandem_serve.tuning.stage_timers import scenes
 
 logger = logging.getLogger("bench.detection_latency")

@@ -32,7 +32,7 @@ from tandem_serve.loadgen import LoadSpec, TritonSender, measure
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.paths import assets_root
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.tuning.render import read_config, write_config
+from tandem_serve.triton.model_config import read_config, write_config
 from tandem_serve.workloads import OUTPUTS, triton_requests
 
 logger = logging.getLogger("bench.items_per_request")

@@ -53,7 +53,7 @@ from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
 from tandem_serve.profiling import ENV as STUB_PROFILE_ENV
 from tandem_serve.tuning.plots import plot_curves
-from tandem_serve.tuning.render import read_config, write_config
+from tandem_serve.triton.model_config import read_config, write_config
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial
 from tandem_serve.workloads import (
     IMAGE_SIZES,

@@ -132,7 +132,7 @@ def test_triton_decodes_on_both_devices_in_tandem(tmp_path, results):
     from tandem_serve.client import ObjectDetectionClient
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
     from tandem_serve.triton.repository import export_repository
-    from tandem_serve.tuning.render import read_config, write_config
+    from tandem_serve.triton.model_config import read_config, write_config
     from tandem_serve.vision.shapes import encode_scene
 
     repository = tmp_path / "repo"

@@ -13,7 +13,7 @@ from tandem_serve.client import TextEmbeddingClient
 from tandem_serve.stats import read_statistics
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
-from tandem_serve.tuning.render import read_config, write_config
+from tandem_serve.triton.model_config import read_config, write_config
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 
 

@@ -16,7 +16,7 @@ from tandem_serve.client import TextEmbeddingClient
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile
-from tandem_serve.tuning.render import ensemble_problems, read_config
+from tandem_serve.triton.model_config import ensemble_problems, read_config
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, write_best
 from tests.helpers import EDGE_TEXTS, assert_cosines
 

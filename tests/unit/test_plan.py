@@ -15,7 +15,8 @@ from tandem_serve.triton.queue_policy import stalling_models
 from tandem_serve.tuning.explain import format_report
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
-from tandem_serve.tuning.render import apply_stage, ensemble_problems, read_config, render
+from tandem_serve.triton.model_config import ensemble_problems, read_config
+from tandem_serve.tuning.render import apply_stage, render
 from tandem_serve.tuning.serving_cost import ServingCost
 from tandem_serve.tuning.torchserve_workers import TorchServeCost
 

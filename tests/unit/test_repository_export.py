@@ -10,7 +10,7 @@ from tandem_serve.errors import ConfigError
 from tandem_serve.paths import default_repositories, shipped_weights
 from tandem_serve.stage_config import DetectorConfig, parse_stage_config, resolve_paths
 from tandem_serve.triton.repository import export_repository
-from tandem_serve.tuning.render import read_config
+from tandem_serve.triton.model_config import read_config
 
 
 def test_export_writes_every_model_and_ensemble_into_one_repository(tmp_path):

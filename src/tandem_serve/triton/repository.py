@@ -17,7 +17,8 @@ from pathlib import Path
 from tandem_serve.errors import ConfigError
 from tandem_serve.stage_config import HEAD_FORMATS
 from tandem_serve.paths import default_repositories
-from tandem_serve.tuning.render import apply_model_files, read_config, text_sizes_of, write_config
+from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.tuning.render import apply_model_files, text_sizes_of
 
 logger = logging.getLogger(__name__)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")

@@ -34,7 +34,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tandem_serve.tuning.explain import format_report
     from tandem_serve.tuning.plan import Objective, make_plan
     from tandem_serve.tuning.profile import Profile
-    from tandem_serve.tuning.render import ensemble_problems, render
+    from tandem_serve.triton.model_config import ensemble_problems
+    from tandem_serve.tuning.render import render
 
     objective = Objective(p99_ms=args.p99_ms, min_accuracy=args.min_accuracy)
     sizes = {k: v for k, v in (("text", args.seq_length), ("detection", args.image_size)) if v}

@@ -9,30 +9,16 @@ import shutil
 from pathlib import Path
 
 import yaml
-from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
+from tandem_serve.triton.model_config import read_config, write_config
 from tandem_serve.triton.queue_policy import MIN_INSTANCES, instance_count, stalls
 from tandem_serve.tuning.plan import TOKEN_BUDGET_STAGES, PipelinePlan, PlanReport, StagePlan
 from tandem_serve.tuning.torchserve_workers import MIN_WORKERS, TorchServeWorkers
 
 logger = logging.getLogger(__name__)
 HANDLER_OF_PIPELINE = {"text": "text_embedding", "detection": "object_detection"}
-
-
-def read_config(path: Path) -> mc.ModelConfig:
-    """A config.pbtxt parsed into ModelConfig."""
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
-def write_config(config: mc.ModelConfig, path: Path) -> None:
-    path.write_text("# Rendered by `tandem plan` / `tandem tune`.\n" + text_format.MessageToString(config))
-
-
-def config_json(config: mc.ModelConfig) -> str:
-    """The JSON form Triton's load API takes as a config override."""
-    return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
 def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: int = 1) -> mc.ModelConfig:
@@ -192,33 +178,3 @@ def render(report: PlanReport, target: Path, model_files: dict[str, str] | None 
         summary[pipeline]["torchserve"]["cost"] = served.cost.__dict__
     (target / "plan.json").write_text(json.dumps({"objective": report.objective.__dict__, "plans": summary}, indent=1))
     return written
-
-
-def ensemble_problems(repository: Path, ensemble: str) -> list[str]:
-    """Mismatches between an ensemble's steps and its composing models' configs in `repository`: unknown
-    tensor names, and an internal tensor whose producer and consumer disagree on its type."""
-    config = read_config(repository / ensemble / "config.pbtxt")
-    types = {t.name: t.data_type for t in config.input}
-    problems = []
-    for step in config.ensemble_scheduling.step:
-        model = read_config(repository / step.model_name / "config.pbtxt")
-        inputs = {t.name: t.data_type for t in model.input}
-        outputs = {t.name: t.data_type for t in model.output}
-        for key, tensor in step.input_map.items():
-            if key not in inputs:
-                problems.append(f"{step.model_name} has no input {key}")
-            elif tensor in types and types[tensor] != inputs[key]:
-                problems.append(f"{tensor}: {mc.DataType.Name(types[tensor])} into {step.model_name}.{key} "
-                                f"({mc.DataType.Name(inputs[key])})")
-        for key, tensor in step.output_map.items():
-            if key not in outputs:
-                problems.append(f"{step.model_name} has no output {key}")
-            else:
-                types[tensor] = outputs[key]
-        if model.max_batch_size and config.max_batch_size > model.max_batch_size:  # 0: takes whole requests
-            problems.append(f"{step.model_name}: max_batch_size {model.max_batch_size} < the ensemble's {config.max_batch_size}")
-    for t in config.output:
-        if types.get(t.name) not in (None, t.data_type):
-            problems.append(f"ensemble output {t.name} is {mc.DataType.Name(t.data_type)}, produced as "
-                            f"{mc.DataType.Name(types[t.name])}")
-    return problems

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tandem_serve.triton.model_config import read_config, write_config
+
 logger = logging.getLogger(__name__)
 STEP_MODEL = "pass_through"  # batches what queues (max_batch_size 8)
 SINGLE_MODEL = "pass_through_single"  # one request per execution (max_batch_size 0), as the tokenizer
@@ -111,7 +113,6 @@ def _output(name: str, dims: list[int]) -> mc.ModelOutput:
 def write_probe_repository(root: Path, lengths: tuple[int, ...] = (1, 3)) -> Path:
     """A model repository with the two pass-through models and ensembles `chain_N` (of the batching one) and
     `single_N` (of the one-request one) per length."""
-    from tandem_serve.tuning.render import write_config  # render imports the profile, which imports this
 
     for name, batch in ((STEP_MODEL, 8), (SINGLE_MODEL, 0)):
         dims = [-1] if batch else [-1, -1]
@@ -272,7 +273,6 @@ def measure_tokenizer_cost(model_dir: str, texts: list[str], requests: int = 200
 
     from tandem_serve.paths import assets_root
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-    from tandem_serve.tuning.render import read_config, write_config
 
     with tempfile.TemporaryDirectory(prefix="tandem-adapter-") as tmp:
         target = Path(tmp) / "repository" / "tokenizer"
