@@ -221,3 +221,20 @@ class NmsConfig:
     def validate(self) -> None:
         if not 0 <= self.conf_threshold < 1 or not 0 < self.iou_threshold <= 1 or self.max_det < 1:
             raise ConfigError("nms parameters: conf_threshold in [0, 1), iou_threshold in (0, 1], max_det >= 1")
+
+
+# The settings class of each shipped Triton model (its config.pbtxt `parameters`), by model name.
+MODEL_SETTINGS: dict[str, type] = {
+    "tokenizer": TokenizerConfig, "token_embedding": TokenEmbeddingConfig, "encoder": EncoderConfig,
+    "encoder_fused": EncoderConfig, "encoder_utf8": Utf8EncoderConfig, "image_preprocess": ImagePreprocessConfig,
+    "detector": DetectorConfig, "nms": NmsConfig,
+}
+
+
+def setting_names(model: str) -> frozenset[str] | None:
+    """The parameter names a shipped model's settings take (a combined stage: all its parts'); None for another."""
+    cls = MODEL_SETTINGS.get(model)
+    if cls is None:
+        return None
+    parts = [TokenizerConfig, EncoderConfig] if cls is Utf8EncoderConfig else [cls]
+    return frozenset(f.name for part in parts for f in dataclasses.fields(part))

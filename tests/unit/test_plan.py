@@ -11,11 +11,12 @@ import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import project_root
+from tandem_serve.stage_config import MODEL_SETTINGS, ImagePreprocessConfig, parse_stage_config
+from tandem_serve.triton.model_config import ensemble_problems, read_config
 from tandem_serve.triton.queue_policy import stalling_models
 from tandem_serve.tuning.explain import format_report
 from tandem_serve.tuning.plan import Objective, make_plan
 from tandem_serve.tuning.profile import Profile, StageTiming, TransferTiming
-from tandem_serve.triton.model_config import ensemble_problems, read_config
 from tandem_serve.tuning.render import apply_stage, render
 from tandem_serve.tuning.serving_cost import ServingCost
 from tandem_serve.tuning.torchserve_workers import TorchServeCost
@@ -117,6 +118,28 @@ def test_a_queue_bounded_stage_planned_on_one_instance_is_rendered_on_two():
     assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
     assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2, [0])]
     assert apply_stage(shipped, dataclasses.replace(encoder, instances=3), min_batch=1).instance_group[0].count == 3
+
+
+def test_the_plan_s_settings_reach_a_config_that_did_not_list_them_and_every_rendered_setting_parses():
+    """A user's encoder config without `precision` or `cpu_threads` still gets the plan's (it would otherwise serve
+    fp32 where the plan chose fp16), and a model whose settings take no such key is not given it: each rendered
+    config's parameters parse with the settings class its Triton model reads them with."""
+    report = make_plan(text_profile(hidden_gb_per_s=1.0), Objective())
+    encoder = dataclasses.replace(report.chosen["text"].stages[-1], precision="fp16", device="cpu")
+    shipped = read_config(project_root() / "model_repository" / encoder.stage / "config.pbtxt")
+    for key in ("precision", "cpu_threads", "max_batch_tokens"):
+        del shipped.parameters[key]
+    config = apply_stage(shipped, encoder, min_batch=1)
+    assert config.parameters["precision"].string_value == "fp16"
+    assert config.parameters["cpu_threads"].string_value == "1"
+    assert "parallel" not in config.parameters  # a tokenizer setting: EncoderConfig would refuse it
+    parsed = parse_stage_config(MODEL_SETTINGS[encoder.stage], {k: v.string_value for k, v in config.parameters.items()})
+    assert parsed.precision == "fp16" and parsed.cpu_threads == 1
+    preprocess = read_config(project_root() / "model_repository" / "image_preprocess" / "config.pbtxt")
+    cpu_stage = dataclasses.replace(encoder, stage="image_preprocess", precision="-")
+    rendered = apply_stage(preprocess, cpu_stage, min_batch=1)
+    assert "cpu_threads" not in rendered.parameters and "parallel" not in rendered.parameters
+    parse_stage_config(ImagePreprocessConfig, {k: v.string_value for k, v in rendered.parameters.items()})
 
 
 def test_token_embedding_stays_on_the_cpu_when_the_copy_is_free_and_the_gpu_is_the_bottleneck():

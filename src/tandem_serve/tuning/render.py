@@ -12,6 +12,7 @@ import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.paths import assets_root, handlers_dir
+from tandem_serve.stage_config import setting_names
 from tandem_serve.triton.model_config import read_config, write_config
 from tandem_serve.triton.queue_policy import MIN_INSTANCES, instance_count, stalls
 from tandem_serve.tuning.plan import TOKEN_BUDGET_STAGES, PipelinePlan, PlanReport, StagePlan
@@ -49,16 +50,21 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     if out.max_batch_size > 0:  # one request per execution needs no batcher
         out.dynamic_batching.preferred_batch_size[:] = [b for b in stage.preferred_batches if b <= out.max_batch_size]
         out.dynamic_batching.max_queue_delay_microseconds = stage.queue_delay_us
-    if stage.precision not in ("-", "int8") and "precision" in out.parameters:
-        out.parameters["precision"].string_value = stage.precision
-    if stage.stage in TOKEN_BUDGET_STAGES:  # written whether or not the source config lists it
-        out.parameters["max_batch_tokens"].string_value = str(stage.max_batch_tokens)
+    settings: dict[str, str] = {}
+    if stage.precision not in ("-", "int8"):
+        settings["precision"] = stage.precision
+    if stage.stage in TOKEN_BUDGET_STAGES:
+        settings["max_batch_tokens"] = str(stage.max_batch_tokens)
     if stage.device == "cpu" or stage.cpu_share:  # the plan counts a CPU instance as one core
-        for key, value in (("cpu_threads", "1"), ("parallel", "false")):
-            if key in out.parameters:
-                out.parameters[key].string_value = value
-    elif stage.host_cpu_per_item_ms and "parallel" in out.parameters:  # host work on the instance's own thread, as planned
-        out.parameters["parallel"].string_value = "false"
+        settings.update(cpu_threads="1", parallel="false")
+    elif stage.host_cpu_per_item_ms:  # host work on the instance's own thread, as planned
+        settings["parallel"] = "false"
+    # each setting the model's settings class takes is written, listed in the source config or not (a user's config
+    # without `precision` would otherwise serve fp32 where the plan chose fp16); one it does not take is not its own
+    names = setting_names(out.name)
+    for key, value in settings.items():
+        if key in out.parameters if names is None else key in names:
+            out.parameters[key].string_value = value
     return out
 
 
