@@ -23,6 +23,8 @@
 # Queue policy: after wheels, model1, numpy1, queue-policy carry [".carry/model2"] (QUEUE_ARGS, QUEUE_ENSEMBLES).
 # Short of device time: after wheels, `quick` carry [".carry/shell", ".carry/wheels2", ".carry/numpy1"] stands for model1
 # and numpy1 (random weights; timings only); chain in the same call stages that need no .carry/model2 (replan, items).
+# Shortest: one call carrying [".carry/wheels", ".carry/shell"] runs wheels, quick, replan and ITEMS_ARGS="--items
+# --utf8-instances 4" items (UINT8 text_embedding_utf8 rows only: without numpy1 the stubs serve no BYTES).
 # One text per request as UTF-8 (text_embedding_utf8, issue 18): after wheels, model1, numpy1, PLAN_ARGS="--cpus 12"
 # replan carry [".carry/model2"] then ITEMS_ARGS="--items 1 16 --concurrency 256 512 --utf8-instances 4 8" items (the
 # two-step plan's rows beside text_embedding_utf8, one run); the plan for UTF-8 clients: PLAN_ARGS="--cpus 12
@@ -138,8 +140,9 @@ suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's 
 quick)  # after wheels alone; carry [".carry/shell", ".carry/wheels2", ".carry/numpy1"]: model1 and numpy1's set-up in
     # one call, with all-MiniLM-L6-v2's weights replaced by random ones of its architecture (timings only: the same
     # kernels; embeddings are not the model's), for benchmarks when a lease is short: chain the next stages in the call
-    install_carried wheels2 "$base/site"
-    install_carried numpy1 "$base/numpy1"
+    # without them (a call of wheels + shell alone): no HTTP client, and the stubs serve no BYTES tensors (numpy 2)
+    if [ -d .carry/wheels2 ]; then install_carried wheels2 "$base/site"; fi
+    if [ -d .carry/numpy1 ]; then install_carried numpy1 "$base/numpy1"; fi
     touch .carry/shell/model.safetensors  # the files' check wants one; random_bert writes the weights
     rm -rf "$base/model" "$base/models/bert-source-random"
     PYTHONPATH="$base/site:$PWD/src" python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert
