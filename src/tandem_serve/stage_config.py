@@ -127,6 +127,7 @@ class Utf8EncoderConfig:
 
     tokenizer: TokenizerConfig
     encoder: EncoderConfig
+    PARTS = (TokenizerConfig, EncoderConfig)  # the settings classes its parameters go to (not a field)
 
     @property
     def cpu_threads(self) -> int:
@@ -138,7 +139,7 @@ class Utf8EncoderConfig:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, object]) -> "Utf8EncoderConfig":
         """Each parameter to the part that knows it; one neither knows raises ConfigError naming all known."""
-        parts = (TokenizerConfig, EncoderConfig)
+        parts = cls.PARTS
         known = [{f.name for f in dataclasses.fields(part)} for part in parts]
         for name in parameters:
             if not name.isupper() and not any(name in k for k in known):
@@ -236,5 +237,4 @@ def setting_names(model: str) -> frozenset[str] | None:
     cls = MODEL_SETTINGS.get(model)
     if cls is None:
         return None
-    parts = [TokenizerConfig, EncoderConfig] if cls is Utf8EncoderConfig else [cls]
-    return frozenset(f.name for part in parts for f in dataclasses.fields(part))
+    return frozenset(f.name for part in getattr(cls, "PARTS", (cls,)) for f in dataclasses.fields(part))

@@ -62,8 +62,9 @@ def apply_stage(config: mc.ModelConfig, stage: StagePlan, min_batch: int, gpus: 
     # each setting the model's settings class takes is written, listed in the source config or not (a user's config
     # without `precision` would otherwise serve fp32 where the plan chose fp16); one it does not take is not its own
     names = setting_names(out.name)
+    takes = out.parameters if names is None else names  # a model of another name: the keys its config lists
     for key, value in settings.items():
-        if key in out.parameters if names is None else key in names:
+        if key in takes:
             out.parameters[key].string_value = value
     return out
 
