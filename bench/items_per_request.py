@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import tritonclient.grpc as grpcclient
 
 from _common import machine
@@ -73,7 +74,8 @@ def with_utf8_encoder(repository: Path, instances: int) -> Path:
     return repository
 
 
-def measure_rows(server: EmbeddedTriton, model: str, items: int, label: str, top: dict, args: argparse.Namespace) -> list[dict]:
+def measure_rows(server: EmbeddedTriton, model: str, items: int, label: str, top: dict | None,
+                 args: argparse.Namespace) -> list[dict]:
     """Closed-loop levels of requests of `items` texts to `model` (text_embedding_utf8: one text's UTF-8 bytes)."""
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     requests = triton_requests("text", 64, seed=3, items=items, utf8=model == "text_embedding_utf8")
@@ -85,7 +87,7 @@ def measure_rows(server: EmbeddedTriton, model: str, items: int, label: str, top
         encoder = next((s for s in point.stages if s.model.startswith("encoder")), None)
         rows.append({"items": items, "label": label, "model": model, "concurrency": point.concurrency,
                      "requests_per_s": point.throughput, "texts_per_s": point.throughput * items,
-                     "of_ceiling": point.throughput * items / top["items_per_s"],
+                     "of_ceiling": point.throughput * items / top["items_per_s"] if top else None,
                      "p50_ms": point.p50_ms, "p99_ms": point.p99_ms, "errors": point.errors,
                      "gpu_util": point.gpu_util, "host_cores_busy": point.host_cores_busy,
                      "server_cpu_ms_per_request": point.server_cpu_ms_per_request,
@@ -114,7 +116,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ensemble = planned(args.repository, "text")["ensemble"]
     files = SentenceModelFiles.load()
-    top = ceiling("text", files.root)
+    # without a GPU (the CPU machine) no ceiling: the rows still compare served rates and server CPU per request
+    top = ceiling("text", files.root) if torch.cuda.is_available() else None
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         repository = Path(scratch) / "triton"
@@ -136,13 +139,13 @@ def main() -> int:
             shutil.rmtree(alone / "encoder_fused")
             with EmbeddedTriton(TritonOptions(model_repositories=[alone], startup_timeout_s=600)) as server:
                 rows += measure_rows(server, "text_embedding_utf8", 1, f"utf8 x{count}", top, args)
-    lines = [f"{machine()}; ensemble {ensemble} from {args.repository}; ceiling {top['items_per_s']:.0f} texts/s "
-             f"(batch {top['batch']}); {args.client_processes} load processes, gRPC",
+    bound = f"ceiling {top['items_per_s']:.0f} texts/s (batch {top['batch']})" if top else "no GPU: no ceiling"
+    lines = [f"{machine()}; ensemble {ensemble} from {args.repository}; {bound}; {args.client_processes} load processes, gRPC",
              f"{'served':>22} {'texts/req':>9} {'conc':>5} {'req/s':>8} {'texts/s':>8} {'ceiling':>8} {'p50 ms':>7} "
              f"{'p99 ms':>7} {'GPU %':>6} {'host cores':>10} {'server CPU ms/req':>17} {'enc batch':>9} {'enc ms':>7}"]
     for r in rows:
         lines.append(f"{r['label']:>22} {r['items']:>9} {r['concurrency']:>5} {r['requests_per_s']:>8.0f} "
-                     f"{r['texts_per_s']:>8.0f} {r['of_ceiling']:>8.0%} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+                     f"{r['texts_per_s']:>8.0f} {format(r['of_ceiling'] or 0, '>8.0%')} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
                      f"{r['gpu_util'] or 0:>6.0f} {r['host_cores_busy'] or 0:>10.1f} "
                      f"{r['server_cpu_ms_per_request'] or 0:>17.3f} {r['encoder_mean_batch'] or 0:>9.1f} "
                      f"{r['encoder_compute_ms'] or 0:>7.2f}")

@@ -120,8 +120,8 @@ latency)  # after wheels, model1, numpy1; carry [".carry/model2"]: where object_
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"
     python3 bench/detection_latency.py --out "$out/bench_detection_latency.json" 2>&1 | tee "$out/bench_detection_latency.log"
     ;;
-suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"]: issue 7's models, a profile + plan per workload
-    assemble_model
+suite-prep)  # after wheels, model1, numpy1; carry [".carry/model2"] (or after quick): issue 7's models, a profile + plan per workload
+    [ -f "$base/model/model.safetensors" ] || assemble_model
     export PYTHONPATH="$base/site:$PWD/src:$PWD" TANDEM_MODEL_DIR="$base/model" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     export TANDEM_STUB_PYTHONPATH="$base/numpy1"  # the profile's serving-cost probe starts the embedded Triton
     python3 -c "from pathlib import Path; from tandem_serve.workloads import random_bert; random_bert('base', Path('$base/models'))"
