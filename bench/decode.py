@@ -16,9 +16,7 @@ import argparse
 import io
 import json
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from tandem_serve.timing import median_seconds  # noqa: E402
 from tandem_serve.vision.letterbox import PAD_VALUE, preprocess  # noqa: E402
 from tandem_serve.workloads import mixed_size_jpegs  # noqa: E402
 
@@ -160,14 +159,8 @@ def simplejpeg_path(resize: str, chw: bool = False) -> Callable[[bytes], np.ndar
 
 
 def median_ms(fn: Callable[[bytes], np.ndarray], images: list[bytes], repeats: int) -> float:
-    fn(images[0])
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for data in images:
-            fn(data)
-        runs.append((time.perf_counter() - start) / len(images) * 1e3)
-    return statistics.median(runs)
+    """Median ms per image of `fn` over all `images`, after one warm-up pass."""
+    return median_seconds(lambda: [fn(data) for data in images], "cpu", repeats) / len(images) * 1e3
 
 
 def main() -> None:

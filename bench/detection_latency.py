@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from _common import machine
 from tandem_serve.client import ObjectDetectionClient
+from tandem_serve.loadgen import percentile_ms
 from tandem_serve.paths import assets_root
 from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
@@ -81,11 +80,12 @@ def main() -> int:
                 for name in STEPS:
                     step = stats_delta(after[name], before[name])
                     steps[name] = {"requests": step.requests, "queue_ms": step.queue_ms, "compute_ms": step.compute_ms}
-                ordered = np.sort(latencies)
-                rows.append({"candidates": "GPU (CUDA IPC)" if on_device else "host copy",
-                             "p50_ms": float(np.percentile(ordered, 50)), "p90_ms": float(np.percentile(ordered, 90)),
-                             "p99_ms": float(np.percentile(ordered, 99)), "max_ms": float(ordered[-1]),
-                             "slow_requests": int((ordered > 4 * np.percentile(ordered, 50)).sum()), "steps": steps})
+                ordered = sorted(seconds / 1e3 for seconds in latencies)  # the load generator's percentiles
+                p50 = percentile_ms(ordered, 0.5)
+                rows.append({"candidates": "GPU (CUDA IPC)" if on_device else "host copy", "p50_ms": p50,
+                             "p90_ms": percentile_ms(ordered, 0.9), "p99_ms": percentile_ms(ordered, 0.99),
+                             "max_ms": ordered[-1] * 1e3, "slow_requests": sum(x * 1e3 > 4 * p50 for x in ordered),
+                             "steps": steps})
     assert boxes[True] == boxes[False], "the two paths found different numbers of boxes"
     lines = [f"{'candidates':<16}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'>4x p50':>8}  "
              + "  ".join(f"{s} q/c ms" for s in STEPS)]

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from _common import machine
+from tandem_serve.timing import median_seconds
 from tandem_serve.transfer import stack_into_host, stage_to_device
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -37,17 +36,8 @@ SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of `fn` (synchronised), after two warm-ups."""
-    for _ in range(2):
-        fn()
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    fn()  # median_seconds makes the second
+    return median_seconds(fn, "cuda", repeats)
 
 
 def host_register(source: torch.Tensor, target: torch.Tensor) -> None:

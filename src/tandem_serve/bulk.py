@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import numpy as np
+from tqdm import tqdm
 
 from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
 
@@ -45,33 +46,11 @@ class BulkOptions:
     retries: int = 6  # a request turned away as busy is sent again up to this many times (see `with_retries`)
 
 
-class Progress:
-    """A one-line progress report on stderr: done/total, rate, ETA (at most twice a second)."""
-
-    def __init__(self, total: int, unit: str, enabled: bool = True, already: int = 0):
-        self.total, self.unit, self.enabled = total, unit, enabled
-        self.done = already
-        self.start_done, self.start = already, time.monotonic()
-        self._shown = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, count: int) -> None:
-        with self._lock:
-            self.done += count
-            now = time.monotonic()
-            if self.enabled and (now - self._shown >= 0.5 or self.done >= self.total):
-                self._shown = now
-                self._render(now)
-
-    def _render(self, now: float) -> None:
-        rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        share = self.done / self.total if self.total else 1.0
-        eta_text = f"{eta / 60:.1f} min" if eta != float("inf") else "?"
-        sys.stderr.write(f"\r{self.done:,}/{self.total:,} {self.unit} ({share:.1%})  {rate:,.0f} {self.unit}/s  ETA {eta_text}   ")
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def progress_bar(total: int, unit: str, enabled: bool = True, already: int = 0) -> tqdm:
+    """tqdm on stderr (count, rate, ETA): redrawn twice a second on a terminal, once every 30 s into a log."""
+    terminal = sys.stderr.isatty()
+    return tqdm(total=total, initial=already, unit=f" {unit}", disable=not enabled, file=sys.stderr,
+                mininterval=0.5 if terminal else 30.0, dynamic_ncols=terminal, ascii=not terminal)
 
 
 def _run_bounded(tasks: Iterator[Callable[[], object]], workers: int, on_done: Callable[[Future], None]) -> None:
@@ -261,7 +240,7 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
     if resuming:
         logger.info("resuming %s: %d of %d window(s) left", out, windows - finished, windows)
     already = sum(min(window, total - int(i) * window) for i in np.flatnonzero(done[:windows]))
-    progress = Progress(total, "texts", options.progress, already=already)
+    progress = progress_bar(total, "texts", options.progress, already=already)
     clients = _ThreadClients(lambda: TextEmbeddingClient(options.url, options.protocol, model, shm=options.shm,
                                                          shm_key=options.shm_key))
     failures: list[str] = []
@@ -287,7 +266,7 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
             return
         state.rows[positions] = rows
         state.left -= 1
-        progress.add(len(positions))
+        progress.update(len(positions))
         if state.left == 0 and not state.failed:
             embeddings.write(state.index * window, state.rows)
             done[state.index] = 1
@@ -295,6 +274,7 @@ def embed_file(source: Path, out: Path, options: BulkOptions, model: str = "text
     try:
         _run_bounded(tasks(), options.in_flight, on_done)
     finally:
+        progress.close()
         done.flush()
         embeddings.close()
         clients.close()
@@ -361,7 +341,7 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
     if kept:
         logger.info("resuming %s: %d of %d image(s) already done", out, len(finished), len(files))
     todo = [f for f in files if _rel(f, folder) not in finished]
-    progress = Progress(len(files), "images", options.progress, already=len(files) - len(todo))
+    progress = progress_bar(len(files), "images", options.progress, already=len(files) - len(todo))
     clients = _ThreadClients(lambda: ObjectDetectionClient(options.url, options.protocol, model, shm=options.shm,
                                                            shm_key=options.shm_key))
     lock = threading.Lock()
@@ -386,11 +366,12 @@ def detect_folder(folder: Path, out: Path, options: BulkOptions, model: str = "o
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 counts["errors" if "error" in record else "detected"] += 1
-            progress.add(1)
+            progress.update(1)
 
         try:
             _run_bounded((task(f) for f in todo), options.in_flight, on_done)
         finally:
+            progress.close()
             clients.close()
     return counts
 

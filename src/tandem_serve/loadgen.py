@@ -6,7 +6,7 @@ requests arrive at `rate` per second whatever the server does; each latency is c
 request's scheduled arrival (so a slow server is not hidden by a waiting client), and an arrival
 finding `concurrency` requests already in flight is counted as dropped. GPU utilisation is
 sampled during the timed window when NVML (or nvidia-smi) is there, the machine's busy cores are
-read from /proc/stat, and per-stage Triton statistics are read before and after.
+read through psutil, and per-stage Triton statistics are read before and after.
 
 One Python process sends a few thousand small requests per second at most (tritonclient spends
 ~0.2-0.3 ms of CPU on each): `measure(..., processes=N)` spreads every level over N spawned
@@ -82,7 +82,7 @@ class LoadPoint:
     gpu_util: float | None = None  # mean % over the window
     first_error: str = ""
     client_cores: float | None = None  # CPU of the load generator's processes / wall (in-process targets included)
-    host_cores_busy: float | None = None  # whole machine: cores busy over the window (server, stubs and load), /proc/stat
+    host_cores_busy: float | None = None  # whole machine: cores busy over the window (server, stubs and load), psutil
     server_cpu_s: float | None = None  # CPU seconds of the server's process tree (tritonserver + stubs) in the level
     server_cpu_parts: dict[str, float] = field(default_factory=dict)  # those seconds by process: server, stub:<model>
     warm_up_requests: int = 0  # sent before the timed window (the server's CPU time covers them too)
@@ -225,30 +225,26 @@ async def measure_async(send: Send, spec: LoadSpec, server_pid: int | None = Non
     return point
 
 
-def host_busy_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU jiffies of the whole machine since boot, from /proc/stat; None where it cannot be read."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])  # user..steal (guest time is already counted in user)
+def host_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all cores (psutil); idle and iowait not busy."""
+    times = psutil.cpu_times()
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # already counted in user and nice
+    total = sum(times) - guest
+    return total - times.idle - getattr(times, "iowait", 0.0), total
 
 
 class HostCpu:
-    """Cores of this machine busy while the block runs (all processes), from /proc/stat; None where unreadable."""
+    """Cores of this machine busy while the block runs (all processes, psutil); None where no time passed."""
 
     def __enter__(self) -> "HostCpu":
         self.cores: float | None = None
-        self._start = host_busy_jiffies()
+        self._start = host_busy_seconds()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        end = host_busy_jiffies()
-        if self._start is not None and end is not None and end[1] > self._start[1]:
-            busy = (end[0] - self._start[0]) / (end[1] - self._start[1])
-            self.cores = busy * (os.cpu_count() or 1)
+        end = host_busy_seconds()
+        if end[1] > self._start[1]:
+            self.cores = (end[0] - self._start[0]) / (end[1] - self._start[1]) * psutil.cpu_count()
 
 
 def _part_of(process: psutil.Process, root_pid: int) -> str:
