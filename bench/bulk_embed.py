@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
