@@ -31,8 +31,8 @@ from _common import machine, run_child
 from items_per_request import with_encoder_batch
 from tandem_serve.bulk import BulkOptions, embed_file
 from tandem_serve.model_files import default_model_dir
-from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
+from tandem_serve.triton.statistics import read_statistics, stats_delta
 from tandem_serve.workloads import LENGTH_MIX, mixed_length_texts
 
 logger = logging.getLogger("bench.bulk_embed")

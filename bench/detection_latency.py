@@ -24,9 +24,9 @@ from _common import machine
 from tandem_serve.client import ObjectDetectionClient
 from tandem_serve.loadgen import percentile_ms
 from tandem_serve.paths import assets_root
-from tandem_serve.stats import read_statistics, stats_delta
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.triton.statistics import read_statistics, stats_delta
 from tandem_serve.tuning.stage_timers import scenes
 
 logger = logging.getLogger("bench.detection_latency")

@@ -47,13 +47,13 @@ import stub_profile
 from _common import machine
 from peers.launcher import LitServePeer, litserve_missing
 from tandem_serve.loadgen import LoadPoint, LoadSpec, PostSender, measure
-from tandem_serve.stats import StageStats
+from tandem_serve.profiling import ENV as STUB_PROFILE_ENV
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.triton.repository import export_repository
-from tandem_serve.profiling import ENV as STUB_PROFILE_ENV
-from tandem_serve.tuning.plots import plot_curves
 from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.triton.repository import export_repository
+from tandem_serve.triton.statistics import StageStats
+from tandem_serve.tuning.plots import plot_curves
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial
 from tandem_serve.workloads import (
     IMAGE_SIZES,

@@ -31,9 +31,9 @@ def assets_root() -> Path:
         return PACKAGED_ASSETS
     root = project_root()
     if root is None:
-        raise ConfigError(f"the tandem_serve package has no assets/ (model repositories, handlers, weights) and is "
-                          f"not in a checkout; reinstall it from a wheel or sdist (pip install tandem-serve), "
-                          f"or pass each path explicitly")
+        raise ConfigError("the tandem_serve package has no assets/ (model repositories, handlers, weights) and is "
+                          "not in a checkout; reinstall it from a wheel or sdist (pip install tandem-serve), "
+                          "or pass each path explicitly")
     return root
 
 

@@ -42,7 +42,7 @@ def test_utf8_requests_batched_on_the_gpu_and_a_bad_one_fails_alone(triton, refe
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.client import utf8_text_array
-    from tandem_serve.stats import read_statistics
+    from tandem_serve.triton.statistics import read_statistics
 
     texts = mixed_texts(63, seed=9)
     payloads = [utf8_text_array(t) for t in texts]

@@ -11,7 +11,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tandem_serve.client import TextEmbeddingClient, text_input
-from tandem_serve.stats import read_statistics
+from tandem_serve.triton.statistics import read_statistics
 
 INVALID = {"grpc": "StatusCode.INVALID_ARGUMENT", "http": "400"}
 

@@ -237,7 +237,7 @@ def test_a_malformed_length_prefix_fails_only_its_own_request(server):
     """BYTES whose length prefix claims 0xFFFFFFF0 bytes, sent with 31 good requests, 10 rounds: only it fails. The
     tokenizer (max_batch_size 0) ran each request alone while the encoder batched them: the load that made a
     batching tokenizer fail the malformed request's batch-mates."""
-    from tandem_serve.stats import read_statistics
+    from tandem_serve.triton.statistics import read_statistics
 
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_url))
     status = grpcclient.InferenceServerClient(server.grpc_url)
@@ -263,7 +263,7 @@ def test_the_tokenizer_never_batches_a_malformed_request_with_queued_ones(tmp_pa
     malformed, at once, straight to the model: requests queue up (a dynamic batcher would batch them, and the
     Python backend would fail the whole batch); each is executed alone and only the malformed one fails. With one
     instance, Triton's batcher lost wake-ups and some requests hit the 10 s queue timeout (triton/queue_policy.py)."""
-    from tandem_serve.stats import read_statistics
+    from tandem_serve.triton.statistics import read_statistics
 
     repo = _tokenizer_repository(tmp_path / "repo")
     with EmbeddedTriton(TritonOptions(model_repositories=[repo], workspace=tmp_path / "ws", supervise=False)) as triton:

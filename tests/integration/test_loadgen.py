@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tandem_serve.loadgen import LoadSpec, TritonSender, measure
-from tandem_serve.stats import read_statistics
+from tandem_serve.triton.statistics import read_statistics
 from tandem_serve.workloads import OUTPUTS, mixed_length_texts, triton_requests
 from tests.helpers import assert_cosines
 

@@ -96,7 +96,7 @@ def test_utf8_requests_batch_across_clients_and_bad_ones_fail_alone(triton, refe
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.client import utf8_text_array
-    from tandem_serve.stats import read_statistics
+    from tandem_serve.triton.statistics import read_statistics
 
     texts = mixed_texts(61, seed=5)
     payloads = [utf8_text_array(t) for t in texts]

@@ -10,10 +10,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tandem_serve.client import TextEmbeddingClient
-from tandem_serve.stats import read_statistics
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.triton.repository import export_repository
 from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.triton.repository import export_repository
+from tandem_serve.triton.statistics import read_statistics
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from tandem_serve.loadgen.loops import Tally, measure_async, point_of, run_level
 from tandem_serve.loadgen.samplers import GpuSampler, HostCpu, ProcessTreeCpu
 from tandem_serve.loadgen.spec import LoadPoint, LoadSpec
-from tandem_serve.stats import StageStats, read_statistics, stats_delta
+from tandem_serve.triton.statistics import StageStats, read_statistics, stats_delta
 
 logger = logging.getLogger("tandem_serve.loadgen")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.stats import StageStats
+from tandem_serve.triton.statistics import StageStats
 
 Send = Callable[[int], Awaitable[Any]]  # serves request i
 MODES = ("closed", "open")

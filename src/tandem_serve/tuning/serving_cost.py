@@ -179,7 +179,7 @@ def _drive(url: str, server_pid: int, model: str, infer: str, inputs: list, requ
     import tritonclient.grpc as grpcclient
 
     from tandem_serve.loadgen import ProcessTreeCpu
-    from tandem_serve.stats import read_statistics, stats_delta
+    from tandem_serve.triton.statistics import read_statistics, stats_delta
 
     clients = [grpcclient.InferenceServerClient(url) for _ in range(threads)]
 

@@ -31,9 +31,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem_serve.errors import ConfigError
 from tandem_serve.loadgen import LoadPoint, LoadSpec, TritonSender, measure
-from tandem_serve.stats import StageStats, read_statistics, stats_delta
 from tandem_serve.triton.keys import ADMIN_HEADER, header_for
 from tandem_serve.triton.model_config import config_json, write_config
+from tandem_serve.triton.statistics import StageStats, read_statistics, stats_delta
 from tandem_serve.workloads import OUTPUTS, ensemble_requests, pipeline_of
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Parsing Triton's statistics JSON (HTTP ints, gRPC-as-JSON strings)."""
 
-from tandem_serve.stats import StageStats, format_statistics, parse_statistics, stats_delta
+from tandem_serve.triton.statistics import StageStats, format_statistics, parse_statistics, stats_delta
 
 
 def test_parses_means_per_request_and_batch_size():
