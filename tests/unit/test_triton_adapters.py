@@ -78,6 +78,40 @@ def test_config_dims_that_disagree_with_the_model_fail_initialize():
         _init(EncoderModel, "encoder_fused", mutate=widen_output)
 
 
+def test_a_float_output_is_sent_in_its_declared_float_type(reference):
+    """EMBEDDING declared TYPE_FP16 in the config: the client gets float16 rows (half the bytes), still the model's
+    embeddings; the tokenizer's declared INT64 outputs stay as they are."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    def half(config):
+        config.output[0].data_type = mc.TYPE_FP16
+
+    tokenizer, encoder = _init(TokenizerModel, "tokenizer"), _init(EncoderModel, "encoder_fused", mutate=half)
+    texts = ["a short one", "a considerably longer sentence about the declared output type"]
+    (tokens,) = tokenizer.execute([Request(TEXT=np.array([[t.encode()] for t in texts], dtype=object))])
+    assert tokens.output("INPUT_IDS").dtype == torch.int64
+    (out,) = encoder.execute([Request(INPUT_IDS=tokens.output("INPUT_IDS"), ATTENTION_MASK=tokens.output("ATTENTION_MASK"))])
+    assert out.error is None and out.output("EMBEDDING").dtype == torch.float16
+    assert_cosines(out.output("EMBEDDING").float().numpy(), reference(texts))
+
+
+def test_a_declared_output_type_the_model_cannot_produce_fails_initialize_naming_it():
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    def int_embedding(config):
+        config.output[0].data_type = mc.TYPE_INT32
+
+    def int32_ids(config):
+        next(t for t in config.output if t.name == "INPUT_IDS").data_type = mc.TYPE_INT32
+
+    with pytest.raises(ConfigError, match="output EMBEDDING is declared TYPE_INT32; the model produces TYPE_FP32, so "
+                                          "declare TYPE_FP16, TYPE_FP32, TYPE_FP64 here"):
+        _init(EncoderModel, "encoder_fused", mutate=int_embedding)
+    with pytest.raises(ConfigError, match="output INPUT_IDS is declared TYPE_INT32; the model produces TYPE_INT64, so "
+                                          "declare TYPE_INT64 here"):
+        _init(TokenizerModel, "tokenizer", mutate=int32_ids)
+
+
 def test_oversized_texts_fail_alone_with_the_limit_named():
     tokenizer = _init(TokenizerModel, "tokenizer", max_text_bytes="64", max_request_bytes="100")
     responses = tokenizer.execute([

@@ -18,9 +18,9 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from tandem_serve.errors import ConfigError, InvalidInputError
 from tandem_serve.per_request import Failure, process_requests
+from tandem_serve.profiling import run_profiled
 from tandem_serve.stage_config import parse_stage_config, resolve_paths, with_cpu_threads
 from tandem_serve.threads import shared_cpu_threads
-from tandem_serve.profiling import run_profiled
 
 _Settings = TypeVar("_Settings")
 
@@ -156,6 +156,42 @@ def output_tensor(name: str, tensor: torch.Tensor | np.ndarray) -> Any:
     if tensor.numel() == 0:  # the stub refuses empty DLPack tensors; 0 bytes are right under any numpy
         return pb_utils.Tensor(name, tensor.cpu().numpy())
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+
+
+# The declared type of a float output may be any of these: the output is cast to it on the way out (EMBEDDING as
+# TYPE_FP16 halves what a client receives). Every other output is sent as the stage produces it.
+FLOAT_OUTPUT_TYPES = {"TYPE_FP16": torch.float16, "TYPE_FP32": torch.float32, "TYPE_FP64": torch.float64}
+TORCH_TYPES = {**FLOAT_OUTPUT_TYPES, "TYPE_BF16": torch.bfloat16, "TYPE_UINT8": torch.uint8, "TYPE_INT8": torch.int8,
+               "TYPE_INT16": torch.int16, "TYPE_INT32": torch.int32, "TYPE_INT64": torch.int64, "TYPE_BOOL": torch.bool}
+
+
+class Outputs:
+    """A model's outputs as its config declares them: `tensor(name, value)` sends a float output in its declared
+    float type; a declared type the stage cannot produce fails initialize, naming it."""
+
+    def __init__(self, config: dict[str, Any], produced: dict[str, torch.dtype]):
+        declared = {t["name"]: t.get("data_type", "TYPE_FP32") for t in config.get("output", [])}
+        self.types: dict[str, torch.dtype] = {}
+        for name, dtype in produced.items():
+            wanted = declared.get(name)
+            if wanted is None:
+                raise ConfigError(f"{config['name']}: output {name} is not declared in config.pbtxt")
+            target = TORCH_TYPES.get(wanted)
+            castable = dtype.is_floating_point and wanted in FLOAT_OUTPUT_TYPES
+            if target != dtype and not castable:
+                produced_name = next((k for k, v in TORCH_TYPES.items() if v == dtype), str(dtype))
+                choices = ", ".join(FLOAT_OUTPUT_TYPES) if dtype.is_floating_point else produced_name
+                raise ConfigError(f"{config['name']}: output {name} is declared {wanted}; the model produces "
+                                  f"{produced_name}, so declare {choices} here (and in the ensembles)")
+            self.types[name] = target
+
+    def tensor(self, name: str, value: torch.Tensor | np.ndarray) -> Any:
+        """`value` as output `name`, cast to the declared float type where it differs."""
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if value.dtype != self.types[name]:
+            value = value.to(self.types[name])
+        return output_tensor(name, value)
 
 
 def error_response(failure: Failure) -> Any:

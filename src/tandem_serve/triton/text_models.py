@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, Utf8EncoderConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage, Utf8EmbeddingStage
 from tandem_serve.triton import backend
@@ -19,9 +21,10 @@ class TokenizerModel:
     """TEXT (bytes) (+ optional PROMPT_NAME) -> INPUT_IDS, ATTENTION_MASK."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        _, settings = backend.stage_settings(args, TokenizerConfig)
+        config, settings = backend.stage_settings(args, TokenizerConfig)
         backend.check_bytes_tensors_readable()
         self.stage = TokenizeStage(settings)
+        self.outputs = backend.Outputs(config, {"INPUT_IDS": torch.int64, "ATTENTION_MASK": torch.int64})
 
     def _decode(self, request: Any) -> tuple[list[str], str | None]:
         texts = self.stage.decode(backend.input_bytes(request, "TEXT"))
@@ -32,8 +35,8 @@ class TokenizerModel:
             requests,
             decode=self._decode,
             compute=lambda items: self.stage([texts for texts, _ in items], [prompt for _, prompt in items]),
-            encode=lambda b: [backend.output_tensor("INPUT_IDS", b.input_ids),
-                              backend.output_tensor("ATTENTION_MASK", b.attention_mask)],
+            encode=lambda b: [self.outputs.tensor("INPUT_IDS", b.input_ids),
+                              self.outputs.tensor("ATTENTION_MASK", b.attention_mask)],
             stage="tokenizer",
         )
 
@@ -45,23 +48,27 @@ class TokenEmbeddingModel:
         config, settings = backend.stage_settings(args, TokenEmbeddingConfig)
         self.stage = TokenEmbeddingStage(settings)
         backend.expect_dims(config, "output", "HIDDEN", [-1, self.stage.files.bert.hidden_size])
+        self.outputs = backend.Outputs(config, {"HIDDEN": self.stage.output_dtype})
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
             requests,
             decode=lambda r: self.stage.check(backend.input_tensor(r, "INPUT_IDS")),
             compute=self.stage,
-            encode=lambda hidden: [backend.output_tensor("HIDDEN", hidden)],
+            encode=lambda hidden: [self.outputs.tensor("HIDDEN", hidden)],
             stage="token_embedding",
         )
 
 
-def _encoder_ready(config: dict[str, Any], args: dict[str, str], encoder: EncoderStage) -> None:
-    """Fail initialize where EMBEDDING's dims are not the model's embedding size; log the instance ready."""
+def _encoder_outputs(config: dict[str, Any], args: dict[str, str], encoder: EncoderStage) -> backend.Outputs:
+    """EMBEDDING as declared (float32, or cast to FP16 / FP64); fail initialize where its dims are not the model's
+    embedding size; log the instance ready."""
     backend.expect_dims(config, "output", "EMBEDDING", [encoder.files.embedding_size],
                         "set EMBEDDING dims to the model's embedding size here and in the ensembles "
                         "(`tandem repository export --model-dir` writes them)")
+    outputs = backend.Outputs(config, {"EMBEDDING": torch.float32})
     logger.info("%s instance %s ready on %s", config["name"], args.get("model_instance_name"), encoder.device)
+    return outputs
 
 
 class EncoderModel:
@@ -73,7 +80,7 @@ class EncoderModel:
         self.input_name = "INPUT_IDS" if settings.fuse_token_embedding else "HIDDEN"
         if not settings.fuse_token_embedding:
             backend.expect_dims(config, "input", "HIDDEN", [-1, self.stage.hidden_size])
-        _encoder_ready(config, args, self.stage)
+        self.outputs = _encoder_outputs(config, args, self.stage)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
@@ -81,7 +88,7 @@ class EncoderModel:
             decode=lambda r: self.stage.check(backend.input_tensor(r, self.input_name),
                                               backend.input_tensor(r, "ATTENTION_MASK")),
             compute=self.stage,
-            encode=lambda embedding: [backend.output_tensor("EMBEDDING", embedding)],
+            encode=lambda embedding: [self.outputs.tensor("EMBEDDING", embedding)],
             stage="encoder",
         )
 
@@ -92,13 +99,13 @@ class Utf8EncoderModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, Utf8EncoderConfig)
         self.stage = Utf8EmbeddingStage(settings, backend.instance_device(args))
-        _encoder_ready(config, args, self.stage.encoder)
+        self.outputs = _encoder_outputs(config, args, self.stage.encoder)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
             requests,
             decode=lambda r: self.stage.decode(backend.input_tensor(r, "TEXT")),
             compute=self.stage,
-            encode=lambda embedding: [backend.output_tensor("EMBEDDING", embedding)],
+            encode=lambda embedding: [self.outputs.tensor("EMBEDDING", embedding)],
             stage="encoder_utf8",
         )

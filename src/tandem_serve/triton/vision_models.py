@@ -6,6 +6,8 @@ import dataclasses
 import logging
 from typing import Any
 
+import torch
+
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.triton import backend
 from tandem_serve.vision.detector import DetectStage
@@ -24,6 +26,7 @@ class ImagePreprocessModel:
         backend.expect_dims(config, "output", "PIXELS", [3, size, size],
                             f"set PIXELS dims to [3, {size}, {size}] here and in the detector's config")
         self.stage = PreprocessStage(settings)
+        self.outputs = backend.Outputs(config, {"PIXELS": torch.uint8, "LETTERBOX": torch.float32})
         device = backend.instance_device(args)
         self.gpu = None
         if device.startswith("cuda"):
@@ -38,15 +41,15 @@ class ImagePreprocessModel:
                 requests,
                 decode=lambda r: self.gpu.check(self.stage.encoded(backend.input_tensor(r, "IMAGE").numpy())),
                 compute=self.gpu,
-                encode=lambda out: [backend.output_tensor("PIXELS", out[0][None]),
-                                    backend.output_tensor("LETTERBOX", out[1].as_array()[None])],
+                encode=lambda out: [self.outputs.tensor("PIXELS", out[0][None]),
+                                    self.outputs.tensor("LETTERBOX", out[1].as_array()[None])],
                 stage="image_preprocess",
             )
         return backend.respond(
             requests,
             decode=lambda r: self.stage(backend.input_tensor(r, "IMAGE").numpy()),
             compute=lambda items: items,
-            encode=lambda out: [backend.output_tensor("PIXELS", out[0]), backend.output_tensor("LETTERBOX", out[1])],
+            encode=lambda out: [self.outputs.tensor("PIXELS", out[0]), self.outputs.tensor("LETTERBOX", out[1])],
             stage="image_preprocess",
         )
 
@@ -60,13 +63,14 @@ class DetectorModel:
         self.stage = DetectStage(dataclasses.replace(settings, cuda_graph_max_batch=graphs),
                                  backend.instance_device(args))
         self.stage.capture(backend.tensor_dims(config, "input", "PIXELS")[-1])  # at load, not on the first batches
+        self.outputs = backend.Outputs(config, {"CANDIDATES": torch.float32})
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return backend.respond(
             requests,
             decode=lambda r: self.stage.check(backend.input_tensor(r, "PIXELS")),
             compute=self.stage,
-            encode=lambda rows: [backend.output_tensor("CANDIDATES", rows)],
+            encode=lambda rows: [self.outputs.tensor("CANDIDATES", rows)],
             stage="detector",
         )
 
@@ -80,7 +84,9 @@ class NmsModel:
     """CANDIDATES, LETTERBOX (+ optional CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET) -> BOXES, SCORES, CLASSES."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.stage = NmsStage(backend.stage_settings(args, NmsConfig)[1])
+        config, settings = backend.stage_settings(args, NmsConfig)
+        self.stage = NmsStage(settings)
+        self.outputs = backend.Outputs(config, {"BOXES": torch.float32, "SCORES": torch.float32, "CLASSES": torch.int32})
         self.seen_device = False
 
     def _candidates(self, request: Any):
@@ -104,8 +110,8 @@ class NmsModel:
             requests,
             decode=self._decode,
             compute=self.stage,
-            encode=lambda d: [backend.output_tensor("BOXES", d.boxes[None]),
-                              backend.output_tensor("SCORES", d.scores[None]),
-                              backend.output_tensor("CLASSES", d.classes[None])],
+            encode=lambda d: [self.outputs.tensor("BOXES", d.boxes[None]),
+                              self.outputs.tensor("SCORES", d.scores[None]),
+                              self.outputs.tensor("CLASSES", d.classes[None])],
             stage="nms",
         )
