@@ -178,8 +178,9 @@ class TextEmbeddingClient(TensorClient):
         return int(batch) or 1, types.get("text") == "TYPE_UINT8"
 
     def embed(self, texts: Sequence[str | bytes], prompt_name: str | None = None) -> np.ndarray:
-        """Embeddings as the model's head computes them, [len(texts), embedding size] in the type the model declares (float32 as shipped); `prompt_name`: one
-        of the model's prompts prepended to every text (default: the model's default prompt, if any)."""
+        """Embeddings as the model's head computes them, [len(texts), embedding size] in the type the model declares
+        (float32 as shipped); `prompt_name`: one of the model's prompts prepended to every text (default: the model's
+        default prompt, if any)."""
         if self.utf8:
             if prompt_name is not None:
                 raise ValueError(f"{self.model} takes no prompt name (it uses the model's default prompt); "
