@@ -29,7 +29,7 @@ import tritonclient.grpc as grpcclient
 
 from _common import machine, run_child
 from items_per_request import with_encoder_batch
-from tandem_serve.bulk import BulkOptions, embed_file
+from tandem_serve.clients.bulk import BulkOptions, embed_file
 from tandem_serve.model_files import default_model_dir
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.statistics import read_statistics, stats_delta

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from _common import machine
-from tandem_serve.client import ObjectDetectionClient
+from tandem_serve.clients.triton import ObjectDetectionClient
 from tandem_serve.loadgen import percentile_ms
 from tandem_serve.paths import assets_root
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions

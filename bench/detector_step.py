@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from tandem_serve.runtime.transfer import to_device  # noqa: E402
 from tandem_serve.stage_config import DetectorConfig  # noqa: E402
-from tandem_serve.transfer import to_device  # noqa: E402
 from tandem_serve.vision.detector import DetectStage  # noqa: E402
 from tandem_serve.vision.nms import candidates  # noqa: E402
 from tandem_serve.workloads import random_yolov5  # noqa: E402

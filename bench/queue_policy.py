@@ -29,7 +29,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from tandem_serve.client import text_input  # noqa: E402
+from tandem_serve.clients.triton import text_input  # noqa: E402
 from tandem_serve.loadgen import percentile_ms  # noqa: E402
 from tandem_serve.paths import default_repositories  # noqa: E402
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions  # noqa: E402

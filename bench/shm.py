@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from _common import machine
-from tandem_serve.client import TensorClient
+from tandem_serve.clients.triton import TensorClient
 from tandem_serve.triton.launcher import EmbeddedTriton
 
 logger = logging.getLogger("bench.shm")

@@ -23,7 +23,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from _common import machine
-from tandem_serve.client import text_input
+from tandem_serve.clients.triton import text_input
 from tandem_serve.triton.launcher import EmbeddedTriton
 
 logger = logging.getLogger("bench.text_pipeline")

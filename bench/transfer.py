@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from _common import machine
+from tandem_serve.runtime.transfer import stack_into_host, stage_to_device
 from tandem_serve.timing import median_seconds
-from tandem_serve.transfer import stack_into_host, stage_to_device
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 

@@ -11,8 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tandem_serve.processes import free_ports, kill_process_group, log_tail, process_group_members, stop_process
-from tandem_serve.server_process import ServerProcess
+from tandem_serve.servers.processes import free_ports, kill_process_group, log_tail, process_group_members, stop_process
+from tandem_serve.servers.server_process import ServerProcess
 
 logger = logging.getLogger("bench.peers")
 SERVER = Path(__file__).with_name("litserve_text.py")

@@ -11,11 +11,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 
 if TYPE_CHECKING:
-    from tandem_serve.bulk import BulkOptions
-    from tandem_serve.server_process import ServerProcess
+    from tandem_serve.clients.bulk import BulkOptions
+    from tandem_serve.servers.server_process import ServerProcess
     from tandem_serve.triton.launcher import TritonOptions
 
 logger = logging.getLogger("tandem_serve.cli")
@@ -227,7 +227,7 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
         found = TorchServeClient(args.url, _torchserve_key_file(args)).detect(data, args.conf, args.iou, args.max_det,
                                                                               model=args.model)
     else:
-        from tandem_serve.client import ObjectDetectionClient
+        from tandem_serve.clients.triton import ObjectDetectionClient
 
         with ObjectDetectionClient(args.url, args.protocol, args.model, shm=args.shm, shm_key=_shm_key(args)) as client:
             found = client.detect(data, args.conf, args.iou, args.max_det)
@@ -240,14 +240,14 @@ def cmd_infer_image(args: argparse.Namespace) -> int:
 
 
 def _bulk_options(args: argparse.Namespace) -> "BulkOptions":
-    from tandem_serve.bulk import BulkOptions
+    from tandem_serve.clients.bulk import BulkOptions
 
     return BulkOptions(url=args.url, protocol=args.protocol, shm=args.shm, in_flight=args.in_flight,
                        progress=not args.quiet, shm_key=_shm_key(args), retries=args.retries)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from tandem_serve.bulk import embed_file
+    from tandem_serve.clients.bulk import embed_file
 
     try:
         summary = embed_file(args.file, args.out, _bulk_options(args), args.model, args.batch, args.restart,
@@ -260,7 +260,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from tandem_serve.bulk import detect_folder
+    from tandem_serve.clients.bulk import detect_folder
 
     try:
         summary = detect_folder(args.folder, args.out, _bulk_options(args), args.model, args.restart)

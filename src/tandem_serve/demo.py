@@ -10,7 +10,7 @@ import numpy as np
 
 from pathlib import Path
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient, triton_client
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient, triton_client
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.statistics import format_statistics, read_statistics
 

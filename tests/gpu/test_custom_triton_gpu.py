@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.triton.repository import export_repository
 from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.triton.repository import export_repository
 from tandem_serve.vision.nms import Detections, iou_one_to_many
 from tests.detector_files import in_process, yolov8_files
 from tests.helpers import centred_cosines, cosines, mixed_texts

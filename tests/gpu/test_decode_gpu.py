@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tandem_serve.per_request import Failure
+from tandem_serve.runtime.per_request import Failure
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.vision.detector import DetectStage
 from tandem_serve.vision.letterbox import preprocess
@@ -129,7 +129,7 @@ def test_triton_decodes_on_both_devices_in_tandem(tmp_path, results):
 
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
     from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
     from tandem_serve.triton.repository import export_repository
     from tandem_serve.triton.model_config import read_config, write_config

@@ -14,8 +14,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
-from tandem_serve.processes import free_ports
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient
+from tandem_serve.servers.processes import free_ports
 from tandem_serve.vision.metrics import MatchCounts
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts

@@ -7,7 +7,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from tandem_serve.client import ObjectDetectionClient, TensorClient, TextEmbeddingClient
+from tandem_serve.clients.triton import ObjectDetectionClient, TensorClient, TextEmbeddingClient
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, mixed_texts
 

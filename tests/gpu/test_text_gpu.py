@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
@@ -41,7 +41,7 @@ def test_utf8_requests_batched_on_the_gpu_and_a_bad_one_fails_alone(triton, refe
 
     import tritonclient.grpc as grpcclient
 
-    from tandem_serve.client import utf8_text_array
+    from tandem_serve.clients.triton import utf8_text_array
     from tandem_serve.triton.statistics import read_statistics
 
     texts = mixed_texts(63, seed=9)

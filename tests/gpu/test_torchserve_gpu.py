@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings
+from tandem_serve.runtime.pipeline import MicroBatchPipeline, PipelineSettings
+from tandem_serve.runtime.transfer import copy_to_host, stage_to_device
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
 from tandem_serve.torchserve.services import ObjectDetectionService, TextEmbeddingService
-from tandem_serve.transfer import copy_to_host, stage_to_device
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.transfer import stack_into_host, stage_to_device, to_device
+from tandem_serve.runtime.transfer import stack_into_host, stage_to_device, to_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

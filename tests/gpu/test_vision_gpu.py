@@ -65,7 +65,7 @@ def test_cuda_graphs_give_the_eager_detections():
 def test_candidates_reach_nms_through_the_host(triton):
     """The shipped detector copies its batch's candidates to the host once (output_on_device false): nms never
     receives CUDA tensors, so it needs no CUDA context of its own."""
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
 
     rng = np.random.default_rng(3)
     with ObjectDetectionClient(triton.grpc_url) as client:

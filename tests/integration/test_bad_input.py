@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tandem_serve.client import TextEmbeddingClient, text_input
+from tandem_serve.clients.triton import TextEmbeddingClient, text_input
 from tandem_serve.triton.statistics import read_statistics
 
 INVALID = {"grpc": "StatusCode.INVALID_ARGUMENT", "http": "400"}

@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.triton.repository import export_repository
 from tandem_serve.triton.model_config import read_config, write_config
+from tandem_serve.triton.repository import export_repository
 from tandem_serve.vision.metrics import MatchCounts
-from tandem_serve.vision.shapes import encode_scene, generate_scene
+from tandem_serve.vision.shapes import generate_scene
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 
 TANDEM = [sys.executable, "-m", "tandem_serve.cli"]

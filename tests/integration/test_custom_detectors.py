@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tandem_serve.client import ObjectDetectionClient
+from tandem_serve.clients.triton import ObjectDetectionClient
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.vision.metrics import MatchCounts

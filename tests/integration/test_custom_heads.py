@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tandem_serve.model_files import SentenceModelFiles
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.repository import export_repository
@@ -71,7 +71,7 @@ def test_a_refused_model_leaves_the_rest_of_the_repository_serving(tmp_path):
     import json
     import urllib.request
 
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
     from tandem_serve.triton.launcher import TritonStartError
     from tandem_serve.vision.shapes import encode_scene, generate_scene
 

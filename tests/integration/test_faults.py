@@ -30,7 +30,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tandem_serve.client import TextEmbeddingClient, text_input
+from tandem_serve.clients.triton import TextEmbeddingClient, text_input
 from tandem_serve.paths import default_repositories
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
 from tandem_serve.triton.stubs import SHM_DIR, server_stubs
@@ -211,7 +211,7 @@ def test_shapes_whose_byte_size_overflows_leave_every_pipeline_serving(server, m
 
 
 def _serves_both_pipelines(server) -> None:
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
     from tandem_serve.vision.shapes import encode_scene, generate_scene
 
     with TextEmbeddingClient(server.grpc_url) as client:
@@ -289,7 +289,7 @@ def test_the_tokenizer_never_batches_a_malformed_request_with_queued_ones(tmp_pa
 def test_a_sigkilled_shm_client_has_its_registrations_reclaimed(server):
     script = (
         "import sys, time, tritonclient.grpc as g\n"
-        "from tandem_serve.shm import ShmPool\n"
+        "from tandem_serve.clients.shm import ShmPool\n"
         f"pool = ShmPool(g.InferenceServerClient({server.grpc_url!r}), 'system', slots=2, prefix='tandem-victim',\n"
         f"               headers={server.keys.shm_headers('grpc')!r})\n"
         "print(pool.input_name, pool.output_name, flush=True)\n"

@@ -22,8 +22,8 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
-from tandem_serve.processes import free_ports
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient
+from tandem_serve.servers.processes import free_ports
 from tandem_serve.torchserve.client import TorchServeClient
 from tandem_serve.triton.keys import TritonKeys
 from tandem_serve.vision.metrics import MatchCounts

@@ -20,7 +20,7 @@ from tandem_serve.triton.launcher import (
     TritonOptions,
     TritonStartError,
 )
-from tandem_serve.processes import process_group_members
+from tandem_serve.servers.processes import process_group_members
 
 
 def test_command_binds_loopback_and_keys_every_control_api(tmp_path):
@@ -173,7 +173,7 @@ def _installed_layout(home: Path) -> Path:
 
 
 def test_an_installed_server_runs_with_its_own_backends(tmp_path, monkeypatch, reference):
-    from tandem_serve.client import TextEmbeddingClient
+    from tandem_serve.clients.triton import TextEmbeddingClient
     from tests.helpers import assert_cosines
 
     embedded = TritonDistribution.find()
@@ -218,7 +218,7 @@ def test_a_missing_installed_server_or_backend_is_named(tmp_path):
 def test_an_exported_repository_moves_with_its_detector_weights(tmp_path):
     """`tandem repository export --weights` copies the weights beside the detector's config and names them
     relatively; moved elsewhere, the repository still loads them (Triton passes the model's own directory)."""
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
     from tandem_serve.paths import shipped_weights
     from tandem_serve.triton.repository import export_repository
     from tandem_serve.vision.shapes import encode_scene, generate_scene

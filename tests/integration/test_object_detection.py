@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tandem_serve.client import ObjectDetectionClient
+from tandem_serve.clients.triton import ObjectDetectionClient
 from tandem_serve.vision.metrics import MatchCounts
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 

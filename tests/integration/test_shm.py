@@ -12,8 +12,8 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient, _text_array
-from tandem_serve.shm import ShmPool
+from tandem_serve.clients.shm import ShmPool
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient, _text_array
 from tandem_serve.vision.shapes import encode_scene, generate_scene
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 
@@ -169,7 +169,7 @@ def test_torch_tensors_into_a_stage_model_through_system_shm(triton, model_files
     """Tensors the caller holds (torch) go to a stage model as they are; the answer equals the wire path's."""
     import torch
 
-    from tandem_serve.client import TensorClient
+    from tandem_serve.clients.triton import TensorClient
     from tandem_serve.text.bert import load_token_embedding
 
     ids = torch.tensor([[101, 7592, 2088, 102, 0, 0]])

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tests.helpers import EDGE_TEXTS, assert_cosines, mixed_texts
 
 ENSEMBLES = ("text_embedding", "text_embedding_fused")
@@ -95,7 +95,7 @@ def test_utf8_requests_batch_across_clients_and_bad_ones_fail_alone(triton, refe
     embedding, and encoder_utf8 ran them in batches of several clients (the BYTES tokenizer cannot batch them)."""
     import tritonclient.grpc as grpcclient
 
-    from tandem_serve.client import utf8_text_array
+    from tandem_serve.clients.triton import utf8_text_array
     from tandem_serve.triton.statistics import read_statistics
 
     texts = mixed_texts(61, seed=5)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tandem_serve.torchserve.client import TorchServeClient, TorchServeError, multipart
 from tandem_serve.torchserve.replies import NPY
 from tandem_serve.torchserve.services import BATCH_HEADER
@@ -89,7 +89,7 @@ def test_detection_accuracy_and_overrides(torchserve):
 
 
 def test_detection_matches_triton(torchserve, triton):
-    from tandem_serve.client import ObjectDetectionClient
+    from tandem_serve.clients.triton import ObjectDetectionClient
 
     rng = np.random.default_rng(99)
     encoded = [encode_scene(generate_scene(rng), rng) for _ in range(4)]

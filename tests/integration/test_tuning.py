@@ -6,17 +6,15 @@ import contextlib
 import io
 import json
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tandem_serve.cli import main
-from tandem_serve.client import TextEmbeddingClient
+from tandem_serve.clients.triton import TextEmbeddingClient
 from tandem_serve.triton.launcher import EmbeddedTriton, TritonOptions
-from tandem_serve.tuning.plan import Objective, make_plan
-from tandem_serve.tuning.profile import Profile
 from tandem_serve.triton.model_config import ensemble_problems, read_config
+from tandem_serve.tuning.profile import Profile
 from tandem_serve.tuning.tune import TuneOptions, Tuner, best_trial, format_trials, write_best
 from tests.helpers import EDGE_TEXTS, assert_cosines
 

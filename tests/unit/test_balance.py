@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem_serve.balance import LaneBalancer
+from tandem_serve.runtime.balance import LaneBalancer
 
 ROWS = 8  # rows per micro-batch
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from tandem_serve.batching import concat_padded, split_rows
+from tandem_serve.runtime.batching import concat_padded, split_rows
 
 
 def test_concat_pads_to_longest_and_split_restores_sizes():

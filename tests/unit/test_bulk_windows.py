@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from tandem_serve.bulk import NpyRows, length_sorted_requests
+from tandem_serve.clients.bulk import NpyRows, length_sorted_requests
 
 
 def test_requests_cover_every_line_once_each_sorted_by_length():
@@ -40,7 +40,7 @@ def test_npy_rows_writes_ranges_in_place(tmp_path):
 
 def test_the_command_line_client_does_not_load_torch():
     """`tandem embed` and `tandem infer` start without importing torch (seconds of start-up on a CUDA build)."""
-    code = ("import sys; from tandem_serve.cli import build_parser; build_parser(); import tandem_serve.bulk, "
+    code = ("import sys; from tandem_serve.cli import build_parser; build_parser(); import tandem_serve.clients.bulk, "
             "tandem_serve.torchserve.client, tritonclient.grpc; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -1,7 +1,7 @@
 """A bad request fails alone; an unexpected error fails the batch without a traceback."""
 
 from tandem_serve.errors import InvalidInputError
-from tandem_serve.per_request import Failure, process_requests
+from tandem_serve.runtime.per_request import Failure, process_requests
 
 
 def _decode(value):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure
-from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings, micro_batches
+from tandem_serve.runtime.per_request import Failure
+from tandem_serve.runtime.pipeline import MicroBatchPipeline, PipelineSettings, micro_batches
 from tandem_serve.stage_config import (
     DetectorConfig,
     EncoderConfig,

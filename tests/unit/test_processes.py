@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem_serve.processes import log_tail
+from tandem_serve.servers.processes import log_tail
 
 
 def test_a_long_log_keeps_its_first_lines_and_error_lines_before_the_tail(tmp_path):
@@ -21,7 +21,7 @@ def test_a_long_log_keeps_its_first_lines_and_error_lines_before_the_tail(tmp_pa
 
 
 def test_free_ports_are_distinct_and_avoid_the_taken_ones():
-    from tandem_serve.processes import free_ports
+    from tandem_serve.servers.processes import free_ports
 
     for _ in range(50):
         ports = free_ports(5)

@@ -8,9 +8,9 @@ import sys
 
 import torch
 
+from tandem_serve.runtime.threads import GPU_INSTANCE_THREADS, stage_threads
 from tandem_serve.stage_config import EncoderConfig
 from tandem_serve.text.stages import EncoderStage
-from tandem_serve.threads import GPU_INSTANCE_THREADS, stage_threads
 
 
 def test_gpu_instances_default_to_one_thread_and_cpu_instances_to_torchs_default():

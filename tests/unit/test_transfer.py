@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem_serve.transfer import stack_into_host, stage_to_device, to_device
+from tandem_serve.runtime.transfer import stack_into_host, stage_to_device, to_device
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int64])
@@ -32,8 +32,8 @@ def test_cpu_device_gets_the_tensors_back():
 
 @pytest.mark.parametrize("trailing", [(), (3,)])
 def test_pad_into_host_equals_concat_padded(trailing):
-    from tandem_serve.batching import concat_padded
-    from tandem_serve.transfer import pad_into_host
+    from tandem_serve.runtime.batching import concat_padded
+    from tandem_serve.runtime.transfer import pad_into_host
 
     rng = torch.Generator().manual_seed(0)
     tensors = [torch.randint(0, 100, (b, n, *trailing), generator=rng) for b, n in ((1, 5), (2, 9), (1, 1), (3, 9))]

@@ -21,7 +21,7 @@ class TritonSender:
     def __init__(self, url: str, protocol: str, model: str, requests: Sequence[Sequence[tuple[str, np.ndarray]]],
                  outputs: Sequence[str], shm: str = "none", slots: int = 64, timeout_s: float = 60.0,
                  output_bytes: int = 1 << 16, shm_key: str | None = None):
-        from tandem_serve.shm import KINDS
+        from tandem_serve.clients.shm import KINDS
 
         if shm not in KINDS:
             raise ConfigError(f"shm must be one of {KINDS}, got {shm!r}")
@@ -37,8 +37,8 @@ class TritonSender:
         self._free: asyncio.Semaphore | None = None
 
     async def __aenter__(self) -> "TritonSender":
-        from tandem_serve.client import shm_headers, triton_client
-        from tandem_serve.shm import ShmPool
+        from tandem_serve.clients.triton import shm_headers, triton_client
+        from tandem_serve.clients.shm import ShmPool
 
         if self.protocol == "grpc":
             import tritonclient.grpc.aio as aio
@@ -68,8 +68,8 @@ class TritonSender:
             await self.client.close()
 
     async def __call__(self, index: int) -> dict[str, np.ndarray]:
-        from tandem_serve.client import bind_slot, read_slot_outputs, tritonclient_module
-        from tandem_serve.shm import numpy_datatype
+        from tandem_serve.clients.triton import bind_slot, read_slot_outputs, tritonclient_module
+        from tandem_serve.clients.shm import numpy_datatype
 
         module = tritonclient_module(self.protocol)
         pairs = self.requests[index % len(self.requests)]

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tandem_serve.batching import concat_padded, split_rows
+from tandem_serve.runtime.batching import concat_padded, split_rows
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage
 from tandem_serve.text.tokenize import TokenizedBatch

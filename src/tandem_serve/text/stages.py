@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tandem_serve.batching import concat_padded, split_rows
 from tandem_serve.errors import InvalidInputError
 from tandem_serve.model_files import SentenceModelFiles
+from tandem_serve.runtime.batching import concat_padded, split_rows
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, Utf8EncoderConfig
 from tandem_serve.text.bert import (
     check_attention_mask,
@@ -23,11 +23,11 @@ from tandem_serve.text.bert import (
     load_token_embedding,
     parse_dtype,
 )
+from tandem_serve.runtime.threads import set_stage_threads
+from tandem_serve.runtime.transfer import pad_into_host, to_device
 from tandem_serve.text.graphs import GraphedEncoder
 from tandem_serve.text.token_budget import length_groups, row_lengths, run_groups
 from tandem_serve.text.tokenize import TextTokenizer, TokenizedBatch, check_text_sizes, decode_utf8
-from tandem_serve.threads import set_stage_threads
-from tandem_serve.transfer import pad_into_host, to_device
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Padding policy: each request is padded to its own longest text, rounded up to a 
 being padded to 256; rounding keeps the number of distinct shapes small and tensor-core friendly
 and wastes fewer than `pad_multiple` tokens per row. Downstream stages declare
 `allow_ragged_batch`, so requests of different padded lengths still share a dynamic batch; the
-stage that merges them pads to the batch's longest request (see `tandem_serve.batching`).
+stage that merges them pads to the batch's longest request (see `tandem_serve.runtime.batching`).
 """
 
 from __future__ import annotations

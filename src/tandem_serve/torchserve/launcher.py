@@ -27,8 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem_serve.health import HealthServer, HealthStatus
-from tandem_serve.processes import (
+from tandem_serve.servers.health import HealthServer, HealthStatus
+from tandem_serve.servers.processes import (
     client_host,
     free_ports,
     is_loopback,
@@ -36,7 +36,7 @@ from tandem_serve.processes import (
     log_tail,
     process_group_members,
 )
-from tandem_serve.server_process import ServerProcess
+from tandem_serve.servers.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
 KEY_FILE = "key_file.json"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from tandem_serve.errors import ConfigError
-from tandem_serve.per_request import Failure, process_requests
-from tandem_serve.pipeline import MicroBatchPipeline, PipelineSettings
+from tandem_serve.runtime.per_request import Failure, process_requests
+from tandem_serve.runtime.pipeline import MicroBatchPipeline, PipelineSettings
 from tandem_serve.stage_config import (
     DetectorConfig,
     EncoderConfig,

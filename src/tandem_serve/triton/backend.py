@@ -17,10 +17,10 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure, process_requests
 from tandem_serve.profiling import run_profiled
+from tandem_serve.runtime.per_request import Failure, process_requests
+from tandem_serve.runtime.threads import shared_cpu_threads
 from tandem_serve.stage_config import parse_stage_config, resolve_paths, with_cpu_threads
-from tandem_serve.threads import shared_cpu_threads
 
 _Settings = TypeVar("_Settings")
 

@@ -32,9 +32,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem_serve.health import HealthServer, HealthStatus
 from tandem_serve.paths import default_repositories
-from tandem_serve.processes import (
+from tandem_serve.servers.health import HealthServer, HealthStatus
+from tandem_serve.servers.processes import (
     client_host,
     free_ports,
     is_loopback,
@@ -44,7 +44,7 @@ from tandem_serve.processes import (
     scrub_arguments,
     stop_process,
 )
-from tandem_serve.server_process import ServerProcess
+from tandem_serve.servers.server_process import ServerProcess
 from tandem_serve.triton.keys import KEYS_FILE, TritonKeys
 from tandem_serve.triton.queue_policy import warn_about_queue_policies
 from tandem_serve.triton.stubs import Stub, all_stubs, kill_stubs, orphaned_stubs, unlink_region

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import psutil
 import tritonclient.http as httpclient
 
-from tandem_serve.health import HealthStatus
+from tandem_serve.servers.health import HealthStatus
 from tandem_serve.triton.keys import TritonKeys
 from tandem_serve.triton.registrations import StaleRegions
 from tandem_serve.triton.stubs import Stub, protect_region, server_stubs, shm_file, unlink_region

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tandem_serve.balance import LaneBalancer
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure
+from tandem_serve.runtime.balance import LaneBalancer
+from tandem_serve.runtime.per_request import Failure
+from tandem_serve.runtime.transfer import stack_into_host
 from tandem_serve.stage_config import DetectorConfig, ImagePreprocessConfig, NmsConfig
-from tandem_serve.transfer import stack_into_host
 from tandem_serve.vision.detector import DetectStage
 from tandem_serve.vision.letterbox import PAD_VALUE, Header, Letterbox, preprocess, read_header
 from tandem_serve.vision.nms import Detections, postprocess

@@ -18,11 +18,11 @@ from torch.export.passes import move_to_device_pass
 
 from tandem_serve.errors import ConfigError, InvalidInputError, ModelFilesError
 from tandem_serve.paths import shipped_weights
+from tandem_serve.runtime.threads import set_stage_threads
+from tandem_serve.runtime.transfer import to_device
 from tandem_serve.stage_config import DetectorConfig
 from tandem_serve.text.bert import parse_dtype
 from tandem_serve.text.graphs import bucket, ladder
-from tandem_serve.threads import set_stage_threads
-from tandem_serve.transfer import to_device
 from tandem_serve.vision.nms import batched_candidates
 from tandem_serve.vision.onnx_network import OnnxNetwork
 from tandem_serve.vision.yolo import YoloSpec, YoloV5

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure
+from tandem_serve.runtime.per_request import Failure
 from tandem_serve.vision.letterbox import (
     DEFAULT_MAX_PIXELS,
     PAD_VALUE,

@@ -12,7 +12,7 @@ the other on the calling thread with pageable copies: the sequential baseline.
 
 With `cpu_lane_threads` > 0 and a CPU copy of the stages, a pipelined GPU pipeline also runs the
 device stage on the CPU: each micro-batch is routed, before it is collated, to the GPU or to the
-CPU lane by `tandem_serve.balance.LaneBalancer` (queued rows x observed service time per row).
+CPU lane by `tandem_serve.runtime.balance.LaneBalancer` (queued rows x observed service time per row).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Generic, Protocol, Sequence, TypeVar
 
 import torch
 
-from tandem_serve.balance import Lane, LaneBalancer
 from tandem_serve.errors import ConfigError, InvalidInputError
-from tandem_serve.per_request import Failure
-from tandem_serve.transfer import copy_to_host, to_device
+from tandem_serve.runtime.balance import Lane, LaneBalancer
+from tandem_serve.runtime.per_request import Failure
+from tandem_serve.runtime.transfer import copy_to_host, to_device
 
 logger = logging.getLogger(__name__)
 

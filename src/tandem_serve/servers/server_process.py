@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tandem_serve.processes import die_with_parent, private_child
+from tandem_serve.servers.processes import die_with_parent, private_child
 
 logger = logging.getLogger(__name__)
 

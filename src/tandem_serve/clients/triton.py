@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from tandem_serve.shm import ShmPool
+    from tandem_serve.clients.shm import ShmPool
     from tandem_serve.vision.nms import Detections
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -58,7 +58,7 @@ class TensorClient:
 
     def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, shm: str = "none",
                  shm_slots: int = 4, shm_bytes: int = 1 << 20, shm_key: str | None = None):
-        from tandem_serve.shm import KINDS, ShmPool
+        from tandem_serve.clients.shm import KINDS, ShmPool
 
         if shm not in KINDS:
             raise ValueError(f"shm must be one of {KINDS}, got {shm!r}")
@@ -88,7 +88,7 @@ class TensorClient:
     def infer_tensors(self, inputs: Sequence[tuple[str, Any]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """One request to this client's model: (name, numpy array or torch tensor) inputs over the wire or through
         the pool's slot (a CUDA tensor into a CUDA pool is copied device to device); outputs as numpy arrays."""
-        from tandem_serve.shm import ShmPool, numpy_datatype
+        from tandem_serve.clients.shm import ShmPool, numpy_datatype
 
         module = tritonclient_module(self.protocol)
         tensors = [module.InferInput(name, list(array.shape), numpy_datatype(array)) for name, array in inputs]

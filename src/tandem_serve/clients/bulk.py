@@ -26,7 +26,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from tandem_serve.client import ObjectDetectionClient, TextEmbeddingClient
+from tandem_serve.clients.triton import ObjectDetectionClient, TextEmbeddingClient
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
