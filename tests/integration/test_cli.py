@@ -77,6 +77,43 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path):
     assert not subprocess.run(["pgrep", "-f", str(tmp_path / "ws")], capture_output=True).stdout
 
 
+def test_serve_exits_1_naming_it_when_tritonserver_dies(tmp_path):
+    """SIGKILL tritonserver under `tandem serve triton`: the launcher says so with the log's tail and exits 1 (a
+    container restarts), its health endpoint is gone with it, and no stub or stub region is left behind."""
+    import shutil
+    import urllib.request
+
+    import psutil
+
+    from tandem_serve.paths import default_repositories
+
+    repo = tmp_path / "repo"
+    shutil.copytree(default_repositories()[0] / "tokenizer", repo / "tokenizer")
+    regions_before = set(os.listdir("/dev/shm"))
+    process = subprocess.Popen(
+        [*TANDEM, "serve", "triton", "--model-repository", str(repo), "--http-port", "0", "--grpc-port", "0",
+         "--metrics-port", "0", "--health-port", "0", "--workspace", str(tmp_path / "ws")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        health = _wait_for_line(process, r"health (http://\S+)/ready", 300).group(1)
+        _wait_for_line(process, r"Press Ctrl-C", 10)
+        with urllib.request.urlopen(f"{health}/ready", timeout=10) as answer:
+            assert answer.status == 200
+        (server,) = [p for p in psutil.Process(process.pid).children() if p.name() == "tritonserver"]
+        server.kill()
+        _wait_for_line(process, r"tritonserver exited unexpectedly", 30)
+        assert process.wait(timeout=60) == 1
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{health}/live", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    leftover = {n for n in set(os.listdir("/dev/shm")) - regions_before if n.startswith("triton_python_backend")}
+    assert leftover == set()
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path / "ws")], capture_output=True).stdout
+
+
 def test_serve_torchserve_and_infer(tmp_path):
     """`tandem serve torchserve` builds the missing archives, serves them; `tandem infer --server torchserve` answers."""
     from tandem_serve.vision.shapes import encode_scene, generate_scene
