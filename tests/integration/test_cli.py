@@ -148,3 +148,37 @@ def test_serve_torchserve_and_infer(tmp_path):
             process.kill()
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["object_detection.mar", "text_embedding.mar"]
     assert not subprocess.run(["pgrep", "-f", str(workspace)], capture_output=True).stdout
+
+
+def test_serve_torchserve_exits_1_naming_it_when_java_dies(tmp_path):
+    """SIGKILL TorchServe's Java frontend under `tandem serve torchserve`: the launcher says so and exits 1, its health
+    endpoint goes with it, and no worker is left behind."""
+    import urllib.request
+
+    import psutil
+
+    from tests.conftest import require_torchserve
+
+    require_torchserve()
+    workspace = tmp_path / "ws"
+    process = subprocess.Popen(
+        [*TANDEM, "serve", "torchserve", "--store", str(tmp_path / "store"), "--workspace", str(workspace),
+         "--health-port", "0", *[arg for name in ("inference", "management", "metrics", "grpc-inference",
+                                                  "grpc-management") for arg in (f"--{name}-port", "0")]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        health = _wait_for_line(process, r"health (http://\S+)/ready", 400).group(1)
+        _wait_for_line(process, r"Press Ctrl-C", 10)
+        with urllib.request.urlopen(f"{health}/ready", timeout=10) as answer:
+            assert answer.status == 200
+        (java,) = [p for p in psutil.Process(process.pid).children() if p.name() == "java"]
+        java.kill()
+        _wait_for_line(process, r"exited unexpectedly", 30)
+        assert process.wait(timeout=90) == 1
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{health}/live", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not subprocess.run(["pgrep", "-f", str(workspace)], capture_output=True).stdout
