@@ -61,12 +61,22 @@ def test_invalid_utf8_names_item_and_byte():
     assert decode_utf8(["ok", "é".encode()]) == ["ok", "é"]
 
 
-def test_serial_tokenizer_matches_the_parallel_one(model_files, tokenizer):
+@pytest.mark.parametrize("parallelism", [None, "false"])
+def test_serial_tokenizer_matches_the_parallel_one(model_files, tokenizer, monkeypatch, parallelism):
+    """The serial paths (`encode` per text; one batch call where the library is serial) give the parallel ids."""
+    from tandem_serve.text.tokenize import tokenizers_serial
+
     serial = TextTokenizer(model_files.tokenizer_json, model_files.max_seq_length, parallel=False)
     groups = [mixed_texts(5, seed=1), EDGE_TEXTS, mixed_texts(30, seed=2)]
-    for got, expected in zip(serial.tokenize_groups(groups), tokenizer.tokenize_groups(groups)):
-        assert np.array_equal(got.input_ids, expected.input_ids)
-        assert np.array_equal(got.attention_mask, expected.attention_mask)
+    expected = tokenizer.tokenize_groups(groups)
+    if parallelism is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
+    assert tokenizers_serial() == (parallelism is not None)
+    for got, want in zip(serial.tokenize_groups(groups), expected):
+        assert np.array_equal(got.input_ids, want.input_ids)
+        assert np.array_equal(got.attention_mask, want.attention_mask)
 
 
 def test_text_size_limits_name_the_item_and_the_parameter():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,15 @@ def test_a_declared_output_type_the_model_cannot_produce_fails_initialize_naming
     with pytest.raises(ConfigError, match="output INPUT_IDS is declared TYPE_INT32; the model produces TYPE_INT64, so "
                                           "declare TYPE_INT64 here"):
         _init(TokenizerModel, "tokenizer", mutate=int32_ids)
+
+
+def test_a_tokenizer_sized_one_core_keeps_its_stub_serial(monkeypatch):
+    """`parallel: false` (the plan's instances of a core each): the stub's batch calls run on the instance's thread."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    _init(TokenizerModel, "tokenizer")  # shipped: parallel true, the library left as it is
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    _init(TokenizerModel, "tokenizer", parallel="false")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
 def test_oversized_texts_fail_alone_with_the_limit_named():

@@ -10,6 +10,7 @@ stage that merges them pads to the batch's longest request (see `tandem_serve.ru
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +63,23 @@ def padded_length(longest: int, pad_multiple: int, max_length: int) -> int:
     return max(1, min(rounded, max_length))
 
 
+# What the tokenizers library reads as "off" in TOKENIZERS_PARALLELISM (an unset variable means on).
+PARALLELISM_OFF = ("", "off", "false", "f", "no", "n", "0")
+
+
+def tokenizers_serial() -> bool:
+    """Whether the tokenizers library runs batch calls on the calling thread (TOKENIZERS_PARALLELISM off)."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is not None and value.strip().lower() in PARALLELISM_OFF
+
+
+def keep_tokenizers_serial() -> None:
+    """Make this process's batch calls run on the calling thread, before any tokenizing: for a process that serves one
+    model whose instances are sized a core each (a Triton stub, `parallel: false`). The library reads the variable
+    at every call; set here once, before other threads of the process could read it."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 class TextTokenizer:
     """Tokenizes with truncation at the model's max_seq_length and the padding policy above."""
 
@@ -72,7 +90,7 @@ class TextTokenizer:
         self.max_length = max_length
         self.pad_multiple = pad_multiple
         self.pad_id = pad_id
-        self.parallel = parallel  # False: one text after another on the calling thread (one core per instance)
+        self.parallel = parallel  # False: on the calling thread (one core per instance)
         self.prompt = prompt  # prepended to every text (the model's default prompt)
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
         # tokenizer.json files often carry their own fixed padding/truncation: replace both.
@@ -89,9 +107,13 @@ class TextTokenizer:
         the text prepended to each of its texts (None: the default prompt)."""
         chosen = [self.prompt if p is None else p for p in prompts] if prompts is not None else [self.prompt] * len(groups)
         flat = [prompt + text for group, prompt in zip(groups, chosen) for text in group]  # "" + text is text itself
-        if self.parallel:  # spread over all cores; _fast: no character offsets, which nothing here reads
+        # One batch call: spread over all cores, or on this thread where the library runs serially
+        # (TOKENIZERS_PARALLELISM off, `keep_tokenizers_serial`); _fast: no character offsets, which nothing here
+        # reads, 0.8x the CPU per text of `encode` (bench/tokenizer_calls.py). Else `encode`, one text at a time:
+        # a batch call would start the library's thread pool beside an instance sized one core.
+        if self.parallel or tokenizers_serial():
             encodings = self._tokenizer.encode_batch_fast(flat, add_special_tokens=True)
-        else:  # encode: the batch calls would start rayon's pool (a thread per core) beside each instance
+        else:
             encodings = [self._tokenizer.encode(text, add_special_tokens=True) for text in flat]
         batches, start = [], 0
         for group in groups:

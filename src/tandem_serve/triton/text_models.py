@@ -12,6 +12,7 @@ import torch
 
 from tandem_serve.stage_config import EncoderConfig, TokenEmbeddingConfig, TokenizerConfig, Utf8EncoderConfig
 from tandem_serve.text.stages import EncoderStage, TokenEmbeddingStage, TokenizeStage, Utf8EmbeddingStage
+from tandem_serve.text.tokenize import keep_tokenizers_serial
 from tandem_serve.triton import backend
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ class TokenizerModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, TokenizerConfig)
         backend.check_bytes_tensors_readable()
+        if not settings.parallel:  # this stub serves this model only: its batch calls on the instance's thread
+            keep_tokenizers_serial()
         self.stage = TokenizeStage(settings)
         self.outputs = backend.Outputs(config, {"INPUT_IDS": torch.int64, "ATTENTION_MASK": torch.int64})
 
@@ -98,6 +101,8 @@ class Utf8EncoderModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         config, settings = backend.stage_settings(args, Utf8EncoderConfig)
+        if not settings.tokenizer.parallel:  # as TokenizerModel
+            keep_tokenizers_serial()
         self.stage = Utf8EmbeddingStage(settings, backend.instance_device(args))
         self.outputs = _encoder_outputs(config, args, self.stage.encoder)
 
