@@ -34,6 +34,26 @@ def _wait_for_line(process: subprocess.Popen, pattern: str, timeout_s: float) ->
     raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)}")
 
 
+def _kill_the_server_and_expect_exit_1(process: subprocess.Popen, child: str, ready_s: float, says: str,
+                                       exit_s: float) -> None:
+    """Once `tandem serve ...` (`process`) is ready and its health endpoint says so, SIGKILL its child process named
+    `child`: the launcher prints `says`, exits 1 within `exit_s`, and its health endpoint is gone with it."""
+    import urllib.request
+
+    import psutil
+
+    health = _wait_for_line(process, r"health (http://\S+)/ready", ready_s).group(1)
+    _wait_for_line(process, r"Press Ctrl-C", 10)
+    with urllib.request.urlopen(f"{health}/ready", timeout=10) as answer:
+        assert answer.status == 200
+    (server,) = [p for p in psutil.Process(process.pid).children() if p.name() == child]
+    server.kill()
+    _wait_for_line(process, says, 30)
+    assert process.wait(timeout=exit_s) == 1
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{health}/live", timeout=5)
+
+
 @pytest.mark.parametrize("shm", ["none", "system"])
 def test_infer_text_json_matches_reference(triton, reference, shm):
     texts = ["Command lines are user interfaces too.", "日本語のテキスト"]
@@ -81,9 +101,6 @@ def test_serve_exits_1_naming_it_when_tritonserver_dies(tmp_path):
     """SIGKILL tritonserver under `tandem serve triton`: the launcher says so with the log's tail and exits 1 (a
     container restarts), its health endpoint is gone with it, and no stub or stub region is left behind."""
     import shutil
-    import urllib.request
-
-    import psutil
 
     from tandem_serve.paths import default_repositories
 
@@ -96,16 +113,7 @@ def test_serve_exits_1_naming_it_when_tritonserver_dies(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        health = _wait_for_line(process, r"health (http://\S+)/ready", 300).group(1)
-        _wait_for_line(process, r"Press Ctrl-C", 10)
-        with urllib.request.urlopen(f"{health}/ready", timeout=10) as answer:
-            assert answer.status == 200
-        (server,) = [p for p in psutil.Process(process.pid).children() if p.name() == "tritonserver"]
-        server.kill()
-        _wait_for_line(process, r"tritonserver exited unexpectedly", 30)
-        assert process.wait(timeout=60) == 1
-        with pytest.raises(OSError):
-            urllib.request.urlopen(f"{health}/live", timeout=5)
+        _kill_the_server_and_expect_exit_1(process, "tritonserver", 300, r"tritonserver exited unexpectedly", 60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -153,10 +161,6 @@ def test_serve_torchserve_and_infer(tmp_path):
 def test_serve_torchserve_exits_1_naming_it_when_java_dies(tmp_path):
     """SIGKILL TorchServe's Java frontend under `tandem serve torchserve`: the launcher says so and exits 1, its health
     endpoint goes with it, and no worker is left behind."""
-    import urllib.request
-
-    import psutil
-
     from tests.conftest import require_torchserve
 
     require_torchserve()
@@ -168,16 +172,7 @@ def test_serve_torchserve_exits_1_naming_it_when_java_dies(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        health = _wait_for_line(process, r"health (http://\S+)/ready", 400).group(1)
-        _wait_for_line(process, r"Press Ctrl-C", 10)
-        with urllib.request.urlopen(f"{health}/ready", timeout=10) as answer:
-            assert answer.status == 200
-        (java,) = [p for p in psutil.Process(process.pid).children() if p.name() == "java"]
-        java.kill()
-        _wait_for_line(process, r"exited unexpectedly", 30)
-        assert process.wait(timeout=90) == 1
-        with pytest.raises(OSError):
-            urllib.request.urlopen(f"{health}/live", timeout=5)
+        _kill_the_server_and_expect_exit_1(process, "java", 400, r"exited unexpectedly", 90)
     finally:
         if process.poll() is None:
             process.kill()
